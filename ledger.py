@@ -1,0 +1,414 @@
+"""
+The models of "Massive Activations Are Architecturally Robust" (arXiv 2606.20743), in one file.
+
+Every arm is the same pre-norm GPT (token + learned position embeddings, attention and MLP
+sublayers, RMSNorm before each sublayer and before an untied LM head). The arms differ in one
+place only: the *residual operator*, i.e. how a sublayer's output y is folded into the state that
+flows through depth, and which state the LM head decodes.
+
+    vanilla    h <- h + y                                   decode h
+    suppress   vanilla, plus RMSNorm on each head's q and k (QK-norm)
+    ledger     two streams, D (Deliberation, scratch) and C (Commitment, append-only):
+                 D <- D - beta_e * (k . D) k + beta_w * (y + G(y))      erase / write the scratch
+                 C <- C + c * (D + P(D))                                 commit, never erase
+               decode C (+ gamma * D, gamma = 0 by default)
+    ledger-hs  ledger with a heavy commit-sparsity penalty (the training loss adds lambda * mean(c))
+    delta      one stream with the delta rule: h <- h - beta * (k . h) k + beta * (y + G(y))
+    hc2        static hyper-connections with two streams (Zhu et al. 2024), decode their sum
+
+Pinned to one gate setting (no erase, full write, G = P = 0, closed commit gate, lam = 0,
+gamma = 1), Ledger's D follows exactly the vanilla h and the model is exactly the vanilla model:
+see `pin_to_vanilla_corner` and tests/test_ledger.py.
+
+Read top to bottom: config, building blocks, residual operators, model, the vanilla corner.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = ("vanilla", "suppress", "ledger", "ledger-hs", "delta", "hc2")
+LEDGER_ARCHS = ("ledger", "ledger-hs")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class GPTConfig:
+    arch: str = "vanilla"            # one of ARCHS
+    vocab_size: int = 50257          # GPT-2 BPE; train.py takes it from the dataset's meta.json
+    block_size: int = 1024           # longest sequence the position embedding covers
+    n_layer: int = 12                # blocks; each block is two sublayers (attn, mlp)
+    n_head: int = 12
+    n_embd: int = 768
+    qk_norm: Optional[bool] = None   # None: on for `suppress` only; True adds QK-norm to any arm
+    # Ledger (and delta) knobs
+    gate_rank: int = 64              # rank of the maps W_e, W_w, W_k, G, P; <= 0 or >= n_embd: full
+    erase_bias: float = -3.0         # beta_e starts at sigmoid(-3) ~ 0.05: erase almost nothing
+    write_bias: float = 3.0          # beta_w starts at sigmoid(+3) ~ 0.95: write almost all of y
+    commit_bias_early: float = -4.0  # commit-gate bias at the first sublayer: commit ~ 2%
+    commit_bias_late: float = 4.0    # ... rising linearly to the last sublayer: commit ~ 98%
+    commit_budget: float = 0.0       # rho: cap ||C|| per token at rho (0 = off)
+    decode_gamma: float = 0.0        # decode RMSNorm(C + gamma * D); 0 = the LM head sees only C
+    commit_sparsity: Optional[float] = None  # loss weight on mean(c); None: 0.02 ledger, 0.3 -hs
+    delta_untied_gates: bool = False  # delta arm: separate erase and write gates (has a vanilla corner)
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.qk_norm is None:
+            self.qk_norm = self.arch == "suppress"
+        elif self.arch == "suppress" and not self.qk_norm:
+            raise ValueError("arch 'suppress' is vanilla + QK-norm; it cannot run with qk_norm=False")
+        if self.commit_sparsity is None:
+            self.commit_sparsity = {"ledger": 0.02, "ledger-hs": 0.3}.get(self.arch, 0.0)
+
+    @property
+    def residual(self) -> str:
+        """The residual operator of this arm: 'add', 'ledger', 'delta' or 'hc2'."""
+        return {"vanilla": "add", "suppress": "add", "ledger-hs": "ledger"}.get(self.arch, self.arch)
+
+    @property
+    def stream_names(self) -> tuple:
+        """Names of the residual streams a forward pass carries (and hands to a stream hook)."""
+        return {"ledger": ("D", "C"), "hc2": ("h0", "h1")}.get(self.residual, ("h",))
+
+    @property
+    def decoded_stream(self) -> str:
+        """The stream the LM head reads: where the paper looks for the massive activation."""
+        return {"ledger": "C", "hc2": "h0+h1"}.get(self.residual, "h")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks, identical in every arm
+
+def linear(fan_in, fan_out, bias=False):
+    """A Linear layer with the GPT-2 init every arm shares: weights ~ N(0, 0.02), biases 0."""
+    layer = nn.Linear(fan_in, fan_out, bias=bias)
+    nn.init.normal_(layer.weight, std=0.02)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = linear(config.n_embd, 3 * config.n_embd)
+        self.proj = linear(config.n_embd, config.n_embd)
+        head_dim = config.n_embd // config.n_head
+        # QK-norm bounds the attention logits, removing the usual route by which a model builds an
+        # attention sink out of one huge residual dimension; `suppress` tests whether that suffices.
+        self.q_norm = RMSNorm(head_dim) if config.qk_norm else None
+        self.k_norm = RMSNorm(head_dim) if config.qk_norm else None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.up = linear(config.n_embd, 4 * config.n_embd)
+        self.down = linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class LowRank(nn.Module):
+    """dim -> rank -> dim, or one full dim x dim matrix when rank <= 0 or rank >= dim.
+
+    Ledger's extra maps are low rank so that its parameter count stays close to vanilla's: any
+    difference the experiment measures should come from the factorization, not from capacity.
+    `zero_init` makes the map start as exactly zero (only the output factor is zeroed, so the
+    input factor still receives gradient and the map can grow).
+    """
+
+    def __init__(self, dim, rank, bias=False, zero_init=False):
+        super().__init__()
+        full = rank <= 0 or rank >= dim
+        self.down = None if full else linear(dim, rank)
+        self.up = linear(dim if full else rank, dim, bias=bias)
+        if zero_init:
+            nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.up(x if self.down is None else self.down(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual operators. Each maps (state, u, y) -> new state, where state is a dict of streams,
+# u = RMSNorm(read(state)) is the sublayer's input and y = sublayer(u) its output.
+
+class AddResidual(nn.Module):
+    """vanilla / suppress: the single stream h is both scratchpad and answer."""
+
+    def read(self, state):
+        return state["h"]
+
+    def forward(self, state, u, y):
+        return {"h": state["h"] + y}, None
+
+
+class DeltaWrite(nn.Module):
+    """The decoupled delta rule on one stream: erase along a key k, then write a gated update.
+
+        S <- S - beta_e * (k . S) k + beta_w * (y + G(y)),   beta = sigmoid(W u), k = W_k u / |W_k u|
+
+    This is Ledger's update of D, and (with tied gates) the whole residual of the `delta` control.
+    """
+
+    def __init__(self, config: GPTConfig, tied_gates=False):
+        super().__init__()
+        d, r = config.n_embd, config.gate_rank
+        self.erase_key = LowRank(d, r)                 # W_k: which direction to erase
+        self.write_map = LowRank(d, r, zero_init=True)  # G: starts as 0, so the write starts as y
+        if tied_gates:
+            # One gate both erases and writes. Biased towards writing (as in Ledger), so that at
+            # init the update is close to the vanilla h + y and deep stacks train from the start.
+            self.erase_gate = self.write_gate = LowRank(d, r, bias=True)
+            nn.init.constant_(self.write_gate.up.bias, config.write_bias)
+        else:
+            self.erase_gate = LowRank(d, r, bias=True)  # W_e
+            self.write_gate = LowRank(d, r, bias=True)  # W_w
+            nn.init.constant_(self.erase_gate.up.bias, config.erase_bias)
+            nn.init.constant_(self.write_gate.up.bias, config.write_bias)
+
+    def forward(self, S, u, y):
+        erase = torch.sigmoid(self.erase_gate(u))        # per-dimension erase strength
+        write = torch.sigmoid(self.write_gate(u))        # per-dimension write strength
+        k = F.normalize(self.erase_key(u), dim=-1)
+        return S - erase * (k * S).sum(-1, keepdim=True) * k + write * (y + self.write_map(y))
+
+
+class DeltaResidual(nn.Module):
+    """delta control: the delta rule on a single stream, no separate commitment."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.scratch = DeltaWrite(config, tied_gates=not config.delta_untied_gates)
+
+    def read(self, state):
+        return state["h"]
+
+    def forward(self, state, u, y):
+        return {"h": self.scratch(state["h"], u, y)}, None
+
+
+class LedgerResidual(nn.Module):
+    """Ledger: a scratch stream D that sublayers may erase and rewrite, and an append-only
+    commitment stream C that only ever grows by gated copies of D. The LM head reads only C."""
+
+    def __init__(self, config: GPTConfig, commit_bias: float):
+        super().__init__()
+        d, r = config.n_embd, config.gate_rank
+        self.scratch = DeltaWrite(config)               # the D update (erase + write)
+        self.commit_gate = linear(d, 1, bias=True)      # c: one scalar per token
+        nn.init.constant_(self.commit_gate.bias, commit_bias)
+        self.promote_map = LowRank(d, r, zero_init=True)  # P: starts as 0, so D is committed as is
+        self.read_mix = nn.Parameter(torch.zeros(d))    # lam: how much C nudges the input (init 0)
+        self.commit_budget = config.commit_budget
+
+    def read(self, state):
+        return state["D"] + self.read_mix * state["C"]
+
+    def forward(self, state, u, y):
+        D = self.scratch(state["D"], u, y)                            # deliberate: erase / write
+        commit = torch.sigmoid(self.commit_gate(u))                   # (B, T, 1)
+        C = state["C"] + commit * (D + self.promote_map(D))           # commit: append, never erase
+        if self.commit_budget > 0:                                    # optional: ||C|| <= rho
+            C = C * (self.commit_budget / C.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        return {"D": D, "C": C}, commit.mean()
+
+
+class HyperResidual(nn.Module):
+    """hc2 control: static hyper-connections with n = 2 streams. Learned scalars mix the streams
+    into the sublayer's input (read), mix the streams with each other (width), and distribute y
+    over them (output). Initialised to act as a pre-norm residual, as in Zhu et al. (2024)."""
+
+    def __init__(self, config: GPTConfig, index: int):
+        super().__init__()
+        self.read_weights = nn.Parameter(F.one_hot(torch.tensor(index % 2), 2).float())
+        self.width_mix = nn.Parameter(torch.eye(2))
+        self.output_weights = nn.Parameter(torch.ones(2))
+
+    def read(self, state):
+        return self.read_weights[0] * state["h0"] + self.read_weights[1] * state["h1"]
+
+    def forward(self, state, u, y):
+        h0, h1 = state["h0"], state["h1"]
+        m, b = self.width_mix, self.output_weights
+        return {"h0": m[0, 0] * h0 + m[1, 0] * h1 + b[0] * y,
+                "h1": m[0, 1] * h0 + m[1, 1] * h1 + b[1] * y}, None
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+class Sublayer(nn.Module):
+    """One pre-norm sublayer: read the state, normalise, attend or MLP, fold y back in."""
+
+    def __init__(self, config: GPTConfig, kind: str, index: int, n_sublayers: int):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(config.n_embd)
+        self.fn = CausalSelfAttention(config) if kind == "attn" else MLP(config)
+        if config.residual == "ledger":
+            # Commitment opens with depth: early sublayers mostly deliberate, late ones commit.
+            depth = index / max(n_sublayers - 1, 1)
+            bias = config.commit_bias_early + depth * (config.commit_bias_late - config.commit_bias_early)
+            self.residual = LedgerResidual(config, bias)
+        elif config.residual == "delta":
+            self.residual = DeltaResidual(config)
+        elif config.residual == "hc2":
+            self.residual = HyperResidual(config, index)
+        else:
+            self.residual = AddResidual()
+
+    def forward(self, state):
+        u = self.norm(self.residual.read(state))
+        return self.residual(state, u, self.fn(u))
+
+
+# A stream hook sees every sublayer's output streams: hook(index, kind, streams) where index is the
+# sublayer (0 .. 2*n_layer-1), kind is 'attn' or 'mlp' and streams maps names ('h'; 'D', 'C';
+# 'h0', 'h1') to (B, T, n_embd) tensors. It may return a dict replacing some streams (used by
+# measure.py's interventions), or None. Nothing is stored, so memory does not grow with depth.
+StreamHook = Callable[[int, str, dict], Optional[dict]]
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        for emb in (self.wte, self.wpe):
+            nn.init.normal_(emb.weight, std=0.02)
+        n_sub = 2 * config.n_layer
+        self.sublayers = nn.ModuleList(
+            Sublayer(config, "attn" if i % 2 == 0 else "mlp", i, n_sub) for i in range(n_sub))
+        self.final_norm = RMSNorm(config.n_embd)
+        self.lm_head = linear(config.n_embd, config.vocab_size)
+        if config.residual == "ledger":
+            # gamma is a buffer, not a config constant, so that the vanilla corner can set it to 1.
+            self.register_buffer("decode_gamma", torch.tensor(config.decode_gamma))
+
+    @property
+    def sublayer_names(self):
+        return [f"{i // 2}.{sub.kind}" for i, sub in enumerate(self.sublayers)]
+
+    def initial_state(self, x):
+        if self.config.residual == "ledger":
+            return {"D": x, "C": torch.zeros_like(x)}   # deliberation starts at the embedding
+        if self.config.residual == "hc2":
+            return {"h0": x, "h1": x}
+        return {"h": x}
+
+    def decoder_input(self, state):
+        """What the final RMSNorm and the LM head read."""
+        if self.config.residual == "ledger":
+            return state["C"] + self.decode_gamma * state["D"]
+        if self.config.residual == "hc2":
+            return state["h0"] + state["h1"]
+        return state["h"]
+
+    def forward(self, idx, targets=None, stream_hook: Optional[StreamHook] = None):
+        """Returns (logits, loss, commit_gates).
+
+        loss is the language-model cross entropy (None without targets; targets of -1 are ignored).
+        commit_gates holds, for Ledger arms, the mean commit gate of each sublayer in this pass,
+        connected to the graph so that training can add `commit_sparsity * commit_gates.mean()`;
+        None for the other arms.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
+                             f"use shorter windows or a model built with a larger block_size")
+        pos = torch.arange(T, device=idx.device)
+        state = self.initial_state(self.wte(idx) + self.wpe(pos))
+        gates = []
+        for i, sub in enumerate(self.sublayers):
+            state, commit = sub(state)
+            if commit is not None:
+                gates.append(commit)
+            if stream_hook is not None:
+                replaced = stream_hook(i, sub.kind, state)
+                if replaced:
+                    state = {**state, **replaced}
+        logits = self.lm_head(self.final_norm(self.decoder_input(state)))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss, (torch.stack(gates) if gates else None)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+        return n
+
+
+# ----------------------------------------------------------------------------------------------
+# The vanilla corner
+
+@torch.no_grad()
+def pin_to_vanilla_corner(model: GPT) -> GPT:
+    """Set a Ledger (or untied-gate delta) model's residual parameters to the gate setting at which
+    it computes exactly the vanilla pre-norm transformer: no erase (beta_e = 0), full write
+    (beta_w = 1), G = P = 0, a closed commit gate (c = 0, so C stays 0), lam = 0 and gamma = 1.
+    Then D follows h + y bit for bit, and the head decodes RMSNorm(0 + 1 * D) = RMSNorm(h).
+
+    sigmoid(-1e4) and sigmoid(1e4) are exactly 0 and 1 in float32 and float64, which makes the
+    reduction exact rather than approximate. Shared weights are left alone: copy them in from a
+    vanilla model to compare the two.
+    """
+    cfg = model.config
+    if cfg.residual == "delta" and not cfg.delta_untied_gates:
+        raise ValueError("delta with tied gates has no vanilla corner (one gate cannot both erase "
+                         "nothing and write everything); build it with delta_untied_gates=True")
+    if cfg.residual not in ("ledger", "delta"):
+        raise ValueError(f"arch {cfg.arch!r} has no gates to pin; only ledger arms and delta do")
+
+    def set_gate(gate: LowRank, logit: float):
+        gate.up.weight.zero_()
+        gate.up.bias.fill_(logit)
+
+    for sub in model.sublayers:
+        res = sub.residual
+        scratch = res.scratch
+        set_gate(scratch.erase_gate, -1e4)
+        set_gate(scratch.write_gate, 1e4)
+        scratch.write_map.up.weight.zero_()
+        if isinstance(res, LedgerResidual):
+            res.commit_gate.weight.zero_()
+            res.commit_gate.bias.fill_(-1e4)
+            res.promote_map.up.weight.zero_()
+            res.read_mix.zero_()
+    if cfg.residual == "ledger":
+        model.decode_gamma.fill_(1.0)
+    return model
