@@ -158,7 +158,7 @@ def get_batch(data_dir, meta, split, key, batch_size, block_size, device):
     if len(data) <= block_size + 1:
         raise DataError(f"{split} split of {data_dir} has {len(data)} tokens, too few for "
                         f"block_size {block_size}; use a smaller --block_size")
-    offsets = np.random.default_rng(key).integers(0, len(data) - block_size - 1, size=batch_size)
+    offsets = np.random.default_rng(key).integers(0, len(data) - block_size, size=batch_size)
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in offsets]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in offsets]).astype(np.int64))
     if device.startswith("cuda"):
@@ -256,7 +256,10 @@ def main(argv=None):
                               f"or choose another --out_dir")
         if "vocab_size" in model_overrides:
             raise ConfigError("vocab_size comes from the dataset's meta.json; drop --vocab_size")
-        model_config = GPTConfig(**{**model_overrides, "vocab_size": meta["vocab_size"]})
+        try:
+            model_config = GPTConfig(**{**model_overrides, "vocab_size": meta["vocab_size"]})
+        except ValueError as e:  # an unknown arch, heads that do not divide the width, ...
+            raise ConfigError(str(e)) from None
     if model_config.vocab_size < meta["vocab_size"]:
         raise ConfigError(f"checkpoint vocab {model_config.vocab_size} < dataset vocab {meta['vocab_size']}")
 
@@ -349,92 +352,96 @@ def main(argv=None):
 
     # SIGTERM (preemption) and SIGINT (Ctrl-C) finish the current iteration, save, and exit cleanly.
     stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
     # --- the loop
-    t_last, iters_since_log = time.time(), 0
-    stop_reason = None
-    while True:
-        snapshot_due = cfg.ckpt_interval > 0 and iter_num % cfg.ckpt_interval == 0
-        if master and (iter_num % cfg.eval_interval == 0 or snapshot_due or iter_num >= cfg.max_iters):
-            metrics = evaluate()
-            best_val_loss = min(best_val_loss, metrics["val_loss"])
-            print(f"eval iter {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}"
-                  + (f", mean commit gate {np.mean(metrics['commit_gates']):.3f}" if "commit_gates" in metrics else ""),
-                  flush=True)
-            log({"iter": iter_num, **metrics, "lr": get_lr(iter_num, cfg)})
-            if iter_num > start_iter:
-                checkpoint(metrics["val_loss"], snapshot_due)
-            if cfg.target_val_loss > 0 and metrics["val_loss"] <= cfg.target_val_loss:
-                stop_reason = f"reached target val loss {cfg.target_val_loss}"
-        if iter_num >= cfg.max_iters:
-            break
+    try:
+        t_last, iters_since_log = time.time(), 0
+        stop_reason = None
+        while True:
+            snapshot_due = cfg.ckpt_interval > 0 and iter_num % cfg.ckpt_interval == 0
+            if master and (iter_num % cfg.eval_interval == 0 or snapshot_due or iter_num >= cfg.max_iters):
+                metrics = evaluate()
+                best_val_loss = min(best_val_loss, metrics["val_loss"])
+                print(f"eval iter {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}"
+                      + (f", mean commit gate {np.mean(metrics['commit_gates']):.3f}" if "commit_gates" in metrics else ""),
+                      flush=True)
+                log({"iter": iter_num, **metrics, "lr": get_lr(iter_num, cfg)})
+                if iter_num > start_iter:
+                    checkpoint(metrics["val_loss"], snapshot_due)
+                if cfg.target_val_loss > 0 and metrics["val_loss"] <= cfg.target_val_loss:
+                    stop_reason = f"reached target val loss {cfg.target_val_loss}"
+            if iter_num >= cfg.max_iters:
+                break
 
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(local_accum):
-            x, y = get_batch(data_dir, meta, "train", [cfg.seed, TRAIN_STREAM, iter_num, rank * local_accum + micro],
-                             cfg.batch_size, model_config.block_size, device)
-            # DDP averages gradients over processes; sync only on the last micro-step.
-            sync = not ddp or micro == local_accum - 1
-            with (nullcontext() if sync else model.no_sync()), autocast:
-                _, loss, commit_gates = model(x, y)
-                total = loss if commit_gates is None else loss + commit_sparsity * commit_gates.mean()
-            scaler.scale(total / local_accum).backward()
-            loss_sum += loss.detach().float()
-        # One small all-reduce per iteration: the global mean loss (to log and to check for NaN),
-        # and whether any process wants to stop (signal, or rank 0 reached the target loss).
-        status = torch.stack([loss_sum, torch.tensor(float(bool(stop_signal) or stop_reason is not None), device=device)])
-        if ddp:
-            dist.all_reduce(status)
-        train_loss, stop = status[0].item() / cfg.gradient_accumulation_steps, status[1].item() > 0
-        if not math.isfinite(train_loss):
-            if master:
-                print(f"error: non-finite loss ({train_loss}) at iter {iter_num}; stopped before the update, "
-                      f"{cfg.out_dir}/ckpt.pt keeps the last good state; try a lower learning_rate", file=sys.stderr)
-            raise SystemExit(3)
-        if stop:
-            break  # before the update: the saved state is that of the start of this iteration
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        iters_since_log += 1
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(local_accum):
+                x, y = get_batch(data_dir, meta, "train", [cfg.seed, TRAIN_STREAM, iter_num, rank * local_accum + micro],
+                                 cfg.batch_size, model_config.block_size, device)
+                # DDP averages gradients over processes; sync only on the last micro-step.
+                sync = not ddp or micro == local_accum - 1
+                with (nullcontext() if sync else model.no_sync()), autocast:
+                    _, loss, commit_gates = model(x, y)
+                    total = loss if commit_gates is None else loss + commit_sparsity * commit_gates.mean()
+                scaler.scale(total / local_accum).backward()
+                loss_sum += loss.detach().float()
+            # One small all-reduce per iteration: the global mean loss (to log and to check for NaN),
+            # and whether any process wants to stop (signal, or rank 0 reached the target loss).
+            status = torch.stack([loss_sum, torch.tensor(float(bool(stop_signal) or stop_reason is not None), device=device)])
+            if ddp:
+                dist.all_reduce(status)
+            train_loss, stop = status[0].item() / cfg.gradient_accumulation_steps, status[1].item() > 0
+            if not math.isfinite(train_loss):
+                if master:
+                    print(f"error: non-finite loss ({train_loss}) at iter {iter_num}; stopped before the update, "
+                          f"{cfg.out_dir}/ckpt.pt keeps the last good state; try a lower learning_rate", file=sys.stderr)
+                raise SystemExit(3)
+            if stop:
+                break  # before the update: the saved state is that of the start of this iteration
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            iters_since_log += 1
 
-        if master and iter_num % cfg.log_interval == 0:
+            if master and iter_num % cfg.log_interval == 0:
+                if device_type == "cuda":
+                    torch.cuda.synchronize()
+                dt = (time.time() - t_last) / iters_since_log
+                t_last, iters_since_log = time.time(), 0
+                record = {"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": 1000 * dt,
+                          "tokens_per_s": tokens_per_iter / dt}
+                if peak:
+                    record["mfu"] = flops_per_token * tokens_per_iter / dt / (peak * world)
+                print(f"iter {iter_num}: loss {train_loss:.4f}, {1000 * dt:.0f} ms/iter, "
+                      f"{record['tokens_per_s']:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else ""),
+                      flush=True)
+                log(record)
+
+        if master:
+            if stop_signal:
+                checkpoint(None, False)
+                print(f"stopped by signal {stop_signal[0]} at iter {iter_num}; saved {cfg.out_dir}/ckpt.pt "
+                      f"(continue with --init_from=resume)", flush=True)
+            elif stop_reason:
+                print(f"stopped at iter {iter_num}: {stop_reason}", flush=True)
+            else:
+                print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}", flush=True)
             if device_type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.time() - t_last) / iters_since_log
-            t_last, iters_since_log = time.time(), 0
-            record = {"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": 1000 * dt,
-                      "tokens_per_s": tokens_per_iter / dt}
-            if peak:
-                record["mfu"] = flops_per_token * tokens_per_iter / dt / (peak * world)
-            print(f"iter {iter_num}: loss {train_loss:.4f}, {1000 * dt:.0f} ms/iter, "
-                  f"{record['tokens_per_s']:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else ""),
-                  flush=True)
-            log(record)
-
-    if master:
-        if stop_signal:
-            checkpoint(None, False)
-            print(f"stopped by signal {stop_signal[0]} at iter {iter_num}; saved {cfg.out_dir}/ckpt.pt "
-                  f"(continue with --init_from=resume)", flush=True)
-        elif stop_reason:
-            print(f"stopped at iter {iter_num}: {stop_reason}", flush=True)
-        else:
-            print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}", flush=True)
-        if device_type == "cuda":
-            print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
-        log_file.close()
-    if ddp:
-        dist.destroy_process_group()
+                print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        if master:
+            log_file.close()
+        if ddp:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

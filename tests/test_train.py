@@ -1,0 +1,203 @@
+"""The training loop's contracts: it learns, it resumes bit for bit, DDP equals accumulation,
+crashes and signals never cost the last checkpoint, and bad flags fail with one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ledger
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--gate_rank=8", "--batch_size=4",
+        "--eval_iters=2", "--log_interval=1", "--device=cpu", "--learning_rate=3e-3", "--min_lr=3e-4",
+        "--warmup_iters=2", "--ckpt_interval=0"]
+
+
+def args(char_data, out_dir, *extra):
+    data_root, dataset = char_data
+    return [f"--data_root={data_root}", f"--dataset={dataset}", f"--out_dir={out_dir}", *TINY, *extra]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def load(out_dir, name="ckpt.pt"):
+    return torch.load(os.path.join(out_dir, name), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("arch", ledger.ARCHS)
+def test_loss_goes_down_for_every_arm(char_data, tmp_path, arch):
+    train.main(args(char_data, tmp_path, f"--arch={arch}", "--max_iters=40", "--eval_interval=40"))
+    evals = [r for r in read_log(tmp_path) if "val_loss" in r]
+    assert evals[0]["iter"] == 0 and evals[-1]["iter"] == 40
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, evals
+    if arch.startswith("ledger"):
+        assert len(evals[-1]["commit_gates"]) == 4  # one mean gate per sublayer
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(char_data, tmp_path):
+    common = ["--arch=ledger", "--eval_interval=5", "--lr_decay_iters=20", "--ckpt_interval=10"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(args(char_data, straight, *common, "--max_iters=20"))
+    train.main(args(char_data, split, *common, "--max_iters=10"))
+    assert load(split)["iter_num"] == 10
+    train.main(args(char_data, split, *common, "--max_iters=20", "--init_from=resume"))
+    a, b = load(straight), load(split)
+    assert a["iter_num"] == b["iter_num"] == 20
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    # the kept snapshot holds its own val loss, for matched-loss measurement
+    snapshot = load(split, "ckpt_000010.pt")
+    assert snapshot["iter_num"] == 10 and snapshot["val_loss"] > 0
+
+
+def test_checkpoints_are_self_describing_and_safe_to_load(char_data, tmp_path):
+    train.main(args(char_data, tmp_path, "--arch=ledger-hs", "--max_iters=3", "--eval_interval=3"))
+    ckpt = load(tmp_path)  # weights_only=True: no pickled code is needed to read it
+    assert ckpt["format"] == train.CHECKPOINT_FORMAT
+    assert ckpt["model_config"]["arch"] == "ledger-hs" and ckpt["model_config"]["commit_sparsity"] == 0.3
+    assert ckpt["train_config"]["max_iters"] == 3 and ckpt["dataset_meta"]["tokenizer"] == "char"
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    model = ledger.GPT(ledger.GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+
+
+def test_compiled_model_prefix_never_reaches_the_weights(tmp_path):
+    model = ledger.GPT(ledger.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=11))
+    prefixed = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    train.save_checkpoint(str(tmp_path / "ckpt.pt"), {"format": train.CHECKPOINT_FORMAT, "model": prefixed})
+    assert set(train.load_checkpoint(str(tmp_path / "ckpt.pt"))["model"]) == set(model.state_dict())
+
+
+def test_a_corrupt_or_foreign_checkpoint_fails_clearly(char_data, tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(train.ConfigError, match="not a readable checkpoint"):
+        train.main(args(char_data, tmp_path, "--init_from=resume", "--max_iters=1"))
+    torch.save({"model": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(train.ConfigError, match="not a ledger-residuals checkpoint"):
+        train.main(args(char_data, tmp_path, "--init_from=resume", "--max_iters=1"))
+    with pytest.raises(train.ConfigError, match="exists; continue it with --init_from=resume"):
+        train.main(args(char_data, tmp_path, "--max_iters=1"))  # never overwrite a run by accident
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(char_data, tmp_path, monkeypatch, capsys):
+    real_forward = ledger.GPT.forward
+    steps = []
+
+    def forward_that_diverges(self, idx, targets=None, stream_hook=None):
+        logits, loss, gates = real_forward(self, idx, targets, stream_hook)
+        if self.training:
+            steps.append(1)
+            if len(steps) > 7:  # the 8th training step (iter 7) blows up
+                loss = loss * float("nan")
+        return logits, loss, gates
+
+    monkeypatch.setattr(ledger.GPT, "forward", forward_that_diverges)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args(char_data, tmp_path, "--max_iters=20", "--eval_interval=5"))
+    assert stopped.value.code == 3
+    assert "non-finite loss (nan) at iter 7" in capsys.readouterr().err
+    ckpt = load(tmp_path)
+    assert ckpt["iter_num"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def run_cli(*argv, **kwargs):
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True, **kwargs)
+
+
+def test_unknown_and_ill_typed_flags_fail_with_one_line(char_data, tmp_path):
+    result = run_cli(*args(char_data, tmp_path), "--n_layr=3")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown setting 'n_layr'; did you mean 'n_layer'?"
+    result = run_cli(*args(char_data, tmp_path), "--max_iters=ten")
+    assert result.returncode == 2 and result.stderr.strip() == "error: max_iters='ten': expected int"
+    with pytest.raises(train.ConfigError, match="unknown arch 'ledgr'"):
+        train.main(args(char_data, tmp_path, "--arch=ledgr"))
+    with pytest.raises(train.ConfigError, match="compile='maybe': expected bool"):
+        train.parse_overrides(["--compile=maybe"], train.TrainConfig)
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_config_files_and_overrides_compose(tmp_path):
+    preset = tmp_path / "preset.py"
+    preset.write_text("n_layer = 6\nlearning_rate = 1e-3\narch = 'ledger'\ncompile = True\n")
+    train_settings, model_settings = train.parse_overrides([str(preset), "--n_layer=2", "--compile"],
+                                                           train.TrainConfig, ledger.GPTConfig)
+    assert train_settings == {"learning_rate": 1e-3, "compile": True}
+    assert model_settings == {"n_layer": 2, "arch": "ledger"}
+    with pytest.raises(train.ConfigError, match="expected int"):
+        train.parse_overrides(["--n_layer=2.5"], train.TrainConfig, ledger.GPTConfig)
+
+
+def start_training(char_data, out_dir, *extra):
+    return subprocess.Popen([sys.executable, "train.py", *args(char_data, out_dir, *extra)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_line(proc, prefix, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(prefix):
+            return line
+        assert line or proc.poll() is None, "training exited early"
+    raise AssertionError(f"no line starting with {prefix!r}")
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_a_loadable_checkpoint(char_data, tmp_path):
+    proc = start_training(char_data, tmp_path, "--max_iters=100000", "--eval_interval=1", "--eval_iters=1")
+    wait_for_line(proc, "eval iter 3")
+    time.sleep(0.5)  # land somewhere in the middle of a step or a save
+    proc.kill()
+    proc.wait()
+    ckpt = load(tmp_path)
+    assert ckpt["iter_num"] >= 2
+    ledger.GPT(ledger.GPTConfig(**ckpt["model_config"])).load_state_dict(ckpt["model"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_fresh_checkpoint_and_exits_cleanly(char_data, tmp_path):
+    proc = start_training(char_data, tmp_path, "--max_iters=100000", "--eval_interval=100000")
+    wait_for_line(proc, "iter 5:")
+    assert not os.path.exists(tmp_path / "ckpt.pt")  # no evaluation has saved one yet
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert "stopped by signal" in out
+    assert load(tmp_path)["iter_num"] >= 5
+    # and the run continues from there
+    train.main(args(char_data, tmp_path, "--init_from=resume", f"--max_iters={load(tmp_path)['iter_num'] + 2}",
+                    "--eval_interval=100000"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(char_data, tmp_path):
+    # gradient_accumulation_steps is global: 4 means 2 micro-steps in each of the 2 processes.
+    common = args(char_data, tmp_path, "--arch=ledger", "--max_iters=6", "--eval_interval=6",
+                  "--gradient_accumulation_steps=4")
+    single = run_cli(*common, f"--out_dir={tmp_path}/single")
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *common, f"--out_dir={tmp_path}/ddp"],
+                         cwd=REPO, capture_output=True, text=True, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert "world size 2" in ddp.stdout
+    steps_single = [r for r in read_log(tmp_path / "single") if "loss" in r]
+    steps_ddp = [r for r in read_log(tmp_path / "ddp") if "loss" in r]
+    assert [r["iter"] for r in steps_single] == [r["iter"] for r in steps_ddp] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(steps_single, steps_ddp):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    a, b = load(tmp_path / "single"), load(tmp_path / "ddp")
+    for name in a["model"]:
+        assert torch.allclose(a["model"][name], b["model"][name], atol=1e-5, rtol=0), name
