@@ -347,8 +347,8 @@ def main(argv=None):
             "rng": {"torch": torch.get_rng_state()},
         }
         save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), payload)
-        if snapshot:
-            save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{iter_num:06d}.pt"), payload)
+        if snapshot:  # kept for measurement, not for resuming: the optimizer state would triple it
+            save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{iter_num:06d}.pt"), {**payload, "optimizer": None})
 
     # SIGTERM (preemption) and SIGINT (Ctrl-C) finish the current iteration, save, and exit cleanly.
     stop_signal = []

@@ -1,0 +1,31 @@
+# Two commands from a fresh machine: `make demo` (the paper's effect on a CPU) and `make test`.
+PYTHON ?= python3
+# Installed only when torch is missing: the CPU build, not a multi-GB CUDA one.
+TORCH ?= torch==2.13.0
+DEMO_OUT ?= out/demo
+DEMO_ARMS ?= vanilla suppress ledger ledger-hs
+SEED ?= 1337
+
+.PHONY: install demo test
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
+	@$(PYTHON) -c "import numpy, tiktoken, matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q -r requirements.txt
+
+# Prepare char-level Shakespeare, train each arm (a finished or interrupted arm is resumed, not
+# redone), then measure all arms at matched validation loss and print the comparison table.
+demo: install
+	@start=$$(date +%s); \
+	$(PYTHON) prepare_data.py --dataset=shakespeare --tokenizer=char || exit 1; \
+	for arm in $(DEMO_ARMS); do \
+	  init=scratch; [ -f $(DEMO_OUT)/$$arm/ckpt.pt ] && init=resume; \
+	  echo "=== training $$arm ($$init) -> $(DEMO_OUT)/$$arm"; \
+	  $(PYTHON) train.py config/cpu_demo.py --arch=$$arm --seed=$(SEED) --out_dir=$(DEMO_OUT)/$$arm --init_from=$$init || exit 1; \
+	done; \
+	echo "=== measuring at matched loss -> $(DEMO_OUT)"; \
+	$(PYTHON) measure.py $(addprefix $(DEMO_OUT)/,$(DEMO_ARMS)) --match_loss=auto --out_dir=$(DEMO_OUT) || exit 1; \
+	echo "demo done in $$(( $$(date +%s) - start )) s; figures in $(DEMO_OUT)/"
+
+test: install
+	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest
+	$(PYTHON) -m pytest -q tests

@@ -1,0 +1,872 @@
+"""
+Measure the residual-stream structure of trained checkpoints: where the outlier dimension lives,
+how big it is, whether it sits on the start token, and whether the model needs it.
+
+    python measure.py CKPT_OR_RUN_DIR [more ...] [--key=value ...]
+
+Trained transformers grow "massive activations" (Sun et al. 2024): a few fixed hidden dimensions
+of the residual stream, 100-1000x the median magnitude, concentrated on the first token. The paper
+asks whether they survive when the residual is split into an erasable scratch stream D and an
+append-only commitment stream C that alone is decoded (Ledger). This script measures, for every
+sublayer output and every stream, the statistics the paper reports, and makes it hard to overclaim:
+small CPU models grow only the precursor (one fixed dimension ~20x the median, shared by position 0
+and by delimiters), so the report counts massive entries by Sun et al.'s own rule and says on which
+tokens the dominant dimension is large outside position 0.
+
+Outputs, per checkpoint: <out_dir>/metrics.json and PNG figures; for all inputs together:
+summary.md (printed too), plus a comparison figure when several checkpoints are given.
+
+Read top to bottom: config, loading, statistics, metrics, interventions, figures, report, main.
+"""
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import os
+import string
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ledger import ARCHS, GPT, GPTConfig
+
+CKPT_FORMAT = "ledger-residuals-ckpt/1"
+NORM_FRACTION = 0.25     # a sublayer counts for "peak" only if its stream norm is >= 25% of the final
+SUN_ABS, SUN_REL = 100.0, 1000.0   # Sun et al.: massive if |x| > 100 and |x| >= 1000 x token median
+SHARED_FRACTION = 0.5    # a token whose mean |x_dom| is >= half of position 0's shares the feature
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class MeasureConfig:
+    num_windows: int = 64             # validation windows measured (the same for every pass)
+    batch_size: int = 16
+    seq_len: int = 0                  # tokens per window; 0 = the checkpoint's block_size
+    seed: int = 0                     # seeds the window offsets and the control dimension
+    split: str = "val"
+    out_dir: str = ""                 # "" = <run_dir>/measure (several inputs: summary in out/measure)
+    match_loss: Optional[float] = None  # per run dir, the kept checkpoint with val loss closest to this;
+                                        # "auto": the lowest val loss that every given run reached
+    dataset: str = ""                 # "" = the dataset recorded in the checkpoint
+    data_root: str = ""               # "" = the data_root recorded in the checkpoint
+    device: str = "cpu"               # cpu, cuda, or auto
+    threads: int = 0                  # CPU threads for torch; 0 = torch's default (1 helps on a busy box)
+    interventions: bool = True
+    quantization: bool = True
+    figures: bool = True
+    align_to_documents: bool = False  # start every window right after an EOT token
+    top_tokens: int = 8               # tokens listed where the dominant dim is largest off position 0
+    min_token_count: int = 5          # ... among tokens seen at least this often
+
+
+class MeasureError(Exception):
+    """A bad input: reported as one line `error: ...` and exit status 2, never a traceback."""
+
+
+def _convert(key, text, default):
+    """Parse one flag's text into the type of its default (match_loss: a float, or None)."""
+    if default is None and text in ("", "None", "auto"):   # match_loss only
+        return None if text != "auto" else "auto"
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return text.lower() in ("true", "1", "yes")
+        raise MeasureError(f"--{key}={text}: expected True or False")
+    kind = float if default is None else type(default)
+    try:
+        return kind(text)
+    except ValueError:
+        raise MeasureError(f"--{key}={text}: expected {kind.__name__}") from None
+
+
+def parse_args(argv):
+    """Split argv into input paths and a MeasureConfig from `--key=value` flags."""
+    cfg, paths = MeasureConfig(), []
+    defaults = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for arg in argv:
+        if not arg.startswith("--"):
+            paths.append(arg)
+            continue
+        key, has_value, value = arg[2:].partition("=")
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else f"; valid keys: {', '.join(defaults)}"
+            raise MeasureError(f"unknown option --{key}{hint}")
+        if not has_value:
+            raise MeasureError(f"--{key} needs a value: --{key}=VALUE")
+        setattr(cfg, key, _convert(key, value, defaults[key]))
+    if not paths:
+        raise MeasureError("give at least one checkpoint file or run directory to measure")
+    for key in ("num_windows", "batch_size", "top_tokens"):
+        if getattr(cfg, key) < 1:
+            raise MeasureError(f"--{key} must be at least 1")
+    if cfg.seq_len < 0:
+        raise MeasureError("--seq_len must be positive (or 0 for the checkpoint's block_size)")
+    return paths, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: checkpoints, the matched-loss choice, the model, the data windows
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True (no arbitrary code runs), then check format and arm."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a text file, a truncated file, a pickle with code in it ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MeasureError(f"{path} is not a checkpoint torch can load safely ({reason[:160]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise MeasureError(f"{path} has unknown checkpoint format {found!r}; expected {CKPT_FORMAT!r} "
+                           f"(written by train.py)")
+    arch = ckpt.get("model_config", {}).get("arch")
+    if arch not in ARCHS:
+        raise MeasureError(f"{path} holds unknown arm {arch!r}; known arms: {', '.join(ARCHS)}")
+    return ckpt
+
+
+def checkpoint_names(run_dir):
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt") and n.endswith(".pt"))
+    if not names:
+        raise MeasureError(f"no checkpoint in {run_dir} (expected ckpt.pt or ckpt_<iter>.pt)")
+    return names
+
+
+def recorded_val_losses(run_dir):
+    """{path: val_loss} of the kept checkpoints of a run that record one."""
+    losses = {os.path.join(run_dir, n): load_checkpoint(os.path.join(run_dir, n)).get("val_loss")
+              for n in checkpoint_names(run_dir)}
+    losses = {p: v for p, v in losses.items() if v is not None}
+    if not losses:
+        raise MeasureError(f"no checkpoint in {run_dir} records a val_loss, so --match_loss cannot pick one")
+    return losses
+
+
+def auto_match_loss(run_dirs):
+    """The lowest val loss that every run reached: the best matched point all arms share."""
+    if not run_dirs:
+        raise MeasureError("--match_loss=auto picks among the kept checkpoints of run directories; give some")
+    return max(min(recorded_val_losses(d).values()) for d in run_dirs)
+
+
+def select_checkpoint(run_dir, match_loss=None):
+    """(path, val_loss, distance): the latest checkpoint, or the kept one whose recorded val loss is
+    closest to match_loss. Comparing arms at matched loss rather than matched steps keeps a faster
+    learner from looking different merely because it is further along."""
+    names = checkpoint_names(run_dir)
+    if match_loss is None:
+        path = os.path.join(run_dir, "ckpt.pt" if "ckpt.pt" in names else names[-1])
+        return path, load_checkpoint(path).get("val_loss"), None
+    losses = recorded_val_losses(run_dir)
+    path = min(losses, key=lambda p: abs(losses[p] - match_loss))   # ties: the earlier file name
+    return path, losses[path], abs(losses[path] - match_loss)
+
+
+def build_model(ckpt, path, device):
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise MeasureError(f"{path}: model_config does not fit ledger.GPTConfig ({e})") from None
+    model = GPT(config)
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise MeasureError(f"{path}: weights do not fit the saved config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+@dataclass
+class Data:
+    tokens: np.ndarray     # the split, as a flat memmap
+    meta: dict
+    decode: object         # list[int] -> str
+    data_dir: str
+
+
+def open_data(ckpt, cfg, path):
+    """The split of the dataset the checkpoint was trained on (or --dataset / --data_root)."""
+    import prepare_data   # imported here so that `measure.py --help` and bad flags stay fast
+    train_cfg = ckpt.get("train_config") or {}
+    dataset = cfg.dataset or train_cfg.get("dataset")
+    data_root = cfg.data_root or train_cfg.get("data_root") or "data"
+    if not dataset:
+        raise MeasureError(f"{path} records no dataset; pass --dataset=NAME")
+    if cfg.split not in ("train", "val"):
+        raise MeasureError(f"--split must be train or val, not {cfg.split!r}")
+    data_dir = os.path.join(data_root, dataset)
+    try:
+        meta = prepare_data.load_meta(data_dir)
+        tokens = prepare_data.open_split(data_dir, cfg.split, meta)
+        decode = prepare_data.decoder(meta)
+    except prepare_data.DataError as e:
+        raise MeasureError(str(e)) from None
+    n_vocab, data_vocab = ckpt["model_config"]["vocab_size"], meta.get("vocab_size", 0)
+    trained = ckpt.get("dataset_meta") or {}
+    # A model trained on other tokens measures nonsense: same size, tokenizer and (char) alphabet.
+    differs = any(k in trained and trained[k] != meta.get(k) for k in ("vocab_size", "tokenizer", "itos"))
+    if data_vocab > n_vocab or differs:
+        raise MeasureError(f"vocab mismatch: {path} was trained with vocab {trained.get('vocab_size', n_vocab)} "
+                           f"({trained.get('tokenizer', '?')}) but {data_dir} has vocab {data_vocab} "
+                           f"({meta.get('tokenizer', '?')}); pass the right --dataset")
+    return Data(tokens, meta, decode, data_dir)
+
+
+def window_starts(data, cfg, seq_len):
+    """Deterministic window offsets. By default a window starts anywhere in the token stream, as in
+    training (nanoGPT style), so position 0 is an arbitrary token: that is the paper's setup for
+    these small models. --align_to_documents=True starts each window right after an EOT token."""
+    span, n = seq_len + 1, len(data.tokens)
+    if n < span:
+        raise MeasureError(f"{data.data_dir} {cfg.split} split has {n} tokens, fewer than seq_len+1={span}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if not cfg.align_to_documents:
+        return torch.randint(0, n - span + 1, (cfg.num_windows,), generator=gen)
+    eot = data.meta.get("eot_id")
+    if eot is None:
+        raise MeasureError(f"{data.data_dir} has no eot_id, so --align_to_documents cannot find documents")
+    starts = np.flatnonzero(np.asarray(data.tokens) == eot) + 1
+    starts = starts[starts <= n - span]
+    if len(starts) == 0:
+        raise MeasureError(f"no EOT in {data.data_dir} {cfg.split} leaves room for a window of {span} tokens")
+    pick = torch.randint(0, len(starts), (cfg.num_windows,), generator=gen)
+    return torch.from_numpy(starts.astype(np.int64))[pick]
+
+
+def batches(data, starts, seq_len, batch_size, device):
+    """Yield (x, y) batches; only one batch of tokens is ever held in memory."""
+    for i in range(0, len(starts), batch_size):
+        rows = [np.asarray(data.tokens[s:s + seq_len + 1], dtype=np.int64)
+                for s in starts[i:i + batch_size].tolist()]
+        w = torch.from_numpy(np.stack(rows)).to(device)
+        yield w[:, :-1], w[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics: running sums over batches, so memory never grows with the number of windows
+
+def measured_streams(config):
+    """Every stream the forward pass carries; for hc2 also their sum, which is what is decoded."""
+    return config.stream_names + (("h0+h1",) if config.residual == "hc2" else ())
+
+
+def stream_tensor(streams, name):
+    return streams["h0"] + streams["h1"] if name == "h0+h1" else streams[name]
+
+
+class StreamStats:
+    """Running float64 sums for one stream over all sublayers. Each update reduces a (B, T, D)
+    activation to per-dimension and per-sublayer vectors at once; nothing scales with batches."""
+
+    def __init__(self, n_sublayers, dim):
+        L, f64 = n_sublayers, torch.float64
+        self.abs_sum = torch.zeros(L, dim, dtype=f64)          # sum |x| per dim, all positions
+        self.abs_sum_pos0 = torch.zeros(L, dim, dtype=f64)     # ... at position 0 only
+        self.sum_pos0 = torch.zeros(L, dim, dtype=f64)         # signed, for the mean intervention
+        self.n_tokens = torch.zeros(L, dtype=f64)
+        self.n_seqs = torch.zeros(L, dtype=f64)
+        self.top_sum = torch.zeros(L, 3, dtype=f64)            # per token top-1/2/3 |x| (Sun et al.)
+        self.median_sum = torch.zeros(L, dtype=f64)            # per token median |x|
+        self.kurtosis_sum = torch.zeros(L, dtype=f64)          # excess kurtosis over dims, per token
+        self.ratio_sum = torch.zeros(L, dtype=f64)             # per token max |x| / median |x|
+        self.ratio_max = torch.zeros(L, dtype=f64)
+        self.norm_sum = torch.zeros(L, dtype=f64)              # per token L2 norm
+        self.max_abs = torch.zeros(L, dtype=f64)
+        self.sun_count = torch.zeros(L, dtype=torch.int64)     # Sun et al.'s massive entries
+        self.sun_count_pos0 = torch.zeros(L, dtype=torch.int64)
+
+    def state_nbytes(self):
+        return sum(t.numel() * t.element_size() for t in vars(self).values())
+
+    @torch.no_grad()
+    def update(self, i, x):
+        x = x.detach().float()
+        B, T, D = x.shape
+        a = x.abs()
+        f64 = torch.float64
+        self.abs_sum[i] += a.sum((0, 1), dtype=f64).cpu()
+        self.abs_sum_pos0[i] += a[:, 0].sum(0, dtype=f64).cpu()
+        self.sum_pos0[i] += x[:, 0].sum(0, dtype=f64).cpu()
+        self.n_tokens[i] += B * T
+        self.n_seqs[i] += B
+        flat, signed = a.reshape(-1, D), x.reshape(-1, D)
+        top = flat.topk(min(3, D), dim=-1).values
+        median = flat.median(dim=-1).values      # the lower middle value when D is even
+        ratio = top[:, 0] / median.clamp_min(1e-30)
+        centred = signed - signed.mean(-1, keepdim=True)
+        var = centred.pow(2).mean(-1)
+        kurtosis = centred.pow(4).mean(-1) / var.pow(2).clamp_min(1e-30) - 3.0
+        massive = (flat > SUN_ABS) & (flat >= SUN_REL * median[:, None])
+        self.top_sum[i, :top.shape[1]] += top.sum(0, dtype=f64).cpu()
+        self.median_sum[i] += median.sum(dtype=f64).cpu()
+        self.kurtosis_sum[i] += kurtosis.sum(dtype=f64).cpu()
+        self.ratio_sum[i] += ratio.sum(dtype=f64).cpu()
+        self.ratio_max[i] = torch.maximum(self.ratio_max[i], ratio.max().double().cpu())
+        self.norm_sum[i] += signed.norm(dim=-1).sum(dtype=f64).cpu()
+        self.max_abs[i] = torch.maximum(self.max_abs[i], flat.max().double().cpu())
+        self.sun_count[i] += int(massive.sum())
+        self.sun_count_pos0[i] += int(massive.view(B, T, D)[:, 0].sum())
+
+    # per (sublayer, dim) means, as numpy arrays
+    def mean_abs(self):
+        return (self.abs_sum / self.n_tokens[:, None]).numpy()
+
+    def mean_abs_pos0(self):
+        return (self.abs_sum_pos0 / self.n_seqs[:, None]).numpy()
+
+    def mean_abs_rest(self):
+        n_rest = (self.n_tokens - self.n_seqs).clamp_min(1)
+        return ((self.abs_sum - self.abs_sum_pos0) / n_rest[:, None]).numpy()
+
+    def mean_pos0(self):
+        return (self.sum_pos0 / self.n_seqs[:, None]).numpy()
+
+    def dominant_dim(self):
+        """The dimension with the largest mean |x| summed across depth."""
+        return int(self.mean_abs().sum(0).argmax())
+
+    def summarize(self, sublayer_names=None):
+        """The paper's structure metrics for this stream (see the module docstring)."""
+        mean_abs, pos0, rest = self.mean_abs(), self.mean_abs_pos0(), self.mean_abs_rest()
+        L = mean_abs.shape[0]
+        names = sublayer_names or [str(i) for i in range(L)]
+        n = self.n_tokens.numpy()
+        dom = self.dominant_dim()
+        top_dim = mean_abs.argmax(1)
+        # Fixed-dimension ratio: the top dimension's mean |x| over the median dimension's.
+        dim_ratio = mean_abs.max(1) / np.maximum(np.median(mean_abs, 1), 1e-30)
+        concentration = pos0[:, dom] / np.maximum(rest[:, dom], 1e-30)
+        norm = self.norm_sum.numpy() / n
+        # Trap (1): C is nearly empty early on, so a ratio over its tiny median looks huge there.
+        # Only sublayers whose stream norm reaches NORM_FRACTION of the final norm compete for the peak.
+        eligible = norm >= NORM_FRACTION * norm[-1]
+        peak = int(np.where(eligible, dim_ratio, -np.inf).argmax())
+        emerged = np.flatnonzero(eligible & (top_dim == dom))
+        emergence = int(emerged[0]) if len(emerged) else None
+        top = self.top_sum.numpy() / n[:, None]
+        median = self.median_sum.numpy() / n
+        kurtosis = self.kurtosis_sum.numpy() / n
+        return {
+            "dominant_dim": dom,
+            "persistence": float((top_dim == dom).mean()),
+            "top_dim_per_sublayer": top_dim.tolist(),
+            "emergence_sublayer": emergence,
+            "eligible_per_sublayer": eligible.tolist(),
+            "peak_sublayer": peak, "peak_sublayer_name": names[peak],
+            "peak_ratio": float(dim_ratio[peak]),
+            "final_ratio": float(dim_ratio[-1]),
+            "ratio_per_sublayer": dim_ratio.tolist(),
+            "start_token_concentration_peak": float(concentration[peak]),
+            "start_token_concentration_final": float(concentration[-1]),
+            "start_token_concentration_per_sublayer": concentration.tolist(),
+            "dominant_mean_abs_pos0_per_sublayer": pos0[:, dom].tolist(),
+            "dominant_mean_abs_rest_per_sublayer": rest[:, dom].tolist(),
+            "top5_dims_at_peak": [[int(d), float(mean_abs[peak, d])] for d in np.argsort(-mean_abs[peak])[:5]],
+            "mean_norm_per_sublayer": norm.tolist(),
+            "top1_per_sublayer": top[:, 0].tolist(), "top2_per_sublayer": top[:, 1].tolist(),
+            "top3_per_sublayer": top[:, 2].tolist(), "median_per_sublayer": median.tolist(),
+            "kurtosis_per_sublayer": kurtosis.tolist(),
+            "kurtosis_peak": float(kurtosis[peak]), "kurtosis_final": float(kurtosis[-1]),
+            "token_max_median_ratio_mean_per_sublayer": (self.ratio_sum.numpy() / n).tolist(),
+            "token_max_median_ratio_max_per_sublayer": self.ratio_max.tolist(),
+            "max_abs_per_sublayer": self.max_abs.tolist(),
+            "sun_massive_count_per_sublayer": self.sun_count.tolist(),
+            "sun_massive_count_total": int(self.sun_count.sum()),
+            "sun_massive_count_pos0": int(self.sun_count_pos0.sum()),
+        }
+
+
+class DominantDimProfile:
+    """Second pass, once the dominant dimension is known: mean |x_dom| per (sublayer, position) for
+    the heatmap, and per token id (positions >= 1 only) at chosen sublayers for the delimiter check.
+    A first pass finds the dimension; keeping (sublayer, position, dim) sums for every dim instead
+    would cost 24 x 1024 x 768 x 8 bytes = 150 MB at GPT-2 size. The second pass costs one forward."""
+
+    def __init__(self, n_sublayers, seq_len, dim, vocab_size=0, token_sublayers=()):
+        self.dim = dim
+        self.pos_sum = torch.zeros(n_sublayers, seq_len, dtype=torch.float64)
+        self.n_seqs = torch.zeros(n_sublayers, dtype=torch.float64)
+        self.token_sum = {s: torch.zeros(vocab_size, dtype=torch.float64) for s in token_sublayers}
+        self.token_count = {s: torch.zeros(vocab_size, dtype=torch.float64) for s in token_sublayers}
+
+    @torch.no_grad()
+    def update(self, i, x, idx=None):
+        v = x[..., self.dim].detach().abs().double().cpu()     # (B, T)
+        self.pos_sum[i, :v.shape[1]] += v.sum(0)
+        self.n_seqs[i] += v.shape[0]
+        if i in self.token_sum and idx is not None:
+            ids = idx[:, 1:].reshape(-1).cpu()
+            self.token_sum[i].index_add_(0, ids, v[:, 1:].reshape(-1))
+            self.token_count[i].index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+
+    def position_mean(self):
+        return (self.pos_sum / self.n_seqs.clamp_min(1)[:, None]).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: the passes over the windows, and the delimiter check
+
+@torch.inference_mode()
+def mean_loss(model, batch_iter, hook=None):
+    total, count = 0.0, 0
+    for x, y in batch_iter:
+        _, loss, _ = model(x, y, stream_hook=hook)
+        total += float(loss) * y.numel()
+        count += y.numel()
+    return total / count
+
+
+def collect_stream_stats(model, batch_fn):
+    """Pass 1: every statistic of every stream, and the unmodified val loss on these windows."""
+    cfg = model.config
+    stats = {name: StreamStats(2 * cfg.n_layer, cfg.n_embd) for name in measured_streams(cfg)}
+
+    def hook(i, kind, streams):
+        for name, s in stats.items():
+            s.update(i, stream_tensor(streams, name))
+
+    return stats, mean_loss(model, batch_fn(), hook)
+
+
+@torch.inference_mode()
+def collect_dominant_profiles(model, batch_fn, stats, seq_len, token_sublayers):
+    """Pass 2: per (sublayer, position) |x_dom| for each stream; per token for the decoded one."""
+    cfg = model.config
+    L, decoded = 2 * cfg.n_layer, cfg.decoded_stream
+    profiles, current = {}, {}
+    for name, s in stats.items():
+        extra = (cfg.vocab_size, token_sublayers) if name == decoded else (0, ())
+        profiles[name] = DominantDimProfile(L, seq_len, s.dominant_dim(), *extra)
+
+    def hook(i, kind, streams):
+        for name, p in profiles.items():
+            p.update(i, stream_tensor(streams, name), current["idx"])
+
+    for x, _ in batch_fn():
+        current["idx"] = x
+        model(x, stream_hook=hook)
+    return profiles
+
+
+def is_delimiter(text):
+    return text != "" and all(c in string.whitespace + string.punctuation for c in text)
+
+
+def top_token_report(profile, stats, sublayer, sublayer_name, decode, k, min_count):
+    """Trap (2): on which tokens, outside position 0, is the dominant dimension largest? If a
+    delimiter (space, newline, period, ...) carries it about as strongly as position 0 does, it is a
+    delimiter feature, not a start-token outlier."""
+    total, count = profile.token_sum[sublayer], profile.token_count[sublayer]
+    mean = (total / count.clamp_min(1)).numpy()
+    candidates = np.flatnonzero(count.numpy() >= min_count)
+    ranked = candidates[np.argsort(-mean[candidates], kind="stable")][:200]
+    pos0 = float(stats.mean_abs_pos0()[sublayer, profile.dim])
+
+    def entry(t):
+        try:
+            text = decode([int(t)])
+        except Exception:   # e.g. a padded vocab id the tokenizer does not know
+            text = f"<{int(t)}>"
+        # repr() makes spaces and newlines visible in the report
+        return {"id": int(t), "text": repr(text), "delimiter": is_delimiter(text), "mean_abs": float(mean[t]),
+                "count": int(count[t]), "ratio_to_pos0": float(mean[t] / max(pos0, 1e-30))}
+
+    tokens = [entry(t) for t in ranked[:k]]
+    delimiter = next((e for e in map(entry, ranked) if e["delimiter"]), None)
+    top = tokens[0] if tokens else None
+    if top is None or top["ratio_to_pos0"] < SHARED_FRACTION:
+        verdict = "start-token specific: no frequent token reaches half of position 0's magnitude"
+    elif top["delimiter"]:
+        verdict = (f"delimiter feature: the delimiter {top['text']} carries it at {top['ratio_to_pos0']:.2f}x "
+                   f"position 0's magnitude, so it is not a start-token outlier")
+    else:
+        also = (f", the delimiter {delimiter['text']} at {delimiter['ratio_to_pos0']:.2f}x"
+                if delimiter and delimiter["ratio_to_pos0"] >= SHARED_FRACTION else "")
+        verdict = (f"not start-token specific: {top['text']} carries it at {top['ratio_to_pos0']:.2f}x{also} "
+                   f"of position 0's magnitude")
+    shared = bool(delimiter and delimiter["ratio_to_pos0"] >= SHARED_FRACTION)
+    return {"dim": profile.dim, "sublayer": sublayer, "sublayer_name": sublayer_name, "pos0_mean_abs": pos0,
+            "tokens": tokens, "largest_delimiter": delimiter, "delimiter_shares_feature": shared,
+            "max_ratio_to_pos0": top["ratio_to_pos0"] if top else 0.0, "verdict": verdict}
+
+
+# ----------------------------------------------------------------------------------------------
+# Interventions (after Sun et al.): does the model need the outlier? And does it break quantization?
+
+def position0_hook(config, stats, dim, start, mode):
+    """Set x[:, 0, dim] of the decoded stream to 0 or to its mean at each sublayer >= start. For
+    hc2 the decoded channel is h0 + h1: zero both, or set each stream to its own mean (so the sum
+    takes its mean). Ledger's decoded stream is C: D is left alone."""
+    targets = ("h0", "h1") if config.residual == "hc2" else (config.decoded_stream,)
+    means = {name: stats[name].mean_pos0()[:, dim] for name in targets}
+
+    def hook(i, kind, streams):
+        if i < start:
+            return None
+        replaced = {}
+        for name in targets:
+            x = streams[name].clone()
+            x[:, 0, dim] = 0.0 if mode == "zero" else float(means[name][i])
+            replaced[name] = x
+        return replaced
+    return hook
+
+
+def run_interventions(model, batch_fn, stats, summary, baseline, seed):
+    cfg = model.config
+    dom, start = summary["dominant_dim"], summary["emergence_sublayer"]
+    if start is None:
+        return {"skipped": "the dominant dim is never the top dim of a full-norm sublayer"}
+    others = [d for d in range(cfg.n_embd) if d != dom]
+    control = others[int(torch.randint(len(others), (1,), generator=torch.Generator().manual_seed(seed)))]
+    out = {"stream": cfg.decoded_stream, "position": 0, "dim": dom, "control_dim": control,
+           "from_sublayer": start, "from_sublayer_name": model.sublayer_names[start], "baseline_loss": baseline}
+    for label, dim in (("", dom), ("control_", control)):
+        for mode in ("zero", "mean"):
+            loss = mean_loss(model, batch_fn(), position0_hook(cfg, stats, dim, start, mode))
+            out[f"{label}{mode}_loss"] = loss
+            out[f"{label}{mode}_delta"] = loss - baseline
+    return out
+
+
+@torch.no_grad()
+def fake_quantize_weights(model, bits):
+    """A copy of the model with every nn.Linear weight (the LM head and the gates included; not the
+    embeddings, not the norms) rounded per output channel, symmetric, round-to-nearest. An outlier
+    dimension inflates the per-channel scale of the weights that read it; that is how it hurts."""
+    quantized = copy.deepcopy(model)
+    qmax = 2 ** (bits - 1) - 1
+    for module in quantized.modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight
+            scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
+            w.copy_((w / scale).round().clamp(-qmax, qmax) * scale)
+    return quantized
+
+
+def run_quantization(model, batch_fn, baseline):
+    out = {"scheme": "weight-only, per-output-channel symmetric round-to-nearest, all nn.Linear weights",
+           "baseline_loss": baseline}
+    for bits in (8, 4):
+        out[f"w{bits}_loss"] = mean_loss(fake_quantize_weights(model, bits), batch_fn())
+        out[f"w{bits}_delta"] = out[f"w{bits}_loss"] - baseline
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+def slug(name):
+    return name.replace("+", "_plus_")
+
+
+def readable_log_axis(ax):
+    """Within one decade matplotlib labels a log axis '1.9 x 10^0'; plain numbers read better."""
+    from matplotlib.ticker import FuncFormatter
+    low, high = ax.get_ylim()
+    if low > 0 and high / low < 10:
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+
+
+def plot_stream(name, stats, profile, sublayer_names, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    def log_norm(a):
+        positive = a[a > 0]
+        low = positive.min() if positive.size else 1e-8
+        return LogNorm(vmin=max(low, a.max() * 1e-6), vmax=max(a.max(), low * 10))
+
+    paths, L = [], len(sublayer_names)
+    ticks = dict(ticks=range(L), labels=sublayer_names)
+
+    def save(fig, suffix):
+        paths.append(os.path.join(out_dir, f"{slug(name)}_{suffix}.png"))
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * L + 2.5), sharey=True)
+    for ax, data, title in zip(axes, (stats.mean_abs(), stats.mean_abs_pos0()), ("all positions", "position 0")):
+        im = ax.imshow(data, aspect="auto", interpolation="nearest", norm=log_norm(data), cmap="viridis")
+        ax.set(title=f"stream {name}: mean |x|, {title}", xlabel="hidden dimension")
+        fig.colorbar(im, ax=ax, label="mean |x| (log)")
+    axes[0].set_yticks(**ticks)
+    axes[0].set_ylabel("sublayer output")
+    save(fig, "dims")
+
+    data = profile.position_mean()
+    fig, ax = plt.subplots(figsize=(10, 0.35 * L + 2.5))
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", norm=log_norm(data), cmap="magma")
+    ax.set(title=f"stream {name}: |x| of dominant dim {profile.dim} by position", xlabel="position in window")
+    ax.set_yticks(**ticks)
+    ax.set_ylabel("sublayer output")
+    fig.colorbar(im, ax=ax, label="mean |x| (log)")
+    save(fig, "dominant_positions")
+
+    s = stats.summarize(sublayer_names)
+    fig, ax = plt.subplots(figsize=(max(6, 0.4 * L + 3), 4))
+    for key, label in (("top1", "top-1"), ("top2", "top-2"), ("top3", "top-3"), ("median", "median")):
+        ax.plot(range(L), s[f"{key}_per_sublayer"], marker="o", label=f"{label} |x|")
+    ax.set_yscale("log")
+    readable_log_axis(ax)
+    ax.set_xticks(**ticks)
+    ax.tick_params(axis="x", rotation=60)
+    ax.set(title=f"stream {name}: per-token magnitudes (Sun et al. profile)", ylabel="mean over tokens",
+           xlabel="sublayer output")
+    ax.legend()
+    save(fig, "profile")
+    return paths
+
+
+def plot_comparison(results, path):
+    """The decoded channel of every arm against relative depth (arms may differ in depth)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m in results:
+        s = m["streams"][m["decoded_stream"]]
+        L = len(s["ratio_per_sublayer"])
+        depth = [(i + 1) / L for i in range(L)]
+        label = f"{m['label']} ({m['decoded_stream']})"
+        axes[0].plot(depth, s["ratio_per_sublayer"], marker="o", label=label)
+        top_over_median = np.array(s["top1_per_sublayer"]) / np.maximum(s["median_per_sublayer"], 1e-30)
+        axes[1].plot(depth, top_over_median, marker="o", label=label)
+    axes[0].set(title="decoded channel: top dim / median dim of mean |x|", ylabel="fixed-dimension ratio")
+    axes[1].set(title="decoded channel: mean top-1 |x| / mean median |x| of a token", ylabel="ratio")
+    for ax in axes:
+        ax.set_yscale("log")
+        readable_log_axis(ax)
+        ax.set_xlabel("relative depth (sublayer / number of sublayers)")
+        ax.legend(fontsize=8)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+def jsonable(obj):
+    """Plain JSON: non-finite floats become null, numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def fmt(value, spec=".3f"):
+    return "—" if value is None else format(value, spec)
+
+
+def summary_table(results):
+    head = ("| arm | iter | val loss | decoded | dom dim | persistence | peak ratio (sublayer) | final ratio "
+            "| start-token conc. (peak) | kurtosis (final) | Sun-massive entries | scratch D: dom dim, peak ratio "
+            "| zero pos-0 dom | mean pos-0 dom | zero control dim | w8 | w4 |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m in results:
+        s = m["streams"][m["decoded_stream"]]
+        d = m["streams"].get("D") if m["decoded_stream"] == "C" else None
+        iv, q = m.get("interventions") or {}, m.get("quantization") or {}
+        rows.append("| " + " | ".join([
+            m["label"], str(m["iter_num"]), fmt(m["measured_val_loss"]), m["decoded_stream"],
+            str(s["dominant_dim"]), fmt(s["persistence"], ".2f"),
+            f"{s['peak_ratio']:.1f}x ({s['peak_sublayer_name']})", f"{s['final_ratio']:.1f}x",
+            f"{s['start_token_concentration_peak']:.1f}x", fmt(s["kurtosis_final"], ".1f"),
+            str(s["sun_massive_count_total"]),
+            f"{d['dominant_dim']}, {d['peak_ratio']:.1f}x" if d else "—",
+            fmt(iv.get("zero_loss")), fmt(iv.get("mean_loss")), fmt(iv.get("control_zero_loss")),
+            fmt(q.get("w8_loss")), fmt(q.get("w4_loss"))]) + " |")
+    return "\n".join(rows)
+
+
+def notes(m):
+    """Honest one-liners under the table: what the numbers do and do not show."""
+    s = m["streams"][m["decoded_stream"]]
+    lines, label, dim, ratio = [], m["label"], s["dominant_dim"], s["peak_ratio"]
+    if s["sun_massive_count_total"] == 0:
+        shape = (f"fixed dimension {dim} at {ratio:.1f}x the median dimension is at most the precursor, not a "
+                 f"100-1000x outlier" if ratio >= 5 else f"no pronounced fixed dimension (peak {ratio:.1f}x)")
+        lines.append(f"{label}: no massive activations by Sun et al.'s rule in {m['decoded_stream']} "
+                     f"(largest |x| {max(s['max_abs_per_sublayer']):.1f}); {shape}.")
+    else:
+        lines.append(f"{label}: {s['sun_massive_count_total']} massive entries by Sun et al.'s rule "
+                     f"({s['sun_massive_count_pos0']} at position 0).")
+    if m["selection"]["distance"] is not None:
+        lines.append(f"{label}: iter {m['iter_num']} picked to match val loss {m['selection']['match_loss']:.4f}: "
+                     f"recorded {m['val_loss_recorded']:.4f}, {m['selection']['distance']:.4f} away.")
+    for where, report in (m.get("top_tokens") or {}).items():
+        shown = ", ".join(f"{t['text']} {t['ratio_to_pos0']:.2f}x" for t in report["tokens"][:5])
+        lines.append(f"{label}: dim {report['dim']} at {report['sublayer_name']} ({where} sublayer): "
+                     f"{report['verdict']}; largest off position 0: {shown} (of position 0's mean |x|).")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+def default_out_dir(ckpt_path, from_run_dir):
+    parent = os.path.dirname(os.path.abspath(ckpt_path))
+    if from_run_dir or os.path.basename(ckpt_path) == "ckpt.pt":
+        return os.path.join(parent, "measure")
+    return os.path.join(parent, "measure_" + os.path.splitext(os.path.basename(ckpt_path))[0])
+
+
+def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
+    t0 = time.time()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MeasureError(f"--device={cfg.device} but torch sees no CUDA device; use --device=cpu")
+    model = build_model(ckpt, path, device)
+    data = open_data(ckpt, cfg, path)
+    block = model.config.block_size
+    if cfg.seq_len > block:
+        raise MeasureError(f"--seq_len={cfg.seq_len} exceeds the checkpoint's block_size={block}")
+    seq_len = min(cfg.seq_len or block, block, len(data.tokens) - 1)
+    starts = window_starts(data, cfg, seq_len)
+    batch_fn = lambda: batches(data, starts, seq_len, cfg.batch_size, device)
+    names, decoded = model.sublayer_names, model.config.decoded_stream
+
+    phases, tick = {}, time.time()
+
+    def lap(name):   # wall time per phase, reported in metrics.json
+        nonlocal tick
+        phases[name], tick = time.time() - tick, time.time()
+
+    stats, baseline = collect_stream_stats(model, batch_fn)
+    lap("statistics_s")
+    summaries = {name: s.summarize(names) for name, s in stats.items()}
+    last, peak = len(names) - 1, summaries[decoded]["peak_sublayer"]
+    profiles = collect_dominant_profiles(model, batch_fn, stats, seq_len, sorted({last, peak}))
+    top_tokens = {where: top_token_report(profiles[decoded], stats[decoded], i, names[i], data.decode,
+                                          cfg.top_tokens, cfg.min_token_count)
+                  for where, i in (("last", last), ("peak", peak))}
+    if peak == last:
+        top_tokens.pop("peak")
+    lap("dominant_profile_s")
+    interventions = None
+    if cfg.interventions:
+        interventions = run_interventions(model, batch_fn, stats, summaries[decoded], baseline, cfg.seed)
+    lap("interventions_s")
+    quantization = run_quantization(model, batch_fn, baseline) if cfg.quantization else None
+    lap("quantization_s")
+
+    os.makedirs(out_dir, exist_ok=True)
+    figures = []
+    if cfg.figures:
+        for name in stats:
+            figures += plot_stream(name, stats[name], profiles[name], names, out_dir)
+    lap("figures_s")
+    seconds = time.time() - t0
+    n_tokens = len(starts) * seq_len
+    train_cfg = ckpt.get("train_config") or {}
+    metrics = {
+        "checkpoint": os.path.abspath(path), "format": ckpt["format"], "arch": model.config.arch,
+        "run_dir": os.path.dirname(os.path.abspath(path)),
+        "iter_num": ckpt.get("iter_num"), "val_loss_recorded": ckpt.get("val_loss"), "selection": selection,
+        "dataset": os.path.basename(data.data_dir), "data_dir": data.data_dir,
+        "train_seed": train_cfg.get("seed"),
+        "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device},
+        "model_config": ckpt["model_config"], "sublayer_names": names,
+        "measured_val_loss": baseline, "decoded_stream": decoded, "streams": summaries,
+        "top_tokens": top_tokens, "interventions": interventions, "quantization": quantization,
+        "sun_rule": f"|x| > {SUN_ABS:g} and |x| >= {SUN_REL:g} x the token's median |x| (Sun et al. 2024)",
+        "figures": [os.path.basename(f) for f in figures],
+        "timing": {"tokens": n_tokens, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9),
+                   **phases},
+    }
+    return metrics
+
+
+def run(paths, cfg):
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    target = cfg.match_loss
+    if target == "auto":
+        target = auto_match_loss([p for p in paths if os.path.isdir(p)])
+        print(f"--match_loss=auto: {target:.4f}, the lowest val loss every run reached")
+    inputs = []   # resolve and load every input first, so that a bad one fails before any work
+    for path in paths:
+        if os.path.isdir(path):
+            ckpt_path, _, distance = select_checkpoint(path, target)
+            selection = {"match_loss": target, "auto": cfg.match_loss == "auto", "distance": distance}
+        elif os.path.isfile(path):
+            ckpt_path, selection = path, {"match_loss": None, "distance": None}
+        else:
+            raise MeasureError(f"{path}: no such checkpoint file or run directory")
+        inputs.append((ckpt_path, load_checkpoint(ckpt_path), os.path.isdir(path), selection))
+    archs = [ckpt["model_config"]["arch"] for _, ckpt, _, _ in inputs]
+    results, used = [], set()
+    for (ckpt_path, ckpt, from_run_dir, selection), arch in zip(inputs, archs):
+        run_name = os.path.basename(os.path.dirname(os.path.abspath(ckpt_path))) or "run"
+        if cfg.out_dir and len(inputs) > 1:   # one sub-folder per input under --out_dir
+            name, k = run_name, 1
+            while name in used:
+                name, k = f"{run_name}_{k}", k + 1
+            used.add(name)
+            out_dir = os.path.join(cfg.out_dir, name)
+        else:
+            out_dir = cfg.out_dir or default_out_dir(ckpt_path, from_run_dir)
+        if selection["distance"] is not None:
+            print(f"{ckpt_path}: val loss {ckpt['val_loss']:.4f}, {selection['distance']:.4f} "
+                  f"from {target:.4f}")
+        m = measure_checkpoint(ckpt_path, ckpt, cfg, out_dir, selection)
+        # the same arm twice (seeds, matched losses): the run folder tells the rows apart
+        m["label"] = f"{arch} ({run_name})" if archs.count(arch) > 1 else arch
+        m["out_dir"] = os.path.abspath(out_dir)
+        m["notes"] = notes(m)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(jsonable(m), f, indent=1, allow_nan=False)
+        print(f"{ckpt_path}: measured {m['timing']['tokens']} tokens in {m['timing']['seconds']:.1f} s "
+              f"({m['timing']['tokens_per_s']:.0f} tokens/s) -> {out_dir}")
+        results.append(m)
+    several_dir = cfg.out_dir or os.path.join("out", "measure")
+    summary_dir = results[0]["out_dir"] if len(results) == 1 else several_dir
+    os.makedirs(summary_dir, exist_ok=True)
+    if len(results) > 1 and cfg.figures:
+        plot_comparison(results, os.path.join(summary_dir, "comparison_decoded.png"))
+    windows = "windows starting after an EOT" if cfg.align_to_documents else "windows at random offsets"
+    text = (f"# Residual-stream structure ({cfg.split} split, {cfg.num_windows} {windows} of "
+            f"{results[0]['settings']['seq_len']} tokens, seed {cfg.seed})\n\n{summary_table(results)}\n\n"
+            f"Ratios are mean |x| of the top dimension over the median dimension; peaks skip sublayers whose "
+            f"stream norm is under {NORM_FRACTION:.0%} of the final norm. Sun-massive entries: |x| > {SUN_ABS:g} "
+            f"and >= {SUN_REL:g}x the token's median. Losses: val loss on the same windows.\n\n"
+            + "\n".join(f"- {line}" for m in results for line in m["notes"]) + "\n")
+    with open(os.path.join(summary_dir, "summary.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return results
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("options (--key=value, defaults):")
+        for f in dataclasses.fields(MeasureConfig):
+            print(f"  --{f.name}={getattr(MeasureConfig(), f.name)}")
+        return []
+    try:
+        paths, cfg = parse_args(argv)
+        return run(paths, cfg)
+    except MeasureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

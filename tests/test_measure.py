@@ -1,0 +1,368 @@
+"""measure.py: the metrics give known answers on constructed tensors, memory does not grow with the
+number of batches, and every arm's tiny trained checkpoint is measured end to end (in process and
+through the CLI), deterministically, with one-line errors for bad inputs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import measure
+from ledger import ARCHS, GPT, GPTConfig
+from measure import (CKPT_FORMAT, Data, DominantDimProfile, MeasureError, StreamStats, fake_quantize_weights,
+                     parse_args, position0_hook, select_checkpoint, top_token_report, window_starts)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--num_windows=6", "--batch_size=4", "--seq_len=32", "--threads=1"]
+
+
+def signs(shape, gen):
+    """Entries of +-1: |x| is exactly 1 everywhere, so every ratio below is known in closed form."""
+    return torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
+
+
+def planted_stats(n_sublayers=6, B=4, T=16, D=32, dim=7, value=40.0, seed=0):
+    gen, stats = torch.Generator().manual_seed(seed), StreamStats(n_sublayers, D)
+    for i in range(n_sublayers):
+        x = signs((B, T, D), gen)
+        x[:, 0, dim] = value
+        stats.update(i, x)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics on constructed tensors
+
+def test_planted_outlier_gives_its_dim_ratio_and_concentration():
+    T, value = 16, 40.0
+    s = planted_stats(T=T, value=value).summarize()
+    assert s["dominant_dim"] == 7
+    assert s["persistence"] == 1.0
+    assert s["emergence_sublayer"] == 0
+    # dim 7 averages (40 + 15 * 1) / 16 over positions; every other dim is exactly 1
+    assert s["peak_ratio"] == pytest.approx((value + T - 1) / T)
+    assert s["final_ratio"] == pytest.approx((value + T - 1) / T)
+    assert s["start_token_concentration_peak"] == pytest.approx(value)
+    assert s["top1_per_sublayer"][0] == pytest.approx((value + T - 1) / T)
+    assert s["median_per_sublayer"][0] == pytest.approx(1.0)
+    assert s["sun_massive_count_total"] == 0          # 40 is far from |x| > 100
+
+
+def test_planted_massive_activation_is_counted_on_every_layer_at_position_0():
+    s = planted_stats(n_sublayers=3, B=4, value=2000.0).summarize()
+    assert s["sun_massive_count_per_sublayer"] == [4, 4, 4]
+    assert s["sun_massive_count_total"] == s["sun_massive_count_pos0"] == 12
+
+
+def test_sun_rule_needs_both_the_absolute_and_the_relative_threshold():
+    D = 32
+    x = torch.ones(1, 4, D)
+    x[0, 2] *= 0.01
+    x[0, 3] *= 0.1
+    x[0, 0, 5] = 2000.0   # > 100 and >= 1000 x median 1: massive
+    x[0, 1, 5] = 500.0    # > 100 but only 500 x the median: not massive
+    x[0, 2, 5] = 50.0     # 5000 x its median 0.01 but not > 100: not massive
+    x[0, 3, 5] = 150.0    # > 100 and 1500 x its median 0.1: massive
+    stats = StreamStats(1, D)
+    stats.update(0, x)
+    s = stats.summarize()
+    assert s["sun_massive_count_total"] == 2
+    assert s["sun_massive_count_pos0"] == 1
+
+
+def test_gaussian_stream_has_no_structure():
+    L, gen, stats = 16, torch.Generator().manual_seed(3), StreamStats(16, 256)
+    for i in range(L):
+        stats.update(i, torch.randn(4, 32, 256, generator=gen))
+    s = stats.summarize()
+    assert all(abs(k) < 0.1 for k in s["kurtosis_per_sublayer"])   # excess kurtosis of a Gaussian: 0
+    assert s["persistence"] <= 0.25                                  # chance is 1/256 per sublayer
+    assert s["peak_ratio"] < 1.5
+    assert s["sun_massive_count_total"] == 0
+
+
+def test_peak_ignores_sublayers_with_a_nearly_empty_stream():
+    """Trap (1): an early C holds almost nothing, so its top/median ratio can be huge; the peak
+    skips sublayers under 25% of the final norm, and the final value is reported as well."""
+    gen, T, stats = torch.Generator().manual_seed(0), 16, StreamStats(4, 32)
+    tiny = signs((2, T, 32), gen) * 1e-3
+    tiny[:, :, 5] = 50e-3
+    stats.update(0, tiny)
+    for i in (1, 2, 3):
+        x = signs((2, T, 32), gen)
+        x[:, 0, 7] = 40.0
+        stats.update(i, x)
+    s = stats.summarize()
+    assert s["ratio_per_sublayer"][0] == pytest.approx(50.0)
+    assert s["eligible_per_sublayer"] == [False, True, True, True]
+    assert s["peak_sublayer"] != 0
+    assert s["peak_ratio"] == pytest.approx((40 + T - 1) / T)
+    assert s["dominant_dim"] == 7 and s["persistence"] == 0.75 and s["emergence_sublayer"] == 1
+
+
+def test_accumulator_memory_does_not_grow_with_batches():
+    sizes = []
+    for n_batches in (2, 8):
+        stats, profile = StreamStats(4, 64), DominantDimProfile(4, 32, 3, vocab_size=50, token_sublayers=(3,))
+        for _ in range(n_batches):
+            for i in range(4):
+                x = torch.randn(4, 32, 64)
+                stats.update(i, x)
+                profile.update(i, x, torch.randint(0, 50, (4, 32)))
+        tensors = [*vars(stats).values(), profile.pos_sum, *profile.token_sum.values(),
+                   *profile.token_count.values()]
+        sizes.append((stats.state_nbytes(), sum(t.numel() for t in tensors)))
+    assert sizes[0] == sizes[1]
+
+
+def test_dominant_dim_heatmap_and_token_report_flag_a_delimiter_feature():
+    itos = ["a", "b", " ", "\n", "."]
+    decode = lambda ids: "".join(itos[i] for i in ids)
+    idx = torch.tensor([[0, 2, 1, 3, 0, 4, 1, 2]])
+    T = idx.shape[1]
+
+    def report(delimiter_value, letter_value=1.0):
+        x = torch.full((1, T, 4), 0.5)
+        x[0, 0, 1] = 10.0                                  # position 0
+        for t in range(1, T):
+            x[0, t, 1] = delimiter_value if itos[idx[0, t]] in " \n." else letter_value
+        stats, profile = StreamStats(1, 4), DominantDimProfile(1, T, 1, vocab_size=5, token_sublayers=(0,))
+        stats.update(0, x)
+        profile.update(0, x, idx)
+        assert profile.position_mean()[0, 0] == 10.0
+        return top_token_report(profile, stats, 0, "0.attn", decode, k=3, min_count=1)
+
+    shared = report(9.0)
+    assert shared["verdict"].startswith("delimiter feature")
+    assert shared["tokens"][0]["text"] in (repr(" "), repr("\n"), repr("."))
+    assert shared["tokens"][0]["ratio_to_pos0"] == pytest.approx(0.9) and shared["delimiter_shares_feature"]
+    specific = report(1.0)
+    assert specific["verdict"].startswith("start-token specific") and not specific["delimiter_shares_feature"]
+    letters_lead = report(9.0, letter_value=9.5)
+    assert letters_lead["verdict"].startswith("not start-token specific")
+    assert "the delimiter" in letters_lead["verdict"]
+    assert letters_lead["delimiter_shares_feature"]
+
+
+@pytest.mark.parametrize("arch", ["hc2", "ledger"])
+def test_position0_interventions_touch_only_the_decoded_channel(arch):
+    config = GPTConfig(arch=arch, vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=4)
+    names = config.stream_names
+    streams = {n: torch.full((2, 3, 4), 1.0 + k) for k, n in enumerate(names)}
+    stats = {n: StreamStats(2, 4) for n in names}
+    for k, n in enumerate(names):
+        for i in range(2):
+            stats[n].update(i, streams[n] * (3.0 if k == 0 else -1.0))   # pos-0 means: 3 and -2
+    assert position0_hook(config, stats, 2, 1, "zero")(0, "attn", streams) is None   # before emergence
+    zeroed = position0_hook(config, stats, 2, 1, "zero")(1, "mlp", streams)
+    meaned = position0_hook(config, stats, 2, 1, "mean")(1, "mlp", streams)
+    targets = ("h0", "h1") if arch == "hc2" else ("C",)
+    assert set(zeroed) == set(targets)                 # ledger: D is left alone
+    for n in targets:
+        assert torch.all(zeroed[n][:, 0, 2] == 0)
+        assert torch.equal(meaned[n][:, 0, 2], torch.full((2,), float(stats[n].mean_pos0()[1, 2])))
+        untouched = torch.ones(2, 3, 4, dtype=torch.bool)
+        untouched[:, 0, 2] = False
+        assert torch.equal(zeroed[n][untouched], streams[n][untouched])
+    if arch == "hc2":   # each stream takes its own mean, so the decoded sum takes its mean
+        total = meaned["h0"][:, 0, 2] + meaned["h1"][:, 0, 2]
+        assert torch.allclose(total, torch.full((2,), 3.0 * 1.0 - 1.0 * 2.0))
+
+
+def test_fake_quantization_rounds_linear_weights_per_output_channel_only():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="ledger", vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16, gate_rank=4))
+    q4, q8 = fake_quantize_weights(model, 4), fake_quantize_weights(model, 8)
+    for (name, w), w4, w8 in zip(model.state_dict().items(), q4.state_dict().values(), q8.state_dict().values()):
+        module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
+        if isinstance(module, torch.nn.Linear) and name.endswith("weight"):
+            assert all(len(torch.unique(row)) <= 15 for row in w4)          # 4 bits: values in -7..7
+            assert (w8 - w).abs().max() <= w.abs().amax() / 127 / 2 + 1e-7
+            assert w.abs().max() == 0 or not torch.equal(w4, w)
+        else:
+            assert torch.equal(w4, w), name                                 # embeddings, norms, biases
+
+
+def test_windows_are_seeded_and_can_start_after_an_end_of_text():
+    tokens = np.array(([1, 2, 3, 4, 5, 6, 7, 9] * 20), dtype=np.uint16)     # 9 = EOT
+    data = Data(tokens, {"eot_id": 9}, None, "x")
+    cfg = measure.MeasureConfig(num_windows=12, seed=5)
+    a, b = window_starts(data, cfg, 8), window_starts(data, cfg, 8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, window_starts(data, measure.MeasureConfig(num_windows=12, seed=6), 8))
+    cfg.align_to_documents = True
+    aligned = window_starts(data, cfg, 8)
+    assert all(tokens[s - 1] == 9 for s in aligned.tolist())
+
+
+def test_parse_args():
+    paths, cfg = parse_args(["runs/a", "--num_windows=3", "--figures=False", "--match_loss=2.5", "runs/b"])
+    assert paths == ["runs/a", "runs/b"] and cfg.num_windows == 3 and cfg.figures is False and cfg.match_loss == 2.5
+    assert parse_args(["x", "--match_loss=auto"])[1].match_loss == "auto"
+    with pytest.raises(MeasureError, match="did you mean --num_windows"):
+        parse_args(["x", "--num_window=3"])
+    with pytest.raises(MeasureError, match="--batch_size=big"):
+        parse_args(["x", "--batch_size=big"])
+    with pytest.raises(MeasureError, match="checkpoint"):
+        parse_args(["--seed=1"])
+
+
+def test_select_checkpoint_picks_the_kept_checkpoint_closest_in_val_loss(tmp_path):
+    for name, loss in (("ckpt_000010.pt", 3.0), ("ckpt_000020.pt", 2.5), ("ckpt_000030.pt", 2.2), ("ckpt.pt", 2.2)):
+        torch.save({"format": CKPT_FORMAT, "model_config": {"arch": "vanilla"}, "val_loss": loss}, tmp_path / name)
+    path, loss, distance = select_checkpoint(str(tmp_path), 2.6)
+    assert os.path.basename(path) == "ckpt_000020.pt" and loss == 2.5 and distance == pytest.approx(0.1)
+    path, loss, distance = select_checkpoint(str(tmp_path), None)
+    assert os.path.basename(path) == "ckpt.pt" and loss == 2.2 and distance is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MeasureError, match="no checkpoint"):
+        select_checkpoint(str(tmp_path / "empty"), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on tiny trained checkpoints of every arm
+
+TEXT = ("The king said: hello, and then the queen went home.\nA dog ran; a cat sat. "
+        "They all slept, and the night was long.\n")
+
+
+def make_char_dataset(root, texts, name="docs"):
+    folder = root / name
+    folder.mkdir()
+    for i, text in enumerate(texts):
+        (folder / f"doc{i}.txt").write_text(text)
+    out = subprocess.run([sys.executable, "prepare_data.py", "--dataset=text", f"--input={folder}/*.txt",
+                          "--tokenizer=char", f"--out_root={root / (name + '_data')}", "--val_fraction=0.4",
+                          "--num_proc=1"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return str(root / (name + "_data"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Train every arm for 20 iterations (checkpoints at 10 and 20), all at once to save time."""
+    root = tmp_path_factory.mktemp("measure")
+    data_root = make_char_dataset(root, [TEXT * (8 + i) for i in range(6)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for arch in ARCHS:
+        cmd = [sys.executable, "train.py", f"--arch={arch}", "--dataset=text_char", f"--data_root={data_root}",
+               f"--out_dir={root / arch}", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64",
+               "--batch_size=4", "--gradient_accumulation_steps=1", "--max_iters=20", "--eval_interval=10",
+               "--eval_iters=2", "--ckpt_interval=10", "--learning_rate=3e-3", "--warmup_iters=2",
+               "--device=cpu", "--seed=1", "--log_interval=5"]
+        procs[arch] = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for arch, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"train.py {arch} failed: {err}"
+    return {"root": root, "data_root": data_root, **{arch: str(root / arch) for arch in ARCHS}}
+
+
+def load_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arm_is_measured_end_to_end(runs, arch, tmp_path):
+    out = tmp_path / "m"
+    [result] = measure.main([runs[arch], f"--out_dir={out}", "--figures=False", *FAST])
+    m = load_metrics(out)
+    config = GPTConfig(**m["model_config"])
+    expected = set(config.stream_names) | ({"h0+h1"} if arch == "hc2" else set())
+    assert m["arch"] == arch and m["iter_num"] == 20 and set(m["streams"]) == expected
+    assert m["decoded_stream"] == config.decoded_stream and os.path.basename(m["checkpoint"]) == "ckpt.pt"
+    for s in m["streams"].values():
+        assert len(s["ratio_per_sublayer"]) == 4 and 0 <= s["dominant_dim"] < 32 and 0 <= s["persistence"] <= 1
+        for key in ("peak_ratio", "final_ratio", "start_token_concentration_peak", "kurtosis_final",
+                    "sun_massive_count_total", "top1_per_sublayer", "median_per_sublayer", "peak_sublayer_name"):
+            assert s[key] is not None, key
+    assert m["measured_val_loss"] > 0 and m["val_loss_recorded"] > 0
+    iv, q = m["interventions"], m["quantization"]
+    if "skipped" not in iv:
+        assert {"zero_loss", "mean_loss", "control_zero_loss", "control_mean_loss", "baseline_loss"} <= set(iv)
+        assert iv["control_dim"] != iv["dim"]
+    assert q["w8_loss"] == pytest.approx(m["measured_val_loss"], abs=0.05) and q["w4_loss"] > 0
+    assert m["top_tokens"] and all(r["tokens"] for r in m["top_tokens"].values())
+    assert m["settings"]["seq_len"] == 32 and m["timing"]["tokens"] == 6 * 32
+    summary = (out / "summary.md").read_text()
+    assert f"| {arch} | 20 |" in summary and "Sun" in summary
+
+
+def test_matched_loss_picks_the_closest_kept_checkpoint(runs, tmp_path):
+    path, loss, distance = select_checkpoint(runs["ledger"], 99.0)   # the highest loss: the earliest
+    assert os.path.basename(path) == "ckpt_000010.pt"
+    measure.main([runs["ledger"], "--match_loss=99", f"--out_dir={tmp_path}", "--figures=False",
+                  "--interventions=False", "--quantization=False", *FAST])
+    m = load_metrics(tmp_path)
+    assert m["checkpoint"] == os.path.abspath(path) and m["iter_num"] == 10
+    assert m["selection"]["distance"] == pytest.approx(distance) and m["interventions"] is None
+
+
+def test_auto_match_loss_is_the_lowest_loss_every_run_reached(runs, tmp_path):
+    dirs = [runs["vanilla"], runs["delta"]]
+    target = max(min(measure.recorded_val_losses(d).values()) for d in dirs)
+    results = measure.main([*dirs, "--match_loss=auto", f"--out_dir={tmp_path}", "--figures=False",
+                            "--interventions=False", "--quantization=False", *FAST])
+    for m in results:
+        assert m["selection"]["match_loss"] == target and m["selection"]["auto"]
+        assert m["selection"]["distance"] == pytest.approx(abs(m["val_loss_recorded"] - target))
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "vanilla" / "metrics.json").exists()
+
+
+def test_two_runs_give_identical_numbers(runs, tmp_path):
+    def numbers(out):
+        measure.main([runs["hc2"], f"--out_dir={out}", "--figures=False", *FAST])
+        m = load_metrics(out)
+        for key in ("timing", "out_dir", "settings"):
+            m.pop(key)
+        return m
+    assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
+
+
+def test_cli_measures_several_arms_with_figures(runs, tmp_path):
+    out = subprocess.run([sys.executable, "measure.py", runs["ledger"], runs["hc2"], f"--out_dir={tmp_path}", *FAST,
+                          "--num_windows=4", "--interventions=False", "--quantization=False"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "| ledger |" in out.stdout and "| hc2 |" in out.stdout and "tokens/s" in out.stdout
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "comparison_decoded.png").exists()
+    for run, streams in (("ledger", ("D", "C")), ("hc2", ("h0", "h1", "h0_plus_h1"))):
+        files = set(os.listdir(tmp_path / run))
+        assert "metrics.json" in files
+        for s in streams:
+            assert {f"{s}_dims.png", f"{s}_dominant_positions.png", f"{s}_profile.png"} <= files
+
+
+# ----------------------------------------------------------------------------------------------
+# Clear errors
+
+def expect_error(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        measure.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert fragment in err, err
+
+
+def test_clear_one_line_errors(runs, tmp_path, capsys):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    expect_error(capsys, [str(text)], "is not a checkpoint")
+    torch.save({"format": "nanogpt"}, tmp_path / "other.pt")
+    expect_error(capsys, [str(tmp_path / "other.pt")], "unknown checkpoint format")
+    torch.save({"format": CKPT_FORMAT, "model_config": {"arch": "mamba"}}, tmp_path / "arm.pt")
+    expect_error(capsys, [str(tmp_path / "arm.pt")], "unknown arm 'mamba'")
+    expect_error(capsys, [str(tmp_path / "missing")], "no such checkpoint")
+    ckpt = os.path.join(runs["vanilla"], "ckpt.pt")
+    expect_error(capsys, [ckpt, f"--out_dir={tmp_path}", f"--data_root={tmp_path / 'nowhere'}"], "prepare_data.py")
+    other = make_char_dataset(tmp_path, ["abc abc\n" * 300, "cab\n" * 300], name="small")
+    expect_error(capsys, [ckpt, f"--out_dir={tmp_path}", f"--data_root={other}"], "vocab mismatch")
+    expect_error(capsys, [ckpt, f"--out_dir={tmp_path}", "--seq_len=1000"],
+                 "exceeds the checkpoint's block_size=64")
+    expect_error(capsys, [ckpt, "--num_window=3"], "did you mean --num_windows")
+    expect_error(capsys, [ckpt, "--figures=maybe"], "--figures=maybe")
