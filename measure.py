@@ -20,7 +20,6 @@ Read top to bottom: config, loading, statistics, metrics, interventions, figures
 """
 import copy
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -28,15 +27,14 @@ import string
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+import train
 from ledger import ARCHS, GPT, GPTConfig
-
-CKPT_FORMAT = "ledger-residuals-ckpt/1"
 NORM_FRACTION = 0.25     # a sublayer counts for "peak" only if its stream norm is >= 25% of the final
 SUN_ABS, SUN_REL = 100.0, 1000.0   # Sun et al.: massive if |x| > 100 and |x| >= 1000 x token median
 SHARED_FRACTION = 0.5    # a token whose mean |x_dom| is >= half of position 0's shares the feature
@@ -53,7 +51,7 @@ class MeasureConfig:
     seed: int = 0                     # seeds the window offsets and the control dimension
     split: str = "val"
     out_dir: str = ""                 # "" = <run_dir>/measure (several inputs: summary in out/measure)
-    match_loss: Optional[float] = None  # per run dir, the kept checkpoint with val loss closest to this;
+    match_loss: Optional[Union[float, str]] = None  # per run dir, the kept checkpoint with val loss closest to this;
                                         # "auto": the lowest val loss that every given run reached
     dataset: str = ""                 # "" = the dataset recorded in the checkpoint
     data_root: str = ""               # "" = the data_root recorded in the checkpoint
@@ -71,37 +69,16 @@ class MeasureError(Exception):
     """A bad input: reported as one line `error: ...` and exit status 2, never a traceback."""
 
 
-def _convert(key, text, default):
-    """Parse one flag's text into the type of its default (match_loss: a float, or None)."""
-    if default is None and text in ("", "None", "auto"):   # match_loss only
-        return None if text != "auto" else "auto"
-    if isinstance(default, bool):
-        if text.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return text.lower() in ("true", "1", "yes")
-        raise MeasureError(f"--{key}={text}: expected True or False")
-    kind = float if default is None else type(default)
-    try:
-        return kind(text)
-    except ValueError:
-        raise MeasureError(f"--{key}={text}: expected {kind.__name__}") from None
-
-
 def parse_args(argv):
-    """Split argv into input paths and a MeasureConfig from `--key=value` flags."""
-    cfg, paths = MeasureConfig(), []
-    defaults = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    for arg in argv:
-        if not arg.startswith("--"):
-            paths.append(arg)
-            continue
-        key, has_value, value = arg[2:].partition("=")
-        if key not in defaults:
-            close = difflib.get_close_matches(key, defaults, n=1)
-            hint = f"; did you mean --{close[0]}?" if close else f"; valid keys: {', '.join(defaults)}"
-            raise MeasureError(f"unknown option --{key}{hint}")
-        if not has_value:
-            raise MeasureError(f"--{key} needs a value: --{key}=VALUE")
-        setattr(cfg, key, _convert(key, value, defaults[key]))
+    """Split argv into input paths and a MeasureConfig from `--key=value` flags (train.py's parser)."""
+    paths = [a for a in argv if not a.startswith("--")]
+    try:
+        (settings,) = train.parse_overrides([a for a in argv if a.startswith("--")], MeasureConfig)
+    except train.ConfigError as e:
+        raise MeasureError(str(e)) from None
+    cfg = MeasureConfig(**settings)
+    if isinstance(cfg.match_loss, str) and cfg.match_loss != "auto":
+        raise MeasureError(f"--match_loss={cfg.match_loss}: expected a val loss or 'auto'")
     if not paths:
         raise MeasureError("give at least one checkpoint file or run directory to measure")
     for key in ("num_windows", "batch_size", "top_tokens"):
@@ -116,16 +93,11 @@ def parse_args(argv):
 # Loading: checkpoints, the matched-loss choice, the model, the data windows
 
 def load_checkpoint(path):
-    """torch.load with weights_only=True (no arbitrary code runs), then check format and arm."""
+    """train.py's safe loader (weights_only=True, format check), plus: is the arm one we know?"""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a text file, a truncated file, a pickle with code in it ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MeasureError(f"{path} is not a checkpoint torch can load safely ({reason[:160]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise MeasureError(f"{path} has unknown checkpoint format {found!r}; expected {CKPT_FORMAT!r} "
-                           f"(written by train.py)")
+        ckpt = train.load_checkpoint(path)
+    except train.ConfigError as e:
+        raise MeasureError(str(e)) from None
     arch = ckpt.get("model_config", {}).get("arch")
     if arch not in ARCHS:
         raise MeasureError(f"{path} holds unknown arm {arch!r}; known arms: {', '.join(ARCHS)}")
@@ -175,9 +147,8 @@ def build_model(ckpt, path, device):
     except (TypeError, ValueError) as e:
         raise MeasureError(f"{path}: model_config does not fit ledger.GPTConfig ({e})") from None
     model = GPT(config)
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise MeasureError(f"{path}: weights do not fit the saved config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
@@ -342,6 +313,9 @@ class StreamStats:
         top_dim = mean_abs.argmax(1)
         # Fixed-dimension ratio: the top dimension's mean |x| over the median dimension's.
         dim_ratio = mean_abs.max(1) / np.maximum(np.median(mean_abs, 1), 1e-30)
+        # The same ratio on the first token alone: how the paper states an outlier's size ("~20x the
+        # median at position 0" for the precursor, 100-1000x for a massive activation).
+        pos0_ratio = pos0[:, dom] / np.maximum(np.median(pos0, 1), 1e-30)
         concentration = pos0[:, dom] / np.maximum(rest[:, dom], 1e-30)
         norm = self.norm_sum.numpy() / n
         # Trap (1): C is nearly empty early on, so a ratio over its tiny median looks huge there.
@@ -363,6 +337,8 @@ class StreamStats:
             "peak_ratio": float(dim_ratio[peak]),
             "final_ratio": float(dim_ratio[-1]),
             "ratio_per_sublayer": dim_ratio.tolist(),
+            "peak_pos0_ratio": float(pos0_ratio[peak]), "final_pos0_ratio": float(pos0_ratio[-1]),
+            "pos0_ratio_per_sublayer": pos0_ratio.tolist(),
             "start_token_concentration_peak": float(concentration[peak]),
             "start_token_concentration_final": float(concentration[-1]),
             "start_token_concentration_per_sublayer": concentration.tolist(),
@@ -673,25 +649,34 @@ def fmt(value, spec=".3f"):
     return "—" if value is None else format(value, spec)
 
 
+def markdown_table(head, rows):
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def summary_table(results):
-    head = ("| arm | iter | val loss | decoded | dom dim | persistence | peak ratio (sublayer) | final ratio "
-            "| start-token conc. (peak) | kurtosis (final) | Sun-massive entries | scratch D: dom dim, peak ratio "
-            "| zero pos-0 dom | mean pos-0 dom | zero control dim | w8 | w4 |")
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    """Two tables: the outlier's structure in the decoded channel, then whether the model needs it."""
+    structure, function = [], []
     for m in results:
         s = m["streams"][m["decoded_stream"]]
         d = m["streams"].get("D") if m["decoded_stream"] == "C" else None
         iv, q = m.get("interventions") or {}, m.get("quantization") or {}
-        rows.append("| " + " | ".join([
+        structure.append([
             m["label"], str(m["iter_num"]), fmt(m["measured_val_loss"]), m["decoded_stream"],
             str(s["dominant_dim"]), fmt(s["persistence"], ".2f"),
             f"{s['peak_ratio']:.1f}x ({s['peak_sublayer_name']})", f"{s['final_ratio']:.1f}x",
-            f"{s['start_token_concentration_peak']:.1f}x", fmt(s["kurtosis_final"], ".1f"),
-            str(s["sun_massive_count_total"]),
-            f"{d['dominant_dim']}, {d['peak_ratio']:.1f}x" if d else "—",
-            fmt(iv.get("zero_loss")), fmt(iv.get("mean_loss")), fmt(iv.get("control_zero_loss")),
-            fmt(q.get("w8_loss")), fmt(q.get("w4_loss"))]) + " |")
-    return "\n".join(rows)
+            f"{s['peak_pos0_ratio']:.1f}x", f"{s['start_token_concentration_peak']:.1f}x",
+            fmt(s["kurtosis_final"], ".1f"), str(s["sun_massive_count_total"]),
+            f"{d['dominant_dim']}, {d['peak_ratio']:.1f}x" if d else "—"])
+        function.append([m["label"], fmt(m["measured_val_loss"]), fmt(iv.get("zero_loss")),
+                         fmt(iv.get("mean_loss")), fmt(iv.get("control_zero_loss")),
+                         fmt(q.get("w8_loss")), fmt(q.get("w4_loss"))])
+    return (markdown_table(["arm", "iter", "val loss", "decoded", "dom dim", "persistence",
+                            "peak ratio (sublayer)", "final ratio", "pos-0 ratio (peak)",
+                            "start-token conc. (peak)", "kurtosis (final)", "Sun-massive entries",
+                            "scratch D: dom dim, peak ratio"], structure)
+            + "\n\n" + markdown_table(["arm", "val loss", "zero pos-0 dom dim", "mean pos-0 dom dim",
+                                        "zero pos-0 control dim", "w8", "w4"], function))
 
 
 def notes(m):
@@ -842,7 +827,9 @@ def run(paths, cfg):
     windows = "windows starting after an EOT" if cfg.align_to_documents else "windows at random offsets"
     text = (f"# Residual-stream structure ({cfg.split} split, {cfg.num_windows} {windows} of "
             f"{results[0]['settings']['seq_len']} tokens, seed {cfg.seed})\n\n{summary_table(results)}\n\n"
-            f"Ratios are mean |x| of the top dimension over the median dimension; peaks skip sublayers whose "
+            f"Ratios are mean |x| of the top dimension over the median dimension (pos-0 ratio: at position 0 "
+            f"only); start-token concentration is the dominant dimension's mean |x| at position 0 over "
+            f"positions 1..T-1. Peaks skip sublayers whose "
             f"stream norm is under {NORM_FRACTION:.0%} of the final norm. Sun-massive entries: |x| > {SUN_ABS:g} "
             f"and >= {SUN_REL:g}x the token's median. Losses: val loss on the same windows.\n\n"
             + "\n".join(f"- {line}" for m in results for line in m["notes"]) + "\n")

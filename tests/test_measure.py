@@ -12,7 +12,8 @@ import torch
 
 import measure
 from ledger import ARCHS, GPT, GPTConfig
-from measure import (CKPT_FORMAT, Data, DominantDimProfile, MeasureError, StreamStats, fake_quantize_weights,
+from train import CHECKPOINT_FORMAT as CKPT_FORMAT
+from measure import (Data, DominantDimProfile, MeasureError, StreamStats, fake_quantize_weights,
                      parse_args, position0_hook, select_checkpoint, top_token_report, window_starts)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,7 @@ def test_planted_outlier_gives_its_dim_ratio_and_concentration():
     assert s["peak_ratio"] == pytest.approx((value + T - 1) / T)
     assert s["final_ratio"] == pytest.approx((value + T - 1) / T)
     assert s["start_token_concentration_peak"] == pytest.approx(value)
+    assert s["peak_pos0_ratio"] == pytest.approx(value)   # at position 0 alone: 40 over a median of 1
     assert s["top1_per_sublayer"][0] == pytest.approx((value + T - 1) / T)
     assert s["median_per_sublayer"][0] == pytest.approx(1.0)
     assert s["sun_massive_count_total"] == 0          # 40 is far from |x| > 100
@@ -202,9 +204,9 @@ def test_parse_args():
     paths, cfg = parse_args(["runs/a", "--num_windows=3", "--figures=False", "--match_loss=2.5", "runs/b"])
     assert paths == ["runs/a", "runs/b"] and cfg.num_windows == 3 and cfg.figures is False and cfg.match_loss == 2.5
     assert parse_args(["x", "--match_loss=auto"])[1].match_loss == "auto"
-    with pytest.raises(MeasureError, match="did you mean --num_windows"):
+    with pytest.raises(MeasureError, match="did you mean 'num_windows'"):
         parse_args(["x", "--num_window=3"])
-    with pytest.raises(MeasureError, match="--batch_size=big"):
+    with pytest.raises(MeasureError, match="batch_size='big'"):
         parse_args(["x", "--batch_size=big"])
     with pytest.raises(MeasureError, match="checkpoint"):
         parse_args(["--seed=1"])
@@ -352,9 +354,9 @@ def expect_error(capsys, argv, fragment):
 def test_clear_one_line_errors(runs, tmp_path, capsys):
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    expect_error(capsys, [str(text)], "is not a checkpoint")
+    expect_error(capsys, [str(text)], "not a readable checkpoint")
     torch.save({"format": "nanogpt"}, tmp_path / "other.pt")
-    expect_error(capsys, [str(tmp_path / "other.pt")], "unknown checkpoint format")
+    expect_error(capsys, [str(tmp_path / "other.pt")], "not a ledger-residuals checkpoint")
     torch.save({"format": CKPT_FORMAT, "model_config": {"arch": "mamba"}}, tmp_path / "arm.pt")
     expect_error(capsys, [str(tmp_path / "arm.pt")], "unknown arm 'mamba'")
     expect_error(capsys, [str(tmp_path / "missing")], "no such checkpoint")
@@ -364,5 +366,5 @@ def test_clear_one_line_errors(runs, tmp_path, capsys):
     expect_error(capsys, [ckpt, f"--out_dir={tmp_path}", f"--data_root={other}"], "vocab mismatch")
     expect_error(capsys, [ckpt, f"--out_dir={tmp_path}", "--seq_len=1000"],
                  "exceeds the checkpoint's block_size=64")
-    expect_error(capsys, [ckpt, "--num_window=3"], "did you mean --num_windows")
-    expect_error(capsys, [ckpt, "--figures=maybe"], "--figures=maybe")
+    expect_error(capsys, [ckpt, "--num_window=3"], "did you mean 'num_windows'")
+    expect_error(capsys, [ckpt, "--figures=maybe"], "figures='maybe'")

