@@ -14,8 +14,8 @@ install:
 
 # Prepare char-level Shakespeare, train each arm (a finished or interrupted arm is resumed, not
 # redone), then measure all arms at matched validation loss and print the comparison table.
-# `make demo` trains vanilla and ledger (~14 min on 2 cores); `make demo-all` adds suppress and
-# ledger-hs (~27 min), reusing the runs `make demo` already finished.
+# `make demo` trains vanilla and ledger (~13 min on 2 cores); `make demo-all` adds suppress and
+# ledger-hs (~27 min in all), reusing the runs `make demo` already finished.
 demo: install
 	@$(MAKE) --no-print-directory demo-arms DEMO_ARMS="vanilla ledger"
 

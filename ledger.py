@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ARCHS = ("vanilla", "suppress", "ledger", "ledger-hs", "delta", "hc2")
-LEDGER_ARCHS = ("ledger", "ledger-hs")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -199,7 +199,8 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a ledger-residuals checkpoint (format {CHECKPOINT_FORMAT} expected)")
     # torch.compile wraps the model as `_orig_mod`; never let that prefix reach the weights
-    ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    if isinstance(ckpt.get("model"), dict):
+        ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     return ckpt
 
 
@@ -219,6 +220,8 @@ def main(argv=None):
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device={device} but torch sees no such device here; use --device=cpu")
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
@@ -246,6 +249,9 @@ def main(argv=None):
     ckpt = None
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        if ckpt.get("optimizer") is None:
+            raise ConfigError(f"{cfg.out_dir}/ckpt.pt has no optimizer state (a kept snapshot?); resume needs "
+                              f"the ckpt.pt that training writes")
         clash = {k: v for k, v in model_overrides.items() if ckpt["model_config"].get(k) != v}
         if clash:
             raise ConfigError(f"resume keeps the checkpoint's model; drop {', '.join('--' + k for k in clash)}")
