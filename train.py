@@ -220,7 +220,8 @@ def main(argv=None):
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if not available.get(device.split(":")[0], False):
         raise ConfigError(f"--device={device} but torch sees no such device here; use --device=cpu")
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -233,8 +234,9 @@ def main(argv=None):
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not "
                           f"divisible by the world size {world}")
     local_accum = cfg.gradient_accumulation_steps // world
-    if cfg.dtype == "auto":
-        cfg.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
+    if cfg.dtype == "auto":  # bf16 where the GPU has it, fp16 (with a GradScaler) on older GPUs
+        on_gpu = device.startswith("cuda")
+        cfg.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
     ptdtype = getattr(torch, cfg.dtype)
@@ -396,7 +398,8 @@ def main(argv=None):
                 loss_sum += loss.detach().float()
             # One small all-reduce per iteration: the global mean loss (to log and to check for NaN),
             # and whether any process wants to stop (signal, or rank 0 reached the target loss).
-            status = torch.stack([loss_sum, torch.tensor(float(bool(stop_signal) or stop_reason is not None), device=device)])
+            wants_stop = float(bool(stop_signal) or stop_reason is not None)
+            status = torch.stack([loss_sum, torch.tensor(wants_stop, device=device)])
             if ddp:
                 dist.all_reduce(status)
             train_loss, stop = status[0].item() / cfg.gradient_accumulation_steps, status[1].item() > 0
