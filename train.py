@@ -289,6 +289,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     if cfg.compile:
         model = torch.compile(model)
+    eval_model = model  # compiled where asked, never DDP-wrapped: only rank 0 evaluates
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
@@ -331,7 +332,7 @@ def main(argv=None):
                 x, y = get_batch(data_dir, meta, split, [cfg.seed, stream, 0, k], cfg.batch_size,
                                  model_config.block_size, device)
                 with autocast:
-                    _, loss, commit_gates = raw_model(x, y)
+                    _, loss, commit_gates = eval_model(x, y)
                 losses.append(loss.item())
                 if commit_gates is not None:
                     gates.append(commit_gates.float().cpu())
