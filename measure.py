@@ -60,7 +60,7 @@ class MeasureConfig:
     interventions: bool = True
     quantization: bool = True
     figures: bool = True
-    align_to_documents: bool = False  # start every window right after an EOT token
+    align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: as trained
     top_tokens: int = 8               # tokens listed where the dominant dim is largest off position 0
     min_token_count: int = 5          # ... among tokens seen at least this often
 
@@ -190,23 +190,23 @@ def open_data(ckpt, cfg, path):
     return Data(tokens, meta, decode, data_dir)
 
 
-def window_starts(data, cfg, seq_len):
-    """Deterministic window offsets. By default a window starts anywhere in the token stream, as in
-    training (nanoGPT style), so position 0 is an arbitrary token: that is the paper's setup for
-    these small models. --align_to_documents=True starts each window right after an EOT token."""
+def window_starts(data, cfg, seq_len, align):
+    """Deterministic window offsets, placed as in training. Unaligned (nanoGPT style), a window
+    starts anywhere, so position 0 is an arbitrary token: the paper's setup for its small text
+    models. Aligned, every window opens on a start token (<bos>, else the EOT before a document)."""
+    import prepare_data
     span, n = seq_len + 1, len(data.tokens)
     if n < span:
         raise MeasureError(f"{data.data_dir} {cfg.split} split has {n} tokens, fewer than seq_len+1={span}")
     gen = torch.Generator().manual_seed(cfg.seed)
-    if not cfg.align_to_documents:
+    if not align:
         return torch.randint(0, n - span + 1, (cfg.num_windows,), generator=gen)
-    eot = data.meta.get("eot_id")
-    if eot is None:
-        raise MeasureError(f"{data.data_dir} has no eot_id, so --align_to_documents cannot find documents")
-    starts = np.flatnonzero(np.asarray(data.tokens) == eot) + 1
-    starts = starts[starts <= n - span]
+    try:
+        starts = prepare_data.sequence_starts(data.tokens, data.meta, span)
+    except prepare_data.DataError as e:
+        raise MeasureError(f"{data.data_dir}: {e}; measure with --align_windows=False") from None
     if len(starts) == 0:
-        raise MeasureError(f"no EOT in {data.data_dir} {cfg.split} leaves room for a window of {span} tokens")
+        raise MeasureError(f"no start token in {data.data_dir} {cfg.split} leaves room for a window of {span} tokens")
     pick = torch.randint(0, len(starts), (cfg.num_windows,), generator=gen)
     return torch.from_numpy(starts.astype(np.int64))[pick]
 
@@ -722,7 +722,10 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     if cfg.seq_len > block:
         raise MeasureError(f"--seq_len={cfg.seq_len} exceeds the checkpoint's block_size={block}")
     seq_len = min(cfg.seq_len or block, block, len(data.tokens) - 1)
-    starts = window_starts(data, cfg, seq_len)
+    align = cfg.align_windows
+    if align is None:   # as trained; checkpoints from before the setting existed were unaligned
+        align = bool((ckpt.get("train_config") or {}).get("align_windows"))
+    starts = window_starts(data, cfg, seq_len, align)
     batch_fn = lambda: batches(data, starts, seq_len, cfg.batch_size, device)
     names, decoded = model.sublayer_names, model.config.decoded_stream
 
@@ -765,7 +768,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
         "iter_num": ckpt.get("iter_num"), "val_loss_recorded": ckpt.get("val_loss"), "selection": selection,
         "dataset": os.path.basename(data.data_dir), "data_dir": data.data_dir,
         "train_seed": train_cfg.get("seed"),
-        "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device},
+        "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device, "align_windows": align},
         "model_config": ckpt["model_config"], "sublayer_names": names,
         "measured_val_loss": baseline, "decoded_stream": decoded, "streams": summaries,
         "top_tokens": top_tokens, "interventions": interventions, "quantization": quantization,
@@ -824,7 +827,8 @@ def run(paths, cfg):
     os.makedirs(summary_dir, exist_ok=True)
     if len(results) > 1 and cfg.figures:
         plot_comparison(results, os.path.join(summary_dir, "comparison_decoded.png"))
-    windows = "windows starting after an EOT" if cfg.align_to_documents else "windows at random offsets"
+    windows = ("windows opening on the start token" if results[0]["settings"]["align_windows"]
+               else "windows at random offsets")
     text = (f"# Residual-stream structure ({cfg.split} split, {cfg.num_windows} {windows} of "
             f"{results[0]['settings']['seq_len']} tokens, seed {cfg.seed})\n\n{summary_table(results)}\n\n"
             f"Ratios are mean |x| of the top dimension over the median dimension (pos-0 ratio: at position 0 "

@@ -5,6 +5,7 @@
     python prepare_data.py --dataset=tinyshakespeare         # nanoGPT's classic 1 MB file
     python prepare_data.py --dataset=text --input='notes/*.md' --tokenizer=char
     python prepare_data.py --dataset=fineweb_edu --max_tokens=1_000_000_000 --num_proc=16
+    python prepare_data.py --dataset=bigram_backcopy         # synthetic sequences, each opened by <bos>
 
 Each run writes data/<dataset>[_char]/{train.bin,val.bin,meta.json}: train.bin and
 val.bin are raw arrays of token ids (uint16 when the vocabulary fits, else uint32),
@@ -35,7 +36,7 @@ import numpy as np
 # ----------------------------------------------------------------------------- config
 
 FORMAT = "ledger-residuals-data/1"
-DATASETS = ("shakespeare", "tinyshakespeare", "fineweb_edu", "text")
+DATASETS = ("shakespeare", "tinyshakespeare", "fineweb_edu", "text", "bigram_backcopy")
 TOKENIZERS = ("gpt2", "char")
 EOT_TEXT = "<|endoftext|>"
 
@@ -83,6 +84,15 @@ def parse_args(argv=None):
     p.add_argument("--val_fraction", type=float, default=None, help="default depends on the dataset")
     p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument("--force", action="store_true", help="rebuild even if a complete output exists")
+    bb = p.add_argument_group("--dataset=bigram_backcopy (synthetic; see 'Bigram-Backcopy' in the source)")
+    bb.add_argument("--bb_vocab", type=int, default=64, help="ordinary tokens (plus one <bos>)")
+    bb.add_argument("--bb_triggers", type=int, default=3, help="trigger tokens: the next token copies the one before")
+    bb.add_argument("--bb_seq_len", type=int, default=64, help="tokens per sequence after its <bos>")
+    bb.add_argument("--bb_bigram", default="dirichlet", help="dirichlet (random rows) | shakespeare (char bigrams of the plays)")
+    bb.add_argument("--bb_alpha", type=float, default=0.3, help="dirichlet: row concentration, smaller is more peaked")
+    bb.add_argument("--bb_train_seqs", type=int, default=100_000, help="training sequences")
+    bb.add_argument("--bb_val_seqs", type=int, default=2_000, help="validation sequences")
+    bb.add_argument("--seed", type=int, default=0, help="bigram_backcopy: seeds the table and the sequences")
     return p.parse_args(argv)
 
 
@@ -195,6 +205,8 @@ def tokenizer_from_meta(meta):
         return GPT2Tokenizer()
     if meta["tokenizer"] == "char":
         return CharTokenizer(meta["itos"])
+    if meta["tokenizer"] == TokenNames.name:
+        return TokenNames(meta["itos"])
     raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (choose from: {', '.join(TOKENIZERS)})")
 
 
@@ -332,6 +344,115 @@ def _corpus_sha256(texts):
     return h.hexdigest()
 
 
+# ----------------------------------------------------------------------------- synthetic: Bigram-Backcopy
+# Guo et al. 2024 ("Active-Dormant Attention Heads", arXiv 2410.13835). Each sequence opens with
+# <bos> and follows a fixed bigram chain, except that right after a trigger token the next token
+# copies the token before the trigger. Only those copies need attention; everywhere else a head has
+# nothing to fetch and learns to park its attention on <bos> (an attention sink). That is the
+# mechanism of start-token massive activations, in a task a 3-layer model learns on a laptop.
+
+BOS_ID = 0  # ordinary token i has id i + 1
+
+
+class TokenNames:
+    """A synthetic vocabulary: ids decode to readable names ('<bos>', 't17', 't3*' for a trigger).
+    Sequences are written as ids directly, so there is nothing to encode and no separator."""
+    name = "names"
+
+    def __init__(self, itos):
+        self.itos = list(itos)
+        self.vocab_size, self.eot_id = len(self.itos), None
+
+    def decode(self, ids):
+        return " ".join(self.itos[i] for i in ids)
+
+    def spec(self):
+        return {"tokenizer": self.name, "itos": self.itos}
+
+
+def bigram_table(args, cache_dir):
+    """(P, names): P[i] is the distribution of the token after ordinary token i."""
+    if args.bb_bigram == "dirichlet":
+        rng = np.random.default_rng([args.seed, 0])
+        return rng.dirichlet(np.full(args.bb_vocab, args.bb_alpha), size=args.bb_vocab), \
+            [f"t{i}" for i in range(args.bb_vocab)]
+    # Character bigrams of the plays: a chain with the statistics of real text (delimiters included).
+    text = "".join(t for _, t in load_shakespeare(cache_dir)[0])
+    chars = sorted(set(text))
+    ids = np.searchsorted(chars, list(text))
+    counts = np.ones((len(chars), len(chars)))  # add-one: every row is a distribution
+    np.add.at(counts, (ids[:-1], ids[1:]), 1)
+    return counts / counts.sum(1, keepdims=True), [repr(c) for c in chars]
+
+
+def frequent_tokens(P, k):
+    """The k most frequent tokens of the chain (its stationary distribution, by power iteration):
+    frequent triggers make copies common enough to learn quickly."""
+    pi = np.full(len(P), 1 / len(P))
+    for _ in range(500):
+        pi = pi @ P
+    return np.sort(np.argsort(-pi, kind="stable")[:k])
+
+
+def bigram_backcopy_sequences(P, triggers, n, seq_len, rng):
+    """(n, 1 + seq_len) ids: <bos>, then the chain with its copy rule (see the section comment)."""
+    is_trigger = np.zeros(len(P), bool)
+    is_trigger[triggers] = True
+    cdf = P.cumsum(1)
+    cdf[:, -1] = 1.0
+    x = np.zeros((n, seq_len + 1), np.int64)  # ordinary-token indices; column 0 becomes <bos>
+    x[:, 1] = rng.choice(np.flatnonzero(~is_trigger), n)  # a trigger needs a token before it
+    for t in range(2, seq_len + 1):
+        prev = x[:, t - 1]
+        drawn = (rng.random(n)[:, None] > cdf[prev]).sum(1).clip(max=len(P) - 1)  # inverse CDF
+        x[:, t] = np.where(is_trigger[prev], x[:, t - 2], drawn)
+    x += 1
+    x[:, BOS_ID] = BOS_ID
+    return x
+
+
+def process_loss(P, triggers, seqs):
+    """Mean cross entropy of the generating process itself on seqs' targets (positions 1..): the
+    floor a perfect model reaches. Copies cost 0 nats; the first token is uniform over non-triggers."""
+    ordinary = seqs[:, 1:] - 1
+    is_trigger = np.isin(ordinary[:, :-1], triggers)
+    nll = -np.log(P[ordinary[:, :-1], ordinary[:, 1:]])
+    first = np.log(len(P) - len(triggers))
+    return float((first + np.where(is_trigger, 0.0, nll).sum(1)).mean() / ordinary.shape[1])
+
+
+def bigram_backcopy(args, cache_dir, chunk=10_000):
+    """(vocabulary, tokenized documents, meta entries): each sequence is one document."""
+    if args.bb_bigram not in ("dirichlet", "shakespeare"):
+        raise DataError(f"--bb_bigram must be dirichlet or shakespeare, not {args.bb_bigram!r}")
+    for key, low in (("bb_vocab", 2), ("bb_seq_len", 2), ("bb_train_seqs", 1), ("bb_val_seqs", 1), ("bb_triggers", 0)):
+        if getattr(args, key) < low:
+            raise DataError(f"--{key} must be at least {low}")
+    if not args.bb_alpha > 0:
+        raise DataError(f"--bb_alpha must be positive, not {args.bb_alpha}")
+    P, names = bigram_table(args, cache_dir)
+    if args.bb_triggers >= len(P):
+        raise DataError(f"--bb_triggers={args.bb_triggers} leaves no ordinary token in a vocabulary of {len(P)}")
+    triggers = frequent_tokens(P, args.bb_triggers)
+    itos = ["<bos>"] + [n + "*" * (i in triggers) for i, n in enumerate(names)]
+    dtype = dtype_for_vocab(len(itos))
+
+    def documents():
+        for split, n, stream in (("train", args.bb_train_seqs, 1), ("val", args.bb_val_seqs, 2)):
+            rng = np.random.default_rng([args.seed, stream])
+            for start in range(0, n, chunk):
+                for seq in bigram_backcopy_sequences(P, triggers, min(chunk, n - start), args.bb_seq_len, rng):
+                    ids = seq.astype(dtype)
+                    yield (split, hashlib.sha256(ids.tobytes()).digest()), ids
+
+    val = bigram_backcopy_sequences(P, triggers, args.bb_val_seqs, args.bb_seq_len, np.random.default_rng([args.seed, 2]))
+    meta = {"bos_id": BOS_ID, "seq_len": args.bb_seq_len + 1, "triggers": [int(t) + 1 for t in triggers],
+            "bigram": args.bb_bigram, "process_val_loss": process_loss(P, triggers, val),
+            "source": f"synthetic Bigram-Backcopy (Guo et al. 2024), {args.bb_bigram} bigram table, seed {args.seed}",
+            "source_sha256": None}
+    return TokenNames(itos), documents(), meta
+
+
 # ----------------------------------------------------------------------------- splits
 # A document's split depends only on its own content, never on the tokenizer or on
 # how many processes ran, so every tokenization of a corpus shares one split.
@@ -455,11 +576,12 @@ class SplitWriter:
     def __init__(self, out_dir, split, dtype, eot_id):
         fd, self.tmp_path = _mkstemp(out_dir, f".tmp-{split}.bin-")
         self.file = os.fdopen(fd, "wb")
-        self.eot = np.array([eot_id], dtype=dtype)
+        # no separator for datasets whose documents carry their own start token (bigram_backcopy)
+        self.eot = None if eot_id is None else np.array([eot_id], dtype=dtype)
         self.tokens = self.documents = 0
 
     def write(self, ids):
-        if self.documents:
+        if self.documents and self.eot is not None:
             self.file.write(self.eot.tobytes())
             self.tokens += 1
         self.file.write(ids.tobytes())
@@ -487,8 +609,10 @@ def complete_meta(data_dir):
         return None
 
 
-def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, progress_every=2.0):
+def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, progress_every=2.0,
+                  tokenized=None):
     """Tokenize [(split, text)] into out_dir/{train,val}.bin + meta.json, atomically.
+    `tokenized` takes the place of docs for a source that makes ids itself: [((split, sha256), ids)].
 
     Stops before the first document that would take the total past max_tokens.
     Records documents_sha256: sha256 over the sha256s of the documents written.
@@ -503,7 +627,8 @@ def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, p
             writers[s] = SplitWriter(out_dir, s, dtype, tokenizer.eot_id)
         t0 = last = time.monotonic()
         total = 0
-        with contextlib.closing(tokenize(docs, tokenizer.spec(), num_proc)) as tokenized:
+        tokenized = tokenized if tokenized is not None else tokenize(docs, tokenizer.spec(), num_proc)
+        with contextlib.closing(tokenized):
             for (split, doc_sha), ids in tokenized:
                 w = writers[split]
                 if max_tokens is not None and total + len(ids) + (w.documents > 0) > max_tokens:
@@ -526,7 +651,7 @@ def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, p
                     dtype=dtype, eot_id=tokenizer.eot_id, documents_sha256=digest.hexdigest(),
                     **{f"{s}_{k}": getattr(w, k) for s, w in writers.items()
                        for k in ("tokens", "documents")})
-        if tokenizer.name == "char":
+        if hasattr(tokenizer, "itos"):  # char and synthetic vocabularies decode from meta.json alone
             meta["itos"] = tokenizer.itos
         fd, meta_tmp = _mkstemp(out_dir, ".tmp-meta.json-")
         with os.fdopen(fd, "w") as f:
@@ -570,6 +695,23 @@ def open_split(data_dir, split, meta=None):
     return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
 
 
+def start_token(meta):
+    """The token that opens a sequence: <bos> in synthetic data, else the EOT written before each
+    document but the first. A window that starts on it has the start token at position 0."""
+    return meta["bos_id"] if meta.get("bos_id") is not None else meta.get("eot_id")
+
+
+def sequence_starts(tokens, meta, span, chunk=1 << 24):
+    """Offsets of every start token that leaves room for `span` tokens from it (chunked, so that a
+    400M-token split never needs a 400M-entry mask at once)."""
+    start = start_token(meta)
+    if start is None:
+        raise DataError("this dataset has neither a <bos> nor an EOT token to align windows to")
+    n = len(tokens) - span + 1
+    found = [np.flatnonzero(np.asarray(tokens[i:min(i + chunk, n)]) == start) + i for i in range(0, max(n, 0), chunk)]
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -578,15 +720,25 @@ def prepare(args):
         raise DataError(f"unknown dataset {args.dataset!r} (choose from: {', '.join(DATASETS)})")
     if args.tokenizer not in TOKENIZERS:
         raise DataError(f"unknown tokenizer {args.tokenizer!r} (choose from: {', '.join(TOKENIZERS)})")
-    val_fraction = DEFAULT_VAL_FRACTION[args.dataset] if args.val_fraction is None else args.val_fraction
+    if args.dataset == "bigram_backcopy":  # sizes come in sequences
+        if args.val_fraction is not None:
+            raise DataError("bigram_backcopy sizes its splits in sequences; use --bb_val_seqs, not --val_fraction")
+        val_fraction = args.bb_val_seqs / max(args.bb_train_seqs + args.bb_val_seqs, 1)
+    else:
+        val_fraction = DEFAULT_VAL_FRACTION[args.dataset] if args.val_fraction is None else args.val_fraction
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1, not {val_fraction}")
     if args.dataset == "fineweb_edu" and args.tokenizer == "char":
         raise DataError("the char tokenizer builds its vocabulary from the whole corpus, which a "
                         "stream does not have; use --tokenizer=gpt2 for fineweb_edu")
+    if args.dataset == "bigram_backcopy" and args.tokenizer != "gpt2":
+        raise DataError("bigram_backcopy makes its own tokens; drop --tokenizer")
     out_dir = os.path.join(args.out_root, dataset_dir_name(args.dataset, args.tokenizer))
     # Everything that changes the output; a complete output with the same request is kept.
     request = {"dataset": args.dataset, "tokenizer": args.tokenizer, "val_fraction": val_fraction}
+    if args.dataset == "bigram_backcopy":
+        request = {"dataset": args.dataset, "seed": args.seed,
+                   **{k: v for k, v in sorted(vars(args).items()) if k.startswith("bb_")}}
     if args.dataset == "fineweb_edu":
         request["max_tokens"] = args.max_tokens
     if args.dataset == "text":  # edited files need --force: we compare the request, not the files
@@ -601,6 +753,12 @@ def prepare(args):
     meta = {"dataset": args.dataset, "request": request, "val_fraction": val_fraction,
             "command": _command(args, request),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.dataset == "bigram_backcopy":
+        vocab, tokenized, entries = bigram_backcopy(args, cache_dir)
+        meta.update(entries, split="separately seeded train and val sequences")
+        print(f"generating {args.bb_train_seqs:,} + {args.bb_val_seqs:,} Bigram-Backcopy sequences of "
+              f"1 + {args.bb_seq_len} tokens; triggers {', '.join(vocab.itos[t] for t in entries['triggers'])}")
+        return write_dataset(out_dir, vocab, None, meta, tokenized=tokenized)
     if args.dataset == "fineweb_edu":
         # A stream has no file to checksum; documents_sha256 (of what was written) stands in.
         meta["source"] = "HuggingFaceFW/fineweb-edu sample-10BT, streamed from the start"
@@ -637,6 +795,9 @@ def prepare(args):
 
 
 def _command(args, request):
+    if args.dataset == "bigram_backcopy":
+        return "python prepare_data.py " + " ".join(f"--{k}={v}" for k, v in request.items()) + \
+            (f" --out_root={shlex.quote(args.out_root)}" if args.out_root != "data" else "")
     cmd = f"python prepare_data.py --dataset={args.dataset} --tokenizer={args.tokenizer}"
     cmd += "".join(f" --input={shlex.quote(p)}" for p in request.get("input", []))
     if "max_tokens" in request:

@@ -12,6 +12,7 @@ model, plus the commit-sparsity term that the paper adds to the loss of the Ledg
 import ast
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ledger import GPT, GPTConfig
-from prepare_data import DataError, load_meta, open_split
+from prepare_data import DataError, load_meta, open_split, sequence_starts, start_token
 
 CHECKPOINT_FORMAT = "ledger-residuals-ckpt/1"
 
@@ -53,6 +54,7 @@ class TrainConfig:
     dataset: str = "fineweb_edu"     # a folder of data_root written by prepare_data.py
     data_root: str = "data"
     batch_size: int = 24             # sequences per micro-batch, per process
+    align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: on for bigram_backcopy
     gradient_accumulation_steps: int = 1  # micro-steps per iteration across ALL processes
     # optimizer: AdamW, warmup then cosine
     learning_rate: float = 3e-4
@@ -152,13 +154,31 @@ def get_lr(it, cfg: TrainConfig):
 TRAIN_STREAM, EVAL_STREAMS = 0, {"train": 1, "val": 2}
 
 
-def get_batch(data_dir, meta, split, key, batch_size, block_size, device):
+@functools.lru_cache(maxsize=4)
+def aligned_offsets(data_dir, split, block_size):
+    """Where an aligned window may start: on a start token. Found once per split, then cached."""
+    meta = load_meta(data_dir)
+    starts = sequence_starts(open_split(data_dir, split, meta), meta, block_size + 1)
+    if len(starts) == 0:
+        raise DataError(f"no start token in the {split} split of {data_dir} leaves room for a window of "
+                        f"{block_size + 1} tokens; use a smaller --block_size or --align_windows=False")
+    return starts
+
+
+def get_batch(data_dir, meta, split, key, batch_size, block_size, device, align=False):
+    """A batch of windows at random offsets or, aligned, at random sequence starts: then position 0
+    is always the start token, as in the attention-sink setting of Guo et al. and of large models."""
     # A fresh memmap per batch: numpy memmaps hold on to pages they have read (nanoGPT's lesson).
     data = open_split(data_dir, split, meta)
     if len(data) <= block_size + 1:
         raise DataError(f"{split} split of {data_dir} has {len(data)} tokens, too few for "
                         f"block_size {block_size}; use a smaller --block_size")
-    offsets = np.random.default_rng(key).integers(0, len(data) - block_size, size=batch_size)
+    rng = np.random.default_rng(key)
+    if align:
+        starts = aligned_offsets(data_dir, split, block_size)
+        offsets = starts[rng.integers(0, len(starts), size=batch_size)]
+    else:
+        offsets = rng.integers(0, len(data) - block_size, size=batch_size)
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in offsets]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in offsets]).astype(np.int64))
     if device.startswith("cuda"):
@@ -248,6 +268,10 @@ def main(argv=None):
     # --- data and model
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
     meta = load_meta(data_dir)
+    if cfg.align_windows is None:  # datasets made of sequences record their <bos>
+        cfg.align_windows = meta.get("bos_id") is not None
+    if cfg.align_windows and start_token(meta) is None:
+        raise ConfigError(f"{data_dir} has no <bos> or EOT token to align windows to; drop --align_windows")
     ckpt = None
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
@@ -330,7 +354,7 @@ def main(argv=None):
             losses, gates = [], []
             for k in range(cfg.eval_iters):
                 x, y = get_batch(data_dir, meta, split, [cfg.seed, stream, 0, k], cfg.batch_size,
-                                 model_config.block_size, device)
+                                 model_config.block_size, device, cfg.align_windows)
                 with autocast:
                     _, loss, commit_gates = eval_model(x, y)
                 losses.append(loss.item())
@@ -389,7 +413,7 @@ def main(argv=None):
             loss_sum = torch.zeros((), device=device)
             for micro in range(local_accum):
                 x, y = get_batch(data_dir, meta, "train", [cfg.seed, TRAIN_STREAM, iter_num, rank * local_accum + micro],
-                                 cfg.batch_size, model_config.block_size, device)
+                                 cfg.batch_size, model_config.block_size, device, cfg.align_windows)
                 # DDP averages gradients over processes; sync only on the last micro-step.
                 sync = not ddp or micro == local_accum - 1
                 with (nullcontext() if sync else model.no_sync()), autocast:

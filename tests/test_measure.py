@@ -188,16 +188,17 @@ def test_fake_quantization_rounds_linear_weights_per_output_channel_only():
             assert torch.equal(w4, w), name                                 # embeddings, norms, biases
 
 
-def test_windows_are_seeded_and_can_start_after_an_end_of_text():
+def test_windows_are_seeded_and_aligned_ones_open_on_the_start_token():
     tokens = np.array(([1, 2, 3, 4, 5, 6, 7, 9] * 20), dtype=np.uint16)     # 9 = EOT
     data = Data(tokens, {"eot_id": 9}, None, "x")
     cfg = measure.MeasureConfig(num_windows=12, seed=5)
-    a, b = window_starts(data, cfg, 8), window_starts(data, cfg, 8)
+    a, b = window_starts(data, cfg, 8, False), window_starts(data, cfg, 8, False)
     assert torch.equal(a, b)
-    assert not torch.equal(a, window_starts(data, measure.MeasureConfig(num_windows=12, seed=6), 8))
-    cfg.align_to_documents = True
-    aligned = window_starts(data, cfg, 8)
-    assert all(tokens[s - 1] == 9 for s in aligned.tolist())
+    assert not torch.equal(a, window_starts(data, measure.MeasureConfig(num_windows=12, seed=6), 8, False))
+    aligned = window_starts(data, cfg, 8, True)
+    assert all(tokens[s] == 9 for s in aligned.tolist()) and max(aligned.tolist()) + 9 <= len(tokens)
+    bos_data = Data(tokens, {"eot_id": 9, "bos_id": 1}, None, "x")    # a <bos> wins over the EOT
+    assert all(tokens[s] == 1 for s in window_starts(bos_data, cfg, 8, True).tolist())
 
 
 def test_parse_args():
