@@ -18,6 +18,7 @@ summary.md (printed too), plus a comparison figure when several checkpoints are 
 
 Read top to bottom: config, loading, statistics, metrics, interventions, figures, report, main.
 """
+import contextlib
 import copy
 import dataclasses
 import json
@@ -249,6 +250,7 @@ class StreamStats:
         self.ratio_sum = torch.zeros(L, dtype=f64)             # per token max |x| / median |x|
         self.ratio_max = torch.zeros(L, dtype=f64)
         self.norm_sum = torch.zeros(L, dtype=f64)              # per token L2 norm
+        self.norm_sum_pos0 = torch.zeros(L, dtype=f64)         # ... at position 0 only (residual peak)
         self.max_abs = torch.zeros(L, dtype=f64)
         self.sun_count = torch.zeros(L, dtype=torch.int64)     # Sun et al.'s massive entries
         self.sun_count_pos0 = torch.zeros(L, dtype=torch.int64)
@@ -280,7 +282,9 @@ class StreamStats:
         self.kurtosis_sum[i] += kurtosis.sum(dtype=f64).cpu()
         self.ratio_sum[i] += ratio.sum(dtype=f64).cpu()
         self.ratio_max[i] = torch.maximum(self.ratio_max[i], ratio.max().double().cpu())
-        self.norm_sum[i] += signed.norm(dim=-1).sum(dtype=f64).cpu()
+        norms = signed.norm(dim=-1)
+        self.norm_sum[i] += norms.sum(dtype=f64).cpu()
+        self.norm_sum_pos0[i] += norms.view(B, T)[:, 0].sum(dtype=f64).cpu()
         self.max_abs[i] = torch.maximum(self.max_abs[i], flat.max().double().cpu())
         self.sun_count[i] += int(massive.sum())
         self.sun_count_pos0[i] += int(massive.view(B, T, D)[:, 0].sum())
@@ -327,6 +331,14 @@ class StreamStats:
         top = self.top_sum.numpy() / n[:, None]
         median = self.median_sum.numpy() / n
         kurtosis = self.kurtosis_sum.numpy() / n
+        # Residual-state peak (Guo et al. 2024): position 0's L2 norm over the mean of positions >= 1.
+        # The whole vector can grow without any one dimension leaving the median behind, so the
+        # per-dimension ratios can miss it. The max uses the same eligible sublayers as the peak.
+        n_seqs = self.n_seqs.numpy()
+        norm_pos0 = self.norm_sum_pos0.numpy() / n_seqs
+        norm_later = (self.norm_sum.numpy() - self.norm_sum_pos0.numpy()) / np.maximum(n - n_seqs, 1)
+        residual_peak = norm_pos0 / np.maximum(norm_later, 1e-30)
+        top_peak = int(np.where(eligible, residual_peak, -np.inf).argmax())
         return {
             "dominant_dim": dom,
             "persistence": float((top_dim == dom).mean()),
@@ -356,6 +368,9 @@ class StreamStats:
             "sun_massive_count_per_sublayer": self.sun_count.tolist(),
             "sun_massive_count_total": int(self.sun_count.sum()),
             "sun_massive_count_pos0": int(self.sun_count_pos0.sum()),
+            "residual_peak": {"per_sublayer": residual_peak.tolist(), "max": float(residual_peak[top_peak]),
+                              "max_sublayer": top_peak, "max_sublayer_name": names[top_peak],
+                              "final": float(residual_peak[-1])},
         }
 
 
@@ -471,6 +486,97 @@ def top_token_report(profile, stats, sublayer, sublayer_name, decode, k, min_cou
     return {"dim": profile.dim, "sublayer": sublayer, "sublayer_name": sublayer_name, "pos0_mean_abs": pos0,
             "tokens": tokens, "largest_delimiter": delimiter, "delimiter_shares_feature": shared,
             "max_ratio_to_pos0": top["ratio_to_pos0"] if top else 0.0, "verdict": verdict}
+
+
+# ----------------------------------------------------------------------------------------------
+# Extreme-token phenomena: attention sink, value drain, residual peak (Guo et al. 2024)
+#
+# Guo et al. (2024, "Active-Dormant Attention Heads") see three faces of one mechanism on the first
+# token. A head with nothing to do in this context parks its attention there (attention sink); the
+# value it lands on is small, so parking adds almost nothing to the output (value drain); and the
+# token's residual state grows a large norm (residual-state peak), which makes it easy to find. The
+# first two are per attention head and live here; the third is per stream and sublayer and lives in
+# StreamStats ("residual_peak"), as one more running norm sum.
+
+def attention_weights_and_values(attn, u):
+    """SDPA hides its weights, so recompute them from the attention module's input u: the causal
+    softmax weights (B, H, T, T) and the values (B, H, T, head_dim), as CausalSelfAttention.forward
+    computes them. A test checks that weights @ v, through attn.proj, reproduces attn(u)."""
+    B, T, C = u.shape
+    q, k, v = attn.qkv(u).split(C, dim=2)
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    future = torch.ones(T, T, dtype=torch.bool, device=u.device).triu(1)
+    return logits.masked_fill(future, float("-inf")).softmax(-1), v
+
+
+class ExtremeTokenStats:
+    """Running float64 sums per (layer, head) over windows. Query 0 can attend only to key 0, so the
+    sink averages over queries 1..T-1; the drain compares position 0's value norm with theirs."""
+
+    def __init__(self, n_layer, n_head):
+        L, H, f64 = n_layer, n_head, torch.float64
+        self.sink_sum = torch.zeros(L, H, dtype=f64)             # attention weight on key 0
+        self.uniform_sink_sum = torch.zeros(L, dtype=f64)        # ... had every query attended evenly
+        self.value_norm_pos0_sum = torch.zeros(L, H, dtype=f64)
+        self.value_norm_later_sum = torch.zeros(L, H, dtype=f64)  # positions 1..T-1
+        self.n_seqs = torch.zeros(L, dtype=f64)
+        self.n_later = torch.zeros(L, dtype=f64)                  # windows x (T - 1)
+
+    def state_nbytes(self):
+        return sum(t.numel() * t.element_size() for t in vars(self).values())
+
+    @torch.no_grad()
+    def update(self, layer, weights, v):
+        B, H, T, _ = weights.shape
+        f64 = torch.float64
+        self.sink_sum[layer] += weights[:, :, 1:, 0].sum((0, 2), dtype=f64).cpu()
+        self.uniform_sink_sum[layer] += B * (1.0 / torch.arange(2, T + 1, dtype=f64)).sum()
+        norms = v.norm(dim=-1)                                    # (B, H, T)
+        self.value_norm_pos0_sum[layer] += norms[:, :, 0].sum(0, dtype=f64).cpu()
+        self.value_norm_later_sum[layer] += norms[:, :, 1:].sum((0, 2), dtype=f64).cpu()
+        self.n_seqs[layer] += B
+        self.n_later[layer] += B * (T - 1)
+
+    def summarize(self):
+        n_later = self.n_later.clamp_min(1)[:, None]
+        sink = (self.sink_sum / n_later).numpy()
+        value_later = (self.value_norm_later_sum / n_later).clamp_min(1e-30)
+        drain = (self.value_norm_pos0_sum / self.n_seqs.clamp_min(1)[:, None] / value_later).numpy()
+        strongest = np.unravel_index(sink.argmax(), sink.shape)
+        drained = np.unravel_index(drain.argmin(), drain.shape)
+        return {
+            "sink_per_layer_head": sink.tolist(),
+            # uniform causal attention already puts mean(1 / (q + 1)) on key 0: the no-sink level
+            "sink_uniform_baseline": float(self.uniform_sink_sum[0] / n_later[0, 0]),
+            "sink_max": float(sink.max()), "sink_max_layer_head": [int(i) for i in strongest],
+            "sink_heads_over_half": int((sink > 0.5).sum()),
+            "value_drain_per_layer_head": drain.tolist(),
+            "value_drain_min": float(drain.min()), "value_drain_min_layer_head": [int(i) for i in drained],
+            # a sink is a no-op only if the value it lands on is drained: read the two together
+            "value_drain_at_sink_max": float(drain[strongest]),
+        }
+
+
+@contextlib.contextmanager
+def collect_extreme_tokens(model):
+    """Rides along another pass, so it costs no extra forward: a pre-hook on every attention module
+    recomputes that layer's weights and values and reduces them to per-head sums at once, so no
+    (B, H, T, T) tensor outlives its layer."""
+    attns = [sub.fn for sub in model.sublayers if sub.kind == "attn"]
+    extreme = ExtremeTokenStats(len(attns), model.config.n_head)
+
+    def hook_for(layer):
+        return lambda attn, args: extreme.update(layer, *attention_weights_and_values(attn, args[0]))
+
+    handles = [attn.register_forward_pre_hook(hook_for(layer)) for layer, attn in enumerate(attns)]
+    try:
+        yield extreme
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,6 +711,45 @@ def plot_stream(name, stats, profile, sublayer_names, out_dir):
     return paths
 
 
+def plot_extreme_tokens(extreme, summaries, sublayer_names, decoded, out_dir):
+    """Guo et al.'s three extreme-token phenomena side by side: which heads sink onto position 0,
+    whether the values they land on are drained, and how large position 0's residual state grows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    sink, drain = np.array(extreme["sink_per_layer_head"]), np.array(extreme["value_drain_per_layer_head"])
+    n_layer, L = sink.shape[0], len(sublayer_names)
+    # log colours centred on 1 (white): blue heads are drained, red ones carry a large value at position 0
+    spread = max(drain.max(), 1 / max(drain.min(), 1e-6), 2.0)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 0.3 * max(n_layer, L / 2) + 3.5),
+                             gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    for ax, data, title, scale in (
+            (axes[0], sink, f"attention sink: weight on position 0\n(uniform attention: "
+                            f"{extreme['sink_uniform_baseline']:.3f})", dict(vmin=0, vmax=1, cmap="viridis")),
+            (axes[1], drain, "value drain: |v| at position 0 / mean |v| later",
+             dict(norm=LogNorm(1 / spread, spread), cmap="coolwarm"))):
+        im = ax.imshow(data, aspect="auto", interpolation="nearest", **scale)
+        ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(data.shape[1]), yticks=range(n_layer))
+        readable_log_axis(fig.colorbar(im, ax=ax).ax)
+    ax = axes[2]
+    for name, s in summaries.items():
+        peak = np.array(s["residual_peak"]["per_sublayer"])
+        line, = ax.plot(range(L), peak, marker="o", label=f"stream {name}" + (" (decoded)" if name == decoded else ""))
+        skipped = np.flatnonzero(~np.array(s["eligible_per_sublayer"]))
+        ax.plot(skipped, peak[skipped], "o", color="white", markeredgecolor=line.get_color())
+    ax.axhline(1.0, color="grey", linestyle=":")
+    ax.set_yscale("log")
+    readable_log_axis(ax)
+    ax.set_xticks(range(L), sublayer_names, rotation=60)
+    ax.set(title=f"residual-state peak: |x| at position 0 / mean |x| later\n(hollow: stream norm under "
+                 f"{NORM_FRACTION:.0%} of the final, skipped by the table's max)", xlabel="sublayer output")
+    ax.legend(fontsize=8)
+    path = os.path.join(out_dir, "extreme_tokens.png")
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    return path
+
+
 def plot_comparison(results, path):
     """The decoded channel of every arm against relative depth (arms may differ in depth)."""
     import matplotlib
@@ -649,14 +794,19 @@ def fmt(value, spec=".3f"):
     return "—" if value is None else format(value, spec)
 
 
+def head_name(layer_head):
+    return "L{}H{}".format(*layer_head)
+
+
 def markdown_table(head, rows):
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def summary_table(results):
-    """Two tables: the outlier's structure in the decoded channel, then whether the model needs it."""
-    structure, function = [], []
+    """Three tables: the outlier's structure in the decoded channel, whether the model needs it, and
+    Guo et al.'s extreme-token phenomena."""
+    structure, function, extreme = [], [], []
     for m in results:
         s = m["streams"][m["decoded_stream"]]
         d = m["streams"].get("D") if m["decoded_stream"] == "C" else None
@@ -671,12 +821,25 @@ def summary_table(results):
         function.append([m["label"], fmt(m["measured_val_loss"]), fmt(iv.get("zero_loss")),
                          fmt(iv.get("mean_loss")), fmt(iv.get("control_zero_loss")),
                          fmt(q.get("w8_loss")), fmt(q.get("w4_loss"))])
+        e, peak = m["extreme_tokens"], s["residual_peak"]
+        extreme.append([m["label"], f"{e['sink_max']:.2f} ({head_name(e['sink_max_layer_head'])})",
+                        f"{e['sink_uniform_baseline']:.2f}",
+                        f"{e['value_drain_min']:.2f} ({head_name(e['value_drain_min_layer_head'])})",
+                        f"{peak['max']:.1f}x ({peak['max_sublayer_name']})", f"{peak['final']:.1f}x",
+                        f"{d['residual_peak']['max']:.1f}x" if d else "—"])
     return (markdown_table(["arm", "iter", "val loss", "decoded", "dom dim", "persistence",
                             "peak ratio (sublayer)", "final ratio", "pos-0 ratio (peak)",
                             "start-token conc. (peak)", "kurtosis (final)", "Sun-massive entries",
                             "scratch D: dom dim, peak ratio"], structure)
             + "\n\n" + markdown_table(["arm", "val loss", "zero pos-0 dom dim", "mean pos-0 dom dim",
-                                        "zero pos-0 control dim", "w8", "w4"], function))
+                                        "zero pos-0 control dim", "w8", "w4"], function)
+            + "\n\n" + markdown_table(["arm", "sink max (head)", "sink if uniform", "value drain min (head)",
+                                        "residual peak (sublayer)", "residual peak final",
+                                        "scratch D: residual peak"], extreme)
+            + "\n\nExtreme tokens (Guo et al. 2024): sink is the mean attention weight that queries 1..T-1 "
+              "put on position 0 (uniform attention: the next column); value drain is |v| at position 0 over "
+              "the mean |v| at positions >= 1 (< 1: drained); residual peak is the decoded stream's L2 norm at "
+              "position 0 over the mean norm at positions >= 1, which grows even when no dimension stands out.")
 
 
 def notes(m):
@@ -691,6 +854,14 @@ def notes(m):
     else:
         lines.append(f"{label}: {s['sun_massive_count_total']} massive entries by Sun et al.'s rule "
                      f"({s['sun_massive_count_pos0']} at position 0).")
+    e, peak = m["extreme_tokens"], s["residual_peak"]
+    n_heads = np.size(e["sink_per_layer_head"])
+    lines.append(f"{label}: attention sink: head {head_name(e['sink_max_layer_head'])} puts {e['sink_max']:.2f} "
+                 f"of its attention on position 0 (uniform attention: {e['sink_uniform_baseline']:.2f}), where "
+                 f"|v| is {e['value_drain_at_sink_max']:.2f}x that of later positions; "
+                 f"{e['sink_heads_over_half']} of {n_heads} heads put over half there; position 0's residual norm "
+                 f"in {m['decoded_stream']} peaks at {peak['max']:.1f}x that of later positions "
+                 f"({peak['max_sublayer_name']}).")
     if m["selection"]["distance"] is not None:
         lines.append(f"{label}: iter {m['iter_num']} picked to match val loss {m['selection']['match_loss']:.4f}: "
                      f"recorded {m['val_loss_recorded']:.4f}, {m['selection']['distance']:.4f} away.")
@@ -735,9 +906,11 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
         nonlocal tick
         phases[name], tick = time.time() - tick, time.time()
 
-    stats, baseline = collect_stream_stats(model, batch_fn)
+    with collect_extreme_tokens(model) as extreme:   # rides along pass 1: no extra forward
+        stats, baseline = collect_stream_stats(model, batch_fn)
     lap("statistics_s")
     summaries = {name: s.summarize(names) for name, s in stats.items()}
+    extreme_tokens = extreme.summarize()
     last, peak = len(names) - 1, summaries[decoded]["peak_sublayer"]
     profiles = collect_dominant_profiles(model, batch_fn, stats, seq_len, sorted({last, peak}))
     top_tokens = {where: top_token_report(profiles[decoded], stats[decoded], i, names[i], data.decode,
@@ -758,6 +931,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     if cfg.figures:
         for name in stats:
             figures += plot_stream(name, stats[name], profiles[name], names, out_dir)
+        figures.append(plot_extreme_tokens(extreme_tokens, summaries, names, decoded, out_dir))
     lap("figures_s")
     seconds = time.time() - t0
     n_tokens = len(starts) * seq_len
@@ -771,7 +945,8 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
         "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device, "align_windows": align},
         "model_config": ckpt["model_config"], "sublayer_names": names,
         "measured_val_loss": baseline, "decoded_stream": decoded, "streams": summaries,
-        "top_tokens": top_tokens, "interventions": interventions, "quantization": quantization,
+        "top_tokens": top_tokens, "extreme_tokens": extreme_tokens,
+        "interventions": interventions, "quantization": quantization,
         "sun_rule": f"|x| > {SUN_ABS:g} and |x| >= {SUN_REL:g} x the token's median |x| (Sun et al. 2024)",
         "figures": [os.path.basename(f) for f in figures],
         "timing": {"tokens": n_tokens, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9),

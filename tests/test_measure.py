@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import measure
-from ledger import ARCHS, GPT, GPTConfig
+from ledger import ARCHS, GPT, CausalSelfAttention, GPTConfig
 from train import CHECKPOINT_FORMAT as CKPT_FORMAT
-from measure import (Data, DominantDimProfile, MeasureError, StreamStats, fake_quantize_weights,
+from measure import (Data, DominantDimProfile, ExtremeTokenStats, MeasureError, StreamStats,
+                     attention_weights_and_values, collect_extreme_tokens, fake_quantize_weights,
                      parse_args, position0_hook, select_checkpoint, top_token_report, window_starts)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +119,110 @@ def test_accumulator_memory_does_not_grow_with_batches():
                    *profile.token_count.values()]
         sizes.append((stats.state_nbytes(), sum(t.numel() for t in tensors)))
     assert sizes[0] == sizes[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Extreme-token phenomena (Guo et al. 2024) on constructed tensors
+
+def causal_weights(T, sink=None):
+    """(T, T) causal attention in which every query >= 1 puts `sink` on key 0 and spreads the rest
+    evenly over its other keys; sink=None: evenly over all its keys. Query 0 sees only key 0."""
+    w = torch.zeros(T, T)
+    w[0, 0] = 1.0
+    for q in range(1, T):
+        w[q, :q + 1] = 1.0 / (q + 1)
+        if sink is not None:
+            w[q, 0], w[q, 1:q + 1] = sink, (1.0 - sink) / q
+    return w
+
+
+def test_planted_attention_gives_its_sink_strength():
+    B, T = 3, 8
+    weights = torch.stack([causal_weights(T, 0.9), causal_weights(T)]).expand(B, 2, T, T)
+    acc = ExtremeTokenStats(2, 2)
+    acc.update(0, weights * 0.5, torch.ones(B, 2, T, 4))
+    acc.update(1, weights, torch.ones(B, 2, T, 4))
+    e = acc.summarize()
+    uniform = sum(1 / (q + 1) for q in range(1, T)) / (T - 1)   # query 0 (all on key 0) is left out
+    assert e["sink_per_layer_head"][1] == pytest.approx([0.9, uniform])
+    assert e["sink_per_layer_head"][0] == pytest.approx([0.45, uniform / 2])
+    assert e["sink_uniform_baseline"] == pytest.approx(uniform)
+    assert e["sink_max"] == pytest.approx(0.9) and e["sink_max_layer_head"] == [1, 0]
+    assert e["sink_heads_over_half"] == 1
+
+
+def test_planted_values_give_their_value_drain():
+    gen, B, T = torch.Generator().manual_seed(0), 4, 10
+    v = torch.nn.functional.normalize(torch.randn(B, 2, T, 8, generator=gen), dim=-1)   # every |v| = 1
+    v[:, 0, 0] *= 0.05    # head 0: position 0's value drained to 5% of the others'
+    v[:, 1, 0] *= 3.0     # head 1: position 0's value three times the others'
+    weights = torch.stack([causal_weights(T, 0.9), causal_weights(T)]).expand(B, 2, T, T)
+    acc = ExtremeTokenStats(2, 2)
+    for layer in (0, 1):
+        acc.update(layer, weights, v * (layer + 1))   # a ratio: the overall scale of v drops out
+    e = acc.summarize()
+    for row in e["value_drain_per_layer_head"]:
+        assert row == pytest.approx([0.05, 3.0])
+    assert e["value_drain_min"] == pytest.approx(0.05) and e["value_drain_min_layer_head"][1] == 0
+    assert e["value_drain_at_sink_max"] == pytest.approx(0.05)   # the sink head is the drained one
+
+
+def test_residual_peak_sees_a_whole_vector_scale_up_that_no_dimension_ratio_shows():
+    gen, c, stats = torch.Generator().manual_seed(0), 6.0, StreamStats(3, 32)
+    for i, (scale, pos0) in enumerate(((1e-3, 50.0), (1.0, c), (1.0, 1.0))):
+        x = signs((4, 16, 32), gen) * scale
+        x[:, 0] *= pos0     # position 0 is `pos0` times longer, in every dimension alike
+        stats.update(i, x)
+    s = stats.summarize()
+    peak = s["residual_peak"]
+    assert peak["per_sublayer"] == pytest.approx([50.0, c, 1.0])
+    # the max skips the nearly empty sublayer 0, as the dimension-ratio peak does
+    assert peak["max"] == pytest.approx(c) and peak["max_sublayer"] == 1 and peak["final"] == pytest.approx(1.0)
+    assert s["pos0_ratio_per_sublayer"][1] == pytest.approx(1.0)   # no dimension stands out at position 0
+    assert s["ratio_per_sublayer"][1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_recomputed_attention_weights_reproduce_the_module_output(qk_norm):
+    torch.manual_seed(0)
+    B, T, C = 2, 12, 32
+    attn = CausalSelfAttention(GPTConfig(vocab_size=10, block_size=T, n_layer=1, n_head=4, n_embd=C,
+                                         qk_norm=qk_norm))
+    with torch.no_grad():
+        attn.qkv.weight.normal_(std=0.3)   # logits of order 1 or more: a wrong scale, mask or norm shows
+        if qk_norm:
+            attn.q_norm.weight.uniform_(0.5, 2.0)
+            attn.k_norm.weight.uniform_(0.5, 2.0)
+        u = torch.randn(B, T, C)
+        weights, v = attention_weights_and_values(attn, u)
+        merged = (weights @ v).transpose(1, 2).reshape(B, T, C)
+        assert torch.allclose(weights.sum(-1), torch.ones(B, 4, T)) and not weights.triu(1).any()
+        assert torch.allclose(attn.proj(merged), attn(u), atol=1e-5)
+
+
+def test_extreme_token_hooks_ride_along_a_pass_with_flat_memory_and_come_off():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():   # layer 0: every query reads dim 1 (on every token), key 0 reads dim 2
+        model.wte.weight[:, 1], model.wpe.weight[0, 2] = 10.0, 10.0
+        qkv = model.sublayers[0].fn.qkv.weight
+        qkv.zero_()
+        qkv[:16, 1], qkv[16:32, 2] = 3.0, 3.0               # q . k is large at key 0 only: a sink
+        model.sublayers[2].fn.qkv.weight[:32].zero_()       # layer 1: q = k = 0, so exactly uniform
+    x = torch.randint(0, 20, (3, 16))
+    plain = model(x)[0]
+    sizes = []
+    for n_batches in (1, 4):
+        with collect_extreme_tokens(model) as extreme:
+            for _ in range(n_batches):
+                assert torch.equal(model(x)[0], plain)      # the hooks only watch
+        sizes.append(extreme.state_nbytes())
+    assert sizes[0] == sizes[1]
+    assert not any(sub.fn._forward_pre_hooks for sub in model.sublayers)
+    assert extreme.n_seqs.tolist() == [12.0, 12.0]            # each layer seen once per forward
+    e = extreme.summarize()
+    assert e["sink_per_layer_head"][1] == pytest.approx([e["sink_uniform_baseline"]] * 2)
+    assert min(e["sink_per_layer_head"][0]) > 0.99 and e["sink_heads_over_half"] == 2
 
 
 def test_dominant_dim_heatmap_and_token_report_flag_a_delimiter_feature():
@@ -291,9 +396,14 @@ def test_every_arm_is_measured_end_to_end(runs, arch, tmp_path):
         assert iv["control_dim"] != iv["dim"]
     assert q["w8_loss"] == pytest.approx(m["measured_val_loss"], abs=0.05) and q["w4_loss"] > 0
     assert m["top_tokens"] and all(r["tokens"] for r in m["top_tokens"].values())
+    e = m["extreme_tokens"]
+    assert np.shape(e["sink_per_layer_head"]) == np.shape(e["value_drain_per_layer_head"]) == (2, 2)
+    assert all(0 <= w <= 1 for row in e["sink_per_layer_head"] for w in row) and e["value_drain_min"] > 0
+    assert all(len(s["residual_peak"]["per_sublayer"]) == 4 and s["residual_peak"]["max"] > 0
+               for s in m["streams"].values())
     assert m["settings"]["seq_len"] == 32 and m["timing"]["tokens"] == 6 * 32
     summary = (out / "summary.md").read_text()
-    assert f"| {arch} | 20 |" in summary and "Sun" in summary
+    assert f"| {arch} | 20 |" in summary and "Sun" in summary and "Extreme tokens" in summary
 
 
 def test_matched_loss_picks_the_closest_kept_checkpoint(runs, tmp_path):
@@ -336,7 +446,7 @@ def test_cli_measures_several_arms_with_figures(runs, tmp_path):
     assert (tmp_path / "summary.md").exists() and (tmp_path / "comparison_decoded.png").exists()
     for run, streams in (("ledger", ("D", "C")), ("hc2", ("h0", "h1", "h0_plus_h1"))):
         files = set(os.listdir(tmp_path / run))
-        assert "metrics.json" in files
+        assert {"metrics.json", "extreme_tokens.png"} <= files
         for s in streams:
             assert {f"{s}_dims.png", f"{s}_dominant_positions.png", f"{s}_profile.png"} <= files
 
