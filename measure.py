@@ -16,7 +16,8 @@ tokens the dominant dimension is large outside position 0.
 Outputs, per checkpoint: <out_dir>/metrics.json and PNG figures; for all inputs together:
 summary.md (printed too), plus a comparison figure when several checkpoints are given.
 
-Read top to bottom: config, loading, statistics, metrics, interventions, figures, report, main.
+Read top to bottom: config, loading, statistics, metrics, extreme tokens (sink, drain, peak),
+interventions, figures, report, main.
 """
 import contextlib
 import copy
@@ -842,6 +843,35 @@ def summary_table(results):
               "position 0 over the mean norm at positions >= 1, which grows even when no dimension stands out.")
 
 
+def across_seeds_table(results):
+    """One row per arm measured more than once (seeds): mean [min, max] of the headline numbers, so
+    that a claim about an arm rests on every run of it, not on the best one."""
+    by_arch = {}
+    for m in results:
+        by_arch.setdefault(m["arch"], []).append(m)
+    columns = {
+        "val loss": lambda m, s: m["measured_val_loss"],
+        "pos-0 ratio (peak)": lambda m, s: s["peak_pos0_ratio"],
+        "start-token conc. (peak)": lambda m, s: s["start_token_concentration_peak"],
+        "residual peak": lambda m, s: s["residual_peak"]["max"],
+        "sink max": lambda m, s: m["extreme_tokens"]["sink_max"],
+        "Δloss, zero pos-0 dom dim": lambda m, s: (m.get("interventions") or {}).get("zero_delta"),
+        "Δloss, mean pos-0 dom dim": lambda m, s: (m.get("interventions") or {}).get("mean_delta"),
+    }
+    rows = []
+    for arch, runs in by_arch.items():
+        if len(runs) < 2:
+            continue
+        row = [arch, str(len(runs))]
+        for get in columns.values():
+            values = [get(m, m["streams"][m["decoded_stream"]]) for m in runs]
+            values = [v for v in values if v is not None]
+            spec = ".3f" if max(map(abs, values), default=0) < 10 else ".0f"
+            row.append(f"{np.mean(values):{spec}} [{min(values):{spec}}, {max(values):{spec}}]" if values else "—")
+        rows.append(row)
+    return markdown_table(["arm", "runs", *columns], rows) if rows else ""
+
+
 def notes(m):
     """Honest one-liners under the table: what the numbers do and do not show."""
     s = m["streams"][m["decoded_stream"]]
@@ -1002,11 +1032,13 @@ def run(paths, cfg):
     os.makedirs(summary_dir, exist_ok=True)
     if len(results) > 1 and cfg.figures:
         plot_comparison(results, os.path.join(summary_dir, "comparison_decoded.png"))
+    seeds = across_seeds_table(results)
     windows = ("windows opening on the start token" if results[0]["settings"]["align_windows"]
                else "windows at random offsets")
     text = (f"# Residual-stream structure ({cfg.split} split, {cfg.num_windows} {windows} of "
             f"{results[0]['settings']['seq_len']} tokens, seed {cfg.seed})\n\n{summary_table(results)}\n\n"
-            f"Ratios are mean |x| of the top dimension over the median dimension (pos-0 ratio: at position 0 "
+            + (f"Across runs of the same arm, mean [min, max], decoded stream:\n\n{seeds}\n\n" if seeds else "")
+            + f"Ratios are mean |x| of the top dimension over the median dimension (pos-0 ratio: at position 0 "
             f"only); start-token concentration is the dominant dimension's mean |x| at position 0 over "
             f"positions 1..T-1. Peaks skip sublayers whose "
             f"stream norm is under {NORM_FRACTION:.0%} of the final norm. Sun-massive entries: |x| > {SUN_ABS:g} "

@@ -56,7 +56,8 @@ class TrainConfig:
     batch_size: int = 24             # sequences per micro-batch, per process
     align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: on for bigram_backcopy
     gradient_accumulation_steps: int = 1  # micro-steps per iteration across ALL processes
-    # optimizer: AdamW, warmup then cosine
+    # optimizer: AdamW (or SGD with momentum), warmup then cosine
+    optimizer: str = "adamw"         # 'adamw' or 'sgd' (momentum beta1): Guo et al. find no outlier with SGD
     learning_rate: float = 3e-4
     min_lr: float = 3e-5
     warmup_iters: int = 300
@@ -233,6 +234,8 @@ def main(argv=None):
     cfg = TrainConfig(**train_overrides)
     if cfg.init_from not in ("scratch", "resume"):
         raise ConfigError(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
+    if cfg.optimizer not in ("adamw", "sgd"):
+        raise ConfigError(f"optimizer must be 'adamw' or 'sgd', not {cfg.optimizer!r}")
 
     # --- processes and devices
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -278,6 +281,9 @@ def main(argv=None):
         if ckpt.get("optimizer") is None:
             raise ConfigError(f"{cfg.out_dir}/ckpt.pt has no optimizer state (a kept snapshot?); resume needs "
                               f"the ckpt.pt that training writes")
+        if ckpt["train_config"].get("optimizer", "adamw") != cfg.optimizer:
+            raise ConfigError(f"{cfg.out_dir}/ckpt.pt was trained with --optimizer="
+                              f"{ckpt['train_config'].get('optimizer', 'adamw')}; resume with the same optimizer")
         clash = {k: v for k, v in model_overrides.items() if ckpt["model_config"].get(k) != v}
         if clash:
             raise ConfigError(f"resume keeps the checkpoint's model; drop {', '.join('--' + k for k in clash)}")
@@ -300,9 +306,12 @@ def main(argv=None):
     raw_model = model  # the plain module: what is saved, evaluated and measured
     decay = [p for p in model.parameters() if p.dim() >= 2]      # matrices and embeddings
     no_decay = [p for p in model.parameters() if p.dim() < 2]    # norms, gate biases, lam, hc scalars
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.beta1)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                      fused=device_type == "cuda")
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

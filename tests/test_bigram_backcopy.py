@@ -119,3 +119,15 @@ def test_unaligned_windows_of_text_can_be_aligned_to_the_end_of_text_token(char_
     assert (x[:, 0] == meta["eot_id"]).all()
     x, _ = train.get_batch(data_dir, meta, "train", [0, 0, 0, 0], 16, 32, "cpu", False)
     assert not (x[:, 0] == meta["eot_id"]).all()
+
+
+def test_sgd_is_an_optimizer_choice_and_a_resume_must_keep_it(bb_data, tmp_path, capsys):
+    data_root, dataset = bb_data
+    common = [f"--data_root={data_root}", f"--dataset={dataset}", f"--out_dir={tmp_path}", "--n_layer=1",
+              "--n_head=1", "--n_embd=16", "--block_size=16", "--batch_size=8", "--eval_interval=20",
+              "--eval_iters=2", "--ckpt_interval=0", "--device=cpu", "--learning_rate=0.3", "--warmup_iters=0"]
+    train.main([*common, "--optimizer=sgd", "--max_iters=20"])
+    ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert "momentum_buffer" in str(ckpt["optimizer"]["state"][0].keys())
+    with pytest.raises(train.ConfigError, match="optimizer=sgd"):
+        train.main([*common, "--max_iters=30", "--init_from=resume"])

@@ -293,6 +293,20 @@ def test_fake_quantization_rounds_linear_weights_per_output_channel_only():
             assert torch.equal(w4, w), name                                 # embeddings, norms, biases
 
 
+def test_the_across_seeds_table_gives_mean_min_and_max_of_every_run_of_an_arm():
+    def run(arch, loss, pos0, zero):
+        stream = {"peak_pos0_ratio": pos0, "start_token_concentration_peak": 1.0, "residual_peak": {"max": 2.0}}
+        return {"arch": arch, "measured_val_loss": loss, "decoded_stream": "h", "streams": {"h": stream},
+                "extreme_tokens": {"sink_max": 0.5}, "interventions": {"zero_delta": zero, "mean_delta": 0.0}}
+    table = measure.across_seeds_table([run("vanilla", 1.0, 20.0, 0.1), run("vanilla", 2.0, 40.0, 0.3),
+                                        run("ledger", 1.5, 5.0, 0.0)])
+    rows = [line for line in table.splitlines() if line.startswith("| vanilla")]
+    assert rows == ["| vanilla | 2 | 1.500 [1.000, 2.000] | 30 [20, 40] | 1.000 [1.000, 1.000] | 2.000 [2.000, 2.000] "
+                    "| 0.500 [0.500, 0.500] | 0.200 [0.100, 0.300] | 0.000 [0.000, 0.000] |"]
+    assert "| ledger" not in table          # one run is no spread
+    assert measure.across_seeds_table([run("ledger", 1.5, 5.0, 0.0)]) == ""
+
+
 def test_windows_are_seeded_and_aligned_ones_open_on_the_start_token():
     tokens = np.array(([1, 2, 3, 4, 5, 6, 7, 9] * 20), dtype=np.uint16)     # 9 = EOT
     data = Data(tokens, {"eot_id": 9}, None, "x")
