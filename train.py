@@ -5,19 +5,26 @@ Train any arm of ledger.py on a token dataset from prepare_data.py. One script, 
     torchrun --standalone --nproc_per_node=8 train.py config/paper_160m.py --arch=ledger
 
 Every setting and its default is listed once, below (TrainConfig for the loop, ledger.GPTConfig for
-the model). Positional arguments are config files (plain Python assignments); `--key=value`
-overrides come after them. The loop is identical for every arm: the arms differ only inside the
-model, plus the commit-sparsity term that the paper adds to the loss of the Ledger arms.
+the model); `python train.py --help` prints them with their comments. Positional arguments are
+config files (plain Python assignments); `--key=value` overrides come after them. A value outside
+its range (LIMITS) stops the run with one line, before any data or model is touched. The loop is
+identical for every arm: the arms differ only inside the model, plus the commit-sparsity term that
+the paper adds to the loss of the Ledger arms.
 """
 import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import json
 import math
+import operator
 import os
 import signal
 import sys
+import textwrap
 import time
+import tokenize
 import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,41 +42,51 @@ CHECKPOINT_FORMAT = "ledger-residuals-ckpt/1"
 
 
 # ----------------------------------------------------------------------------------------------
-# Config: the defaults are the paper's 160M run (see config/paper_160m.py for the full preset)
+# Config: the defaults are the paper's 160M run (see config/paper_160m.py for the full preset).
+# Each field's comment is its --help text.
 
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"
-    init_from: str = "scratch"       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    out_dir: str = "out"             # where ckpt.pt, the kept snapshots and log.jsonl go
+    init_from: str = "scratch"       # scratch: a new model; resume: continue from out_dir/ckpt.pt
     eval_interval: int = 250         # evaluate and write out_dir/ckpt.pt every this many iterations
     eval_iters: int = 50             # batches per split and evaluation
-    log_interval: int = 10
-    ckpt_interval: int = 1000        # also keep out_dir/ckpt_<iter>.pt, for matched-loss measurement
-    wandb_log: bool = False
-    wandb_project: str = "ledger-residuals"
+    log_interval: int = 10           # print the training loss and speed every this many iterations
+    ckpt_interval: int = 1000        # also keep out_dir/ckpt_<iter>.pt, for matched-loss measurement; 0: never
+    wandb_log: bool = False          # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = "ledger-residuals"  # the Weights & Biases project
     wandb_run_name: str = ""         # default: the arch
     # data
     dataset: str = "fineweb_edu"     # a folder of data_root written by prepare_data.py
-    data_root: str = "data"
+    data_root: str = "data"          # where prepare_data.py writes (its --out_root)
     batch_size: int = 24             # sequences per micro-batch, per process
     gradient_accumulation_steps: int = 1  # micro-steps per iteration across ALL processes
     # optimizer: AdamW, warmup then cosine
-    learning_rate: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_iters: int = 300
+    learning_rate: float = 3e-4      # the peak, reached at the end of warmup
+    min_lr: float = 3e-5             # the cosine decays to this
+    warmup_iters: int = 300          # linear warmup from ~0 to learning_rate
     lr_decay_iters: int = 0          # 0: decay until max_iters
-    max_iters: int = 14000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    max_iters: int = 14000           # optimizer steps in all
+    weight_decay: float = 0.1        # on matrices and embeddings; never on norms, biases and gains
+    beta1: float = 0.9               # AdamW's decay of the gradient's running mean
+    beta2: float = 0.95              # AdamW's decay of the squared gradient's running mean
+    grad_clip: float = 1.0           # clip the global gradient norm at this; 0: no clipping
     target_val_loss: float = 0.0     # > 0: stop at the first evaluation at or below it
     # system
-    seed: int = 1337
+    seed: int = 1337                 # seeds the initial weights and the order of the batches
     device: str = "auto"             # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype: str = "auto"              # 'auto' (bf16 where supported, else fp16 on GPU, fp32 on CPU)
-    compile: bool = False
+    dtype: str = "auto"              # auto: bf16 where supported, else fp16 on GPU; fp32 on CPU
+    compile: bool = False            # torch.compile the model: faster steps on a GPU, a slow first one
+
+    # Checked as each setting is parsed, so that a bad value is one line before any data or model is
+    # touched, not a traceback from numpy or torch after the model is built.
+    LIMITS = {"eval_interval": ">= 1", "eval_iters": ">= 1", "log_interval": ">= 1", "ckpt_interval": ">= 0",
+              "batch_size": ">= 1", "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0",
+              "min_lr": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_iters": ">= 1",
+              "weight_decay": ">= 0", "beta1": ">= 0 and < 1", "beta2": ">= 0 and < 1", "grad_clip": ">= 0",
+              "target_val_loss": ">= 0", "seed": ">= 0",  # numpy seeds the batches and refuses negative seeds
+              "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 
 class ConfigError(ValueError):
@@ -98,16 +115,19 @@ def parse_value(key, value, annotation, text=None):
 def parse_overrides(argv, *config_types):
     """Config files and `--key=value` overrides -> one dict of settings per dataclass type.
 
-    A key belongs to the first dataclass that has a field of that name. Unknown keys and values of
-    the wrong type raise ConfigError with a one-line message that names the key."""
+    A key belongs to the first dataclass that has a field of that name. Unknown keys, values of the
+    wrong type or outside the dataclass's LIMITS, and settings its own __post_init__ rejects raise
+    ConfigError with a one-line message that names the key: every script that parses its settings
+    here gets these checks before it touches any data."""
     hints = [typing.get_type_hints(t) for t in config_types]
     known = [k for h in hints for k in h]
     settings = [{} for _ in config_types]
 
     def assign(key, value, text=None):
-        for hint, chosen in zip(hints, settings):
+        for config_type, hint, chosen in zip(config_types, hints, settings):
             if key in hint:
                 chosen[key] = parse_value(key, value, hint[key], text)
+                check_limit(key, chosen[key], getattr(config_type, "LIMITS", {}).get(key))
                 return
         close = difflib.get_close_matches(key, known, n=1)
         raise ConfigError(f"unknown setting '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
@@ -130,7 +150,82 @@ def parse_overrides(argv, *config_types):
             for key, value in namespace.items():
                 if not key.startswith("_") and not callable(value) and not isinstance(value, type(os)):
                     assign(key, value)
+    for config_type, chosen in zip(config_types, settings):
+        try:  # the config's own checks across settings (heads that divide the width, ...), now too
+            config_type(**chosen)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return settings
+
+
+LIMIT_TESTS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def check_limit(key, value, limit):
+    """Raise ConfigError unless `value` meets `limit`: a tuple of the allowed values, or a rule such
+    as '>= 1' or '>= 0 and < 1' (a config's LIMITS; --help shows the same text). None passes."""
+    if limit is None or value is None:
+        return
+    if isinstance(limit, tuple):
+        if value not in limit:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, limit))}")
+    elif not all(LIMIT_TESTS[op](value, float(bound)) for op, bound in map(str.split, limit.split(" and "))):
+        raise ConfigError(f"{key}={value!r}: must be {limit}")
+
+
+def documented_fields(config_type):
+    """The fields of a config dataclass in source order, as (name, comment): the comment after each
+    field, with the comment-only lines indented below it. A comment line of its own at the fields'
+    indent (`# data`) comes as (None, heading). --help is made of these, so it cannot drift."""
+    source = textwrap.dedent(inspect.getsource(config_type))
+    lines = source.splitlines()
+    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    fields = {node.lineno: (node.col_offset, node.target.id)
+              for node in ast.parse(source).body[0].body if isinstance(node, ast.AnnAssign)}
+    indent, last_field = min(col for col, _ in fields.values()), max(fields)
+    rows, previous = [], None   # previous: the line the last field or its comment ended on
+    for number in sorted(set(fields) | set(comments)):
+        column, text = comments.get(number, (None, ""))
+        if number in fields:
+            rows.append((fields[number][1], text))
+            previous = number
+        elif lines[number - 1].lstrip().startswith("#"):
+            if column > indent and previous == number - 1:
+                rows[-1] = (rows[-1][0], f"{rows[-1][1]} {text}")
+                previous = number
+            elif column == indent and number < last_field:
+                rows.append((None, text))
+    return rows
+
+
+def wants_help(argv):
+    return any(arg in ("-h", "--help") for arg in argv)
+
+
+def help_text(doc, *config_types):
+    """--help: the script's docstring, then every setting of each config with its type, default,
+    limit and the comment the source gives it."""
+    def shown(value):
+        return '""' if value == "" else str(value)
+
+    out = [doc.strip(), "", "Settings, as --key=value (type, limit: meaning):"]
+    for config_type in config_types:
+        hints = typing.get_type_hints(config_type)
+        defaults = {f.name: f.default for f in dataclasses.fields(config_type)}
+        limits = getattr(config_type, "LIMITS", {})
+        out += ["", f"{config_type.__name__} ({os.path.basename(inspect.getsourcefile(config_type))}):"]
+        for name, comment in documented_fields(config_type):
+            if name is None:
+                out.append(f"  # {comment}")
+                continue
+            kinds = typing.get_args(hints[name]) or (hints[name],)
+            kind = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            limit = limits.get(name)
+            if limit is not None:
+                kind += f", {'|'.join(limit)}" if isinstance(limit, tuple) else f", {limit}"
+            out.append(f"  {f'--{name}={shown(defaults[name])}':<32}  {kind}: {comment}")
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,11 +303,12 @@ def load_checkpoint(path):
 # The training run
 
 def main(argv=None):
-    train_overrides, model_overrides = parse_overrides(sys.argv[1:] if argv is None else argv,
-                                                       TrainConfig, GPTConfig)
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text(__doc__, TrainConfig, GPTConfig))
+        return
+    train_overrides, model_overrides = parse_overrides(argv, TrainConfig, GPTConfig)
     cfg = TrainConfig(**train_overrides)
-    if cfg.init_from not in ("scratch", "resume"):
-        raise ConfigError(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
 
     # --- processes and devices
     ddp = int(os.environ.get("RANK", -1)) != -1
