@@ -1,6 +1,8 @@
 """
 Train any arm of ledger.py on a token dataset from prepare_data.py. One script, nanoGPT style.
 
+    python prepare_data.py                                     # writes data/shakespeare, the default
+    torchrun train.py --arch=ledger --n_layer=12               # the paper's 160M shape, on it
     python train.py config/cpu_demo.py --arch=ledger           # a laptop CPU, minutes
     torchrun --standalone --nproc_per_node=8 train.py config/paper_160m.py --arch=ledger
 
@@ -42,8 +44,9 @@ CHECKPOINT_FORMAT = "ledger-residuals-ckpt/1"
 
 
 # ----------------------------------------------------------------------------------------------
-# Config: the defaults are the paper's 160M run (see config/paper_160m.py for the full preset).
-# Each field's comment is its --help text.
+# Config: the defaults are the paper's 160M run (config/paper_160m.py is the full preset), except the
+# dataset: by default, the one a plain `python prepare_data.py` writes, so that the first command
+# after it trains. Each field's comment is its --help text.
 
 @dataclass
 class TrainConfig:
@@ -58,7 +61,7 @@ class TrainConfig:
     wandb_project: str = "ledger-residuals"  # the Weights & Biases project
     wandb_run_name: str = ""         # default: the arch
     # data
-    dataset: str = "fineweb_edu"     # a folder of data_root written by prepare_data.py
+    dataset: str = "shakespeare"     # a folder of data_root written by prepare_data.py (the paper: fineweb_edu)
     data_root: str = "data"          # where prepare_data.py writes (its --out_root)
     batch_size: int = 24             # sequences per micro-batch, per process
     gradient_accumulation_steps: int = 1  # micro-steps per iteration across ALL processes
@@ -273,6 +276,18 @@ def peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def duration(seconds):
+    """A wall time at a glance: 7 -> '7s', 125 -> '2m05s', 3725 -> '1h02m', 200000 -> '2d07h'."""
+    s = int(round(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
 def save_checkpoint(path, payload):
     """Write to a temp file, flush it to disk, then rename: a crash mid-save leaves the old file."""
     tmp = path + ".tmp"
@@ -303,6 +318,7 @@ def load_checkpoint(path):
 # The training run
 
 def main(argv=None):
+    started = time.time()
     argv = sys.argv[1:] if argv is None else argv
     if wants_help(argv):
         print(help_text(__doc__, TrainConfig, GPTConfig))
@@ -337,6 +353,9 @@ def main(argv=None):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
     ptdtype = getattr(torch, cfg.dtype)
     device_type = "cuda" if device.startswith("cuda") else "mps" if device == "mps" else "cpu"
+    if device_type == "cpu" and ptdtype != torch.float32 and master:
+        print(f"warning: --dtype={cfg.dtype} is slow on a CPU (most CPUs emulate half-precision matmuls); "
+              f"--dtype=float32 is usually faster there", file=sys.stderr, flush=True)
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -366,6 +385,11 @@ def main(argv=None):
             raise ConfigError(str(e)) from None
     if model_config.vocab_size < meta["vocab_size"]:
         raise ConfigError(f"checkpoint vocab {model_config.vocab_size} < dataset vocab {meta['vocab_size']}")
+    for split in ("train", "val"):  # get_batch's condition, checked now rather than after the model is built
+        if meta[f"{split}_tokens"] <= model_config.block_size + 1:
+            raise ConfigError(f"block_size={model_config.block_size} is too long for {data_dir}: its {split} "
+                              f"split has {meta[f'{split}_tokens']:,} tokens; use --block_size="
+                              f"{meta[f'{split}_tokens'] - 2} or less")
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
@@ -526,8 +550,9 @@ def main(argv=None):
                 if peak:
                     record["mfu"] = flops_per_token * tokens_per_iter / dt / (peak * world)
                 print(f"iter {iter_num}: loss {train_loss:.4f}, {1000 * dt:.0f} ms/iter, "
-                      f"{record['tokens_per_s']:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else ""),
-                      flush=True)
+                      f"{record['tokens_per_s']:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else "")
+                      # at the current rate, evaluations not counted
+                      + f", {duration((cfg.max_iters - iter_num) * dt)} left", flush=True)
                 log(record)
 
         if master:
@@ -539,6 +564,8 @@ def main(argv=None):
                 print(f"stopped at iter {iter_num}: {stop_reason}", flush=True)
             else:
                 print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}", flush=True)
+            print(f"wall time {duration(time.time() - started)}, tokens seen {iter_num * tokens_per_iter:,}"
+                  + (f" ({(iter_num - start_iter) * tokens_per_iter:,} in this run)" if start_iter else ""), flush=True)
             if device_type == "cuda":
                 print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
     finally:
