@@ -37,12 +37,12 @@ ARCHS = ("vanilla", "suppress", "ledger", "ledger-hs", "delta", "hc2")
 
 @dataclass
 class GPTConfig:
-    arch: str = "vanilla"            # one of ARCHS
+    arch: str = "vanilla"            # the arm, one of ARCHS: vanilla, suppress, ledger, ledger-hs, delta, hc2
     vocab_size: int = 50257          # GPT-2 BPE; train.py takes it from the dataset's meta.json
     block_size: int = 1024           # longest sequence the position embedding covers
     n_layer: int = 12                # blocks; each block is two sublayers (attn, mlp)
-    n_head: int = 12
-    n_embd: int = 768
+    n_head: int = 12                 # attention heads, each n_embd / n_head wide
+    n_embd: int = 768                # width of the residual stream (of each stream)
     qk_norm: Optional[bool] = None   # None: on for `suppress` only; True adds QK-norm to any arm
     # Ledger (and delta) knobs
     gate_rank: int = 64              # rank of the maps W_e, W_w, W_k, G, P; <= 0 or >= n_embd: full
@@ -54,6 +54,10 @@ class GPTConfig:
     decode_gamma: float = 0.0        # decode RMSNorm(C + gamma * D); 0 = the LM head sees only C
     commit_sparsity: Optional[float] = None  # loss weight on mean(c); None: 0.02 ledger, 0.3 -hs
     delta_untied_gates: bool = False  # delta arm: separate erase and write gates (has a vanilla corner)
+
+    # Checked by train.parse_overrides as each setting is read (see train.TrainConfig.LIMITS)
+    LIMITS = {"vocab_size": ">= 1", "block_size": ">= 1", "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1",
+              "commit_budget": ">= 0", "commit_sparsity": ">= 0"}
 
     def __post_init__(self):
         if self.arch not in ARCHS:

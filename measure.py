@@ -48,10 +48,10 @@ SHARED_FRACTION = 0.5    # a token whose mean |x_dom| is >= half of position 0's
 @dataclass
 class MeasureConfig:
     num_windows: int = 64             # validation windows measured (the same for every pass)
-    batch_size: int = 16
+    batch_size: int = 16              # windows per forward pass
     seq_len: int = 0                  # tokens per window; 0 = the checkpoint's block_size
     seed: int = 0                     # seeds the window offsets and the control dimension
-    split: str = "val"
+    split: str = "val"                # the split of the dataset the windows come from
     out_dir: str = ""                 # "" = <run_dir>/measure (several inputs: summary in out/measure)
     match_loss: Optional[Union[float, str]] = None  # per run dir, the kept checkpoint with val loss closest to this;
                                         # "auto": the lowest val loss that every given run reached
@@ -59,12 +59,16 @@ class MeasureConfig:
     data_root: str = ""               # "" = the data_root recorded in the checkpoint
     device: str = "cpu"               # cpu, cuda, or auto
     threads: int = 0                  # CPU threads for torch; 0 = torch's default (1 helps on a busy box)
-    interventions: bool = True
-    quantization: bool = True
-    figures: bool = True
+    interventions: bool = True        # val loss with the dominant dim at position 0 zeroed / set to its mean
+    quantization: bool = True         # val loss after weight-only 8- and 4-bit round-to-nearest
+    figures: bool = True              # write the PNG figures
     align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: as trained
     top_tokens: int = 8               # tokens listed where the dominant dim is largest off position 0
     min_token_count: int = 5          # ... among tokens seen at least this often
+
+    # Checked by train.parse_overrides as each setting is read: one line, before anything is loaded
+    LIMITS = {"num_windows": ">= 1", "batch_size": ">= 1", "seq_len": ">= 0", "threads": ">= 0",
+              "top_tokens": ">= 1", "min_token_count": ">= 1", "split": ("train", "val")}
 
 
 class MeasureError(Exception):
@@ -83,11 +87,6 @@ def parse_args(argv):
         raise MeasureError(f"--match_loss={cfg.match_loss}: expected a val loss or 'auto'")
     if not paths:
         raise MeasureError("give at least one checkpoint file or run directory to measure")
-    for key in ("num_windows", "batch_size", "top_tokens"):
-        if getattr(cfg, key) < 1:
-            raise MeasureError(f"--{key} must be at least 1")
-    if cfg.seq_len < 0:
-        raise MeasureError("--seq_len must be positive (or 0 for the checkpoint's block_size)")
     return paths, cfg
 
 
@@ -172,8 +171,6 @@ def open_data(ckpt, cfg, path):
     data_root = cfg.data_root or train_cfg.get("data_root") or "data"
     if not dataset:
         raise MeasureError(f"{path} records no dataset; pass --dataset=NAME")
-    if cfg.split not in ("train", "val"):
-        raise MeasureError(f"--split must be train or val, not {cfg.split!r}")
     data_dir = os.path.join(data_root, dataset)
     try:
         meta = prepare_data.load_meta(data_dir)
@@ -199,7 +196,8 @@ def window_starts(data, cfg, seq_len, align):
     import prepare_data
     span, n = seq_len + 1, len(data.tokens)
     if n < span:
-        raise MeasureError(f"{data.data_dir} {cfg.split} split has {n} tokens, fewer than seq_len+1={span}")
+        raise MeasureError(f"{data.data_dir} {cfg.split} split has {n} tokens, fewer than seq_len+1={span}; "
+                           f"pass --seq_len={n - 1} or less")
     gen = torch.Generator().manual_seed(cfg.seed)
     if not align:
         return torch.randint(0, n - span + 1, (cfg.num_windows,), generator=gen)
@@ -919,10 +917,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
         raise MeasureError(f"--device={cfg.device} but torch sees no CUDA device; use --device=cpu")
     model = build_model(ckpt, path, device)
     data = open_data(ckpt, cfg, path)
-    block = model.config.block_size
-    if cfg.seq_len > block:
-        raise MeasureError(f"--seq_len={cfg.seq_len} exceeds the checkpoint's block_size={block}")
-    seq_len = min(cfg.seq_len or block, block, len(data.tokens) - 1)
+    seq_len = cfg.seq_len or model.config.block_size   # never shortened behind the user's back
     align = cfg.align_windows
     if align is None:   # as trained; checkpoints from before the setting existed were unaligned
         align = bool((ckpt.get("train_config") or {}).get("align_windows"))
@@ -1001,7 +996,11 @@ def run(paths, cfg):
             ckpt_path, selection = path, {"match_loss": None, "distance": None}
         else:
             raise MeasureError(f"{path}: no such checkpoint file or run directory")
-        inputs.append((ckpt_path, load_checkpoint(ckpt_path), os.path.isdir(path), selection))
+        ckpt = load_checkpoint(ckpt_path)
+        block = ckpt["model_config"].get("block_size")
+        if block is not None and cfg.seq_len > block:
+            raise MeasureError(f"--seq_len={cfg.seq_len} exceeds the checkpoint's block_size={block} ({ckpt_path})")
+        inputs.append((ckpt_path, ckpt, os.path.isdir(path), selection))
     archs = [ckpt["model_config"]["arch"] for _, ckpt, _, _ in inputs]
     results, used = [], set()
     for (ckpt_path, ckpt, from_run_dir, selection), arch in zip(inputs, archs):
@@ -1052,11 +1051,8 @@ def run(paths, cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("options (--key=value, defaults):")
-        for f in dataclasses.fields(MeasureConfig):
-            print(f"  --{f.name}={getattr(MeasureConfig(), f.name)}")
+    if train.wants_help(argv):
+        print(train.help_text(__doc__, MeasureConfig))
         return []
     try:
         paths, cfg = parse_args(argv)

@@ -74,16 +74,27 @@ class _ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _bool(text):
+    # --force, --force=True and --force=False, like the bool settings of train.py and measure.py
+    if text not in ("True", "False"):
+        raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
+    return text == "True"
+
+
 def parse_args(argv=None):
-    p = _ArgumentParser(description=__doc__.split("\n")[0])
+    # --key=value as in train.py and measure.py; --help shows every default
+    p = _ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="shakespeare", help="|".join(DATASETS))
     p.add_argument("--tokenizer", default="gpt2", help="|".join(TOKENIZERS))
     p.add_argument("--out_root", default="data", help="parent of the output directory (and of .cache/)")
     p.add_argument("--input", action="append", default=[], help="--dataset=text: file or glob, repeatable")
     p.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="fineweb_edu: stop here")
-    p.add_argument("--val_fraction", type=float, default=None, help="default depends on the dataset")
+    p.add_argument("--val_fraction", type=float, default=None,
+                   help="None: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_VAL_FRACTION.items()))
     p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--force", action="store_true", help="rebuild even if a complete output exists")
+    p.add_argument("--force", type=_bool, nargs="?", const=True, default=False,
+                   help="rebuild even if a complete output exists")
     bb = p.add_argument_group("--dataset=bigram_backcopy (synthetic; see 'Bigram-Backcopy' in the source)")
     bb.add_argument("--bb_vocab", type=int, default=64, help="ordinary tokens (plus one <bos>)")
     bb.add_argument("--bb_triggers", type=int, default=3, help="trigger tokens: the next token copies the one before")

@@ -1,24 +1,33 @@
 """
 Train any arm of ledger.py on a token dataset from prepare_data.py. One script, nanoGPT style.
 
+    python prepare_data.py                                     # writes data/shakespeare, the default
+    torchrun train.py --arch=ledger --n_layer=12               # the paper's 160M shape, on it
     python train.py config/cpu_demo.py --arch=ledger           # a laptop CPU, minutes
     torchrun --standalone --nproc_per_node=8 train.py config/paper_160m.py --arch=ledger
 
 Every setting and its default is listed once, below (TrainConfig for the loop, ledger.GPTConfig for
-the model). Positional arguments are config files (plain Python assignments); `--key=value`
-overrides come after them. The loop is identical for every arm: the arms differ only inside the
-model, plus the commit-sparsity term that the paper adds to the loss of the Ledger arms.
+the model); `python train.py --help` prints them with their comments. Positional arguments are
+config files (plain Python assignments); `--key=value` overrides come after them. A value outside
+its range (LIMITS) stops the run with one line, before any data or model is touched. The loop is
+identical for every arm: the arms differ only inside the model, plus the commit-sparsity term that
+the paper adds to the loss of the Ledger arms.
 """
 import ast
 import dataclasses
 import difflib
 import functools
+import inspect
+import io
 import json
 import math
+import operator
 import os
 import signal
 import sys
+import textwrap
 import time
+import tokenize
 import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,43 +45,55 @@ CHECKPOINT_FORMAT = "ledger-residuals-ckpt/1"
 
 
 # ----------------------------------------------------------------------------------------------
-# Config: the defaults are the paper's 160M run (see config/paper_160m.py for the full preset)
+# Config: the defaults are the paper's 160M run (config/paper_160m.py is the full preset), except the
+# dataset: by default, the one a plain `python prepare_data.py` writes, so that the first command
+# after it trains. Each field's comment is its --help text.
 
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"
-    init_from: str = "scratch"       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    out_dir: str = "out"             # where ckpt.pt, the kept snapshots and log.jsonl go
+    init_from: str = "scratch"       # scratch: a new model; resume: continue from out_dir/ckpt.pt
     eval_interval: int = 250         # evaluate and write out_dir/ckpt.pt every this many iterations
     eval_iters: int = 50             # batches per split and evaluation
-    log_interval: int = 10
-    ckpt_interval: int = 1000        # also keep out_dir/ckpt_<iter>.pt, for matched-loss measurement
-    wandb_log: bool = False
-    wandb_project: str = "ledger-residuals"
+    log_interval: int = 10           # print the training loss and speed every this many iterations
+    ckpt_interval: int = 1000        # also keep out_dir/ckpt_<iter>.pt, for matched-loss measurement; 0: never
+    wandb_log: bool = False          # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = "ledger-residuals"  # the Weights & Biases project
     wandb_run_name: str = ""         # default: the arch
     # data
-    dataset: str = "fineweb_edu"     # a folder of data_root written by prepare_data.py
-    data_root: str = "data"
+    dataset: str = "shakespeare"     # a folder of data_root written by prepare_data.py (the paper: fineweb_edu)
+    data_root: str = "data"          # where prepare_data.py writes (its --out_root)
     batch_size: int = 24             # sequences per micro-batch, per process
     align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: on for bigram_backcopy
     gradient_accumulation_steps: int = 1  # micro-steps per iteration across ALL processes
     # optimizer: AdamW (or SGD with momentum), warmup then cosine
-    optimizer: str = "adamw"         # 'adamw' or 'sgd' (momentum beta1): Guo et al. find no outlier with SGD
-    learning_rate: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_iters: int = 300
+    optimizer: str = "adamw"         # adamw, or sgd (momentum beta1): Guo et al. find no outlier with SGD
+    learning_rate: float = 3e-4      # the peak, reached at the end of warmup
+    min_lr: float = 3e-5             # the cosine decays to this
+    warmup_iters: int = 300          # linear warmup from ~0 to learning_rate
     lr_decay_iters: int = 0          # 0: decay until max_iters
-    max_iters: int = 14000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    max_iters: int = 14000           # optimizer steps in all
+    weight_decay: float = 0.1        # on matrices and embeddings; never on norms, biases and gains
+    beta1: float = 0.9               # AdamW's decay of the gradient's running mean
+    beta2: float = 0.95              # AdamW's decay of the squared gradient's running mean
+    grad_clip: float = 1.0           # clip the global gradient norm at this; 0: no clipping
     target_val_loss: float = 0.0     # > 0: stop at the first evaluation at or below it
     # system
-    seed: int = 1337
+    seed: int = 1337                 # seeds the initial weights and the order of the batches
     device: str = "auto"             # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype: str = "auto"              # 'auto' (bf16 where supported, else fp16 on GPU, fp32 on CPU)
-    compile: bool = False
+    dtype: str = "auto"              # auto: bf16 where supported, else fp16 on GPU; fp32 on CPU
+    compile: bool = False            # torch.compile the model: faster steps on a GPU, a slow first one
+
+    # Checked as each setting is parsed, so that a bad value is one line before any data or model is
+    # touched, not a traceback from numpy or torch after the model is built.
+    LIMITS = {"eval_interval": ">= 1", "eval_iters": ">= 1", "log_interval": ">= 1", "ckpt_interval": ">= 0",
+              "batch_size": ">= 1", "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0",
+              "min_lr": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_iters": ">= 1",
+              "weight_decay": ">= 0", "beta1": ">= 0 and < 1", "beta2": ">= 0 and < 1", "grad_clip": ">= 0",
+              "target_val_loss": ">= 0", "seed": ">= 0",  # numpy seeds the batches and refuses negative seeds
+              "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+              "optimizer": ("adamw", "sgd")}
 
 
 class ConfigError(ValueError):
@@ -101,16 +122,19 @@ def parse_value(key, value, annotation, text=None):
 def parse_overrides(argv, *config_types):
     """Config files and `--key=value` overrides -> one dict of settings per dataclass type.
 
-    A key belongs to the first dataclass that has a field of that name. Unknown keys and values of
-    the wrong type raise ConfigError with a one-line message that names the key."""
+    A key belongs to the first dataclass that has a field of that name. Unknown keys, values of the
+    wrong type or outside the dataclass's LIMITS, and settings its own __post_init__ rejects raise
+    ConfigError with a one-line message that names the key: every script that parses its settings
+    here gets these checks before it touches any data."""
     hints = [typing.get_type_hints(t) for t in config_types]
     known = [k for h in hints for k in h]
     settings = [{} for _ in config_types]
 
     def assign(key, value, text=None):
-        for hint, chosen in zip(hints, settings):
+        for config_type, hint, chosen in zip(config_types, hints, settings):
             if key in hint:
                 chosen[key] = parse_value(key, value, hint[key], text)
+                check_limit(key, chosen[key], getattr(config_type, "LIMITS", {}).get(key))
                 return
         close = difflib.get_close_matches(key, known, n=1)
         raise ConfigError(f"unknown setting '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
@@ -133,7 +157,82 @@ def parse_overrides(argv, *config_types):
             for key, value in namespace.items():
                 if not key.startswith("_") and not callable(value) and not isinstance(value, type(os)):
                     assign(key, value)
+    for config_type, chosen in zip(config_types, settings):
+        try:  # the config's own checks across settings (heads that divide the width, ...), now too
+            config_type(**chosen)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return settings
+
+
+LIMIT_TESTS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def check_limit(key, value, limit):
+    """Raise ConfigError unless `value` meets `limit`: a tuple of the allowed values, or a rule such
+    as '>= 1' or '>= 0 and < 1' (a config's LIMITS; --help shows the same text). None passes."""
+    if limit is None or value is None:
+        return
+    if isinstance(limit, tuple):
+        if value not in limit:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, limit))}")
+    elif not all(LIMIT_TESTS[op](value, float(bound)) for op, bound in map(str.split, limit.split(" and "))):
+        raise ConfigError(f"{key}={value!r}: must be {limit}")
+
+
+def documented_fields(config_type):
+    """The fields of a config dataclass in source order, as (name, comment): the comment after each
+    field, with the comment-only lines indented below it. A comment line of its own at the fields'
+    indent (`# data`) comes as (None, heading). --help is made of these, so it cannot drift."""
+    source = textwrap.dedent(inspect.getsource(config_type))
+    lines = source.splitlines()
+    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    fields = {node.lineno: (node.col_offset, node.target.id)
+              for node in ast.parse(source).body[0].body if isinstance(node, ast.AnnAssign)}
+    indent, last_field = min(col for col, _ in fields.values()), max(fields)
+    rows, previous = [], None   # previous: the line the last field or its comment ended on
+    for number in sorted(set(fields) | set(comments)):
+        column, text = comments.get(number, (None, ""))
+        if number in fields:
+            rows.append((fields[number][1], text))
+            previous = number
+        elif lines[number - 1].lstrip().startswith("#"):
+            if column > indent and previous == number - 1:
+                rows[-1] = (rows[-1][0], f"{rows[-1][1]} {text}")
+                previous = number
+            elif column == indent and number < last_field:
+                rows.append((None, text))
+    return rows
+
+
+def wants_help(argv):
+    return any(arg in ("-h", "--help") for arg in argv)
+
+
+def help_text(doc, *config_types):
+    """--help: the script's docstring, then every setting of each config with its type, default,
+    limit and the comment the source gives it."""
+    def shown(value):
+        return '""' if value == "" else str(value)
+
+    out = [doc.strip(), "", "Settings, as --key=value (type, limit: meaning):"]
+    for config_type in config_types:
+        hints = typing.get_type_hints(config_type)
+        defaults = {f.name: f.default for f in dataclasses.fields(config_type)}
+        limits = getattr(config_type, "LIMITS", {})
+        out += ["", f"{config_type.__name__} ({os.path.basename(inspect.getsourcefile(config_type))}):"]
+        for name, comment in documented_fields(config_type):
+            if name is None:
+                out.append(f"  # {comment}")
+                continue
+            kinds = typing.get_args(hints[name]) or (hints[name],)
+            kind = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            limit = limits.get(name)
+            if limit is not None:
+                kind += f", {'|'.join(limit)}" if isinstance(limit, tuple) else f", {limit}"
+            out.append(f"  {f'--{name}={shown(defaults[name])}':<32}  {kind}: {comment}")
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +298,18 @@ def peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def duration(seconds):
+    """A wall time at a glance: 7 -> '7s', 125 -> '2m05s', 3725 -> '1h02m', 200000 -> '2d07h'."""
+    s = int(round(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
 def save_checkpoint(path, payload):
     """Write to a temp file, flush it to disk, then rename: a crash mid-save leaves the old file."""
     tmp = path + ".tmp"
@@ -229,13 +340,13 @@ def load_checkpoint(path):
 # The training run
 
 def main(argv=None):
-    train_overrides, model_overrides = parse_overrides(sys.argv[1:] if argv is None else argv,
-                                                       TrainConfig, GPTConfig)
+    started = time.time()
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text(__doc__, TrainConfig, GPTConfig))
+        return
+    train_overrides, model_overrides = parse_overrides(argv, TrainConfig, GPTConfig)
     cfg = TrainConfig(**train_overrides)
-    if cfg.init_from not in ("scratch", "resume"):
-        raise ConfigError(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
-    if cfg.optimizer not in ("adamw", "sgd"):
-        raise ConfigError(f"optimizer must be 'adamw' or 'sgd', not {cfg.optimizer!r}")
 
     # --- processes and devices
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -264,6 +375,9 @@ def main(argv=None):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
     ptdtype = getattr(torch, cfg.dtype)
     device_type = "cuda" if device.startswith("cuda") else "mps" if device == "mps" else "cpu"
+    if device_type == "cpu" and ptdtype != torch.float32 and master:
+        print(f"warning: --dtype={cfg.dtype} is slow on a CPU (most CPUs emulate half-precision matmuls); "
+              f"--dtype=float32 is usually faster there", file=sys.stderr, flush=True)
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -300,6 +414,11 @@ def main(argv=None):
             raise ConfigError(str(e)) from None
     if model_config.vocab_size < meta["vocab_size"]:
         raise ConfigError(f"checkpoint vocab {model_config.vocab_size} < dataset vocab {meta['vocab_size']}")
+    for split in ("train", "val"):  # get_batch's condition, checked now rather than after the model is built
+        if meta[f"{split}_tokens"] <= model_config.block_size + 1:
+            raise ConfigError(f"block_size={model_config.block_size} is too long for {data_dir}: its {split} "
+                              f"split has {meta[f'{split}_tokens']:,} tokens; use --block_size="
+                              f"{meta[f'{split}_tokens'] - 2} or less")
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
@@ -463,8 +582,9 @@ def main(argv=None):
                 if peak:
                     record["mfu"] = flops_per_token * tokens_per_iter / dt / (peak * world)
                 print(f"iter {iter_num}: loss {train_loss:.4f}, {1000 * dt:.0f} ms/iter, "
-                      f"{record['tokens_per_s']:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else ""),
-                      flush=True)
+                      f"{record['tokens_per_s']:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else "")
+                      # at the current rate, evaluations not counted
+                      + f", {duration((cfg.max_iters - iter_num) * dt)} left", flush=True)
                 log(record)
 
         if master:
@@ -476,6 +596,8 @@ def main(argv=None):
                 print(f"stopped at iter {iter_num}: {stop_reason}", flush=True)
             else:
                 print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}", flush=True)
+            print(f"wall time {duration(time.time() - started)}, tokens seen {iter_num * tokens_per_iter:,}"
+                  + (f" ({(iter_num - start_iter) * tokens_per_iter:,} in this run)" if start_iter else ""), flush=True)
             if device_type == "cuda":
                 print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
     finally:
