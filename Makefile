@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 DEMO_OUT ?= out/demo-$(SEED)
 
 
-.PHONY: install demo demo-all demo-arms test
+.PHONY: install demo demo-all demo-arms test bench bench-gpu
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
@@ -37,3 +37,18 @@ demo-arms:
 test: install
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest
 	$(PYTHON) -m pytest -q tests
+
+# Training-step speed of all six arms side by side: the demo size on CPU, eager, ~1 min on 2 cores.
+# Extra settings go in BENCH_ARGS, e.g. BENCH_ARGS="--threads=1" or "--compile=True".
+BENCH_ARGS ?=
+bench: install
+	$(PYTHON) bench.py config/cpu_demo.py --arms=all --vocab_size=65 --device=cpu --compile=False \
+	  --warmup=3 --rounds=7 --steps=8 --out_json=out/bench.json $(BENCH_ARGS)
+
+# One CUDA GPU, < 5 min on an H200 with compilation: the exact-reduction and causality tests on
+# CUDA, then the 160M preset's step (bf16, compiled, 24 x 1024 tokens) for vanilla, ledger, suppress.
+bench-gpu:
+	LEDGER_TEST_DEVICE=cuda $(PYTHON) -m pytest -q tests/test_ledger.py -k "reduces_exactly or never_changes_earlier"
+	$(PYTHON) bench.py config/paper_160m.py --arms=vanilla,ledger,suppress --device=cuda --dtype=bfloat16 \
+	  --compile=True --batch_size=24 --gradient_accumulation_steps=1 --warmup=3 --rounds=3 --steps=10 \
+	  --out_json=out/bench-gpu.json $(BENCH_ARGS)
