@@ -14,7 +14,7 @@ LAB_SEEDS ?= 1337 1338 1339
 LAB_SGD_FLAGS ?= --optimizer=sgd --learning_rate=0.5 --min_lr=0.05
 
 
-.PHONY: install demo demo-text demo-text-all demo-arms lab lab-all lab-arms test
+.PHONY: install demo demo-text demo-text-all demo-arms lab lab-all lab-arms test bench bench-gpu
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
@@ -77,3 +77,18 @@ lab-arms:
 test: install
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest
 	$(PYTHON) -m pytest -q tests
+
+# Training-step speed of all six arms side by side: the demo size on CPU, eager, ~1 min on 2 cores.
+# Extra settings go in BENCH_ARGS, e.g. BENCH_ARGS="--threads=1" or "--compile=True".
+BENCH_ARGS ?=
+bench: install
+	$(PYTHON) bench.py config/cpu_demo.py --arms=all --vocab_size=65 --device=cpu --compile=False \
+	  --warmup=3 --rounds=7 --steps=8 --out_json=out/bench.json $(BENCH_ARGS)
+
+# One CUDA GPU, < 5 min on an H200 with compilation: the exact-reduction and causality tests on
+# CUDA, then the 160M preset's step (bf16, compiled, 24 x 1024 tokens) for vanilla, ledger, suppress.
+bench-gpu:
+	LEDGER_TEST_DEVICE=cuda $(PYTHON) -m pytest -q tests/test_ledger.py -k "reduces_exactly or never_changes_earlier"
+	$(PYTHON) bench.py config/paper_160m.py --arms=vanilla,ledger,suppress --device=cuda --dtype=bfloat16 \
+	  --compile=True --batch_size=24 --gradient_accumulation_steps=1 --warmup=3 --rounds=3 --steps=10 \
+	  --out_json=out/bench-gpu.json $(BENCH_ARGS)

@@ -286,6 +286,66 @@ def get_batch(data_dir, meta, split, key, batch_size, block_size, device, align=
     return x.to(device), y.to(device)
 
 
+def setup_device(cfg: TrainConfig, local_rank=None):
+    """Resolve cfg.device ('auto': cuda > mps > cpu; under DDP, cuda:<local_rank>) and cfg.dtype
+    ('auto': bf16 where the GPU has it, fp16 with a GradScaler on older GPUs, fp32 on CPU).
+    Returns (device, device_type, ptdtype, autocast context)."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if not available.get(device.split(":")[0], False):
+        raise ConfigError(f"--device={device} but torch sees no such device here; use --device=cpu")
+    if local_rank is not None and device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if cfg.dtype == "auto":
+        on_gpu = device.startswith("cuda")
+        cfg.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
+    ptdtype = getattr(torch, cfg.dtype)
+    device_type = "cuda" if device.startswith("cuda") else "mps" if device == "mps" else "cpu"
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return device, device_type, ptdtype, autocast
+
+
+def configure_optimizer(model, cfg: TrainConfig, device_type):
+    """AdamW (or SGD with momentum beta1) with weight decay on matrices and embeddings only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]      # matrices and embeddings
+    no_decay = [p for p in model.parameters() if p.dim() < 2]    # norms, gate biases, lam, hc scalars
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.beta1)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+
+def model_flops_per_token(model_config: GPTConfig, n_params_non_embedding):
+    """Training FLOPs per token, PaLM-style: 6 per weight (forward and backward), plus attention."""
+    return 6 * n_params_non_embedding + 12 * model_config.n_layer * model_config.n_embd * model_config.block_size
+
+
+def training_loss(model, x, y, autocast, commit_sparsity):
+    """One micro-step's forward: (what backward sees, the LM loss). The Ledger arms add the paper's
+    commit-sparsity term, commit_sparsity * mean(c), to the loss."""
+    with autocast:
+        _, loss, commit_gates = model(x, y)
+        total = loss if commit_gates is None else loss + commit_sparsity * commit_gates.mean()
+    return total, loss
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Unscale and clip the gradients, step, and free them."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 # Dense bf16 peak FLOP/s (no sparsity), for MFU. An unknown GPU simply gets no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
               "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
@@ -351,36 +411,19 @@ def main(argv=None):
     # --- processes and devices
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = 0, 0, 1
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if not available.get(device.split(":")[0], False):
-        raise ConfigError(f"--device={device} but torch sees no such device here; use --device=cpu")
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
+    device, device_type, ptdtype, autocast = setup_device(cfg, local_rank if ddp else None)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     master = rank == 0
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not "
                           f"divisible by the world size {world}")
     local_accum = cfg.gradient_accumulation_steps // world
-    if cfg.dtype == "auto":  # bf16 where the GPU has it, fp16 (with a GradScaler) on older GPUs
-        on_gpu = device.startswith("cuda")
-        cfg.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
-    ptdtype = getattr(torch, cfg.dtype)
-    device_type = "cuda" if device.startswith("cuda") else "mps" if device == "mps" else "cpu"
     if device_type == "cpu" and ptdtype != torch.float32 and master:
         print(f"warning: --dtype={cfg.dtype} is slow on a CPU (most CPUs emulate half-precision matmuls); "
               f"--dtype=float32 is usually faster there", file=sys.stderr, flush=True)
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
     # --- data and model
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
@@ -423,14 +466,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
     raw_model = model  # the plain module: what is saved, evaluated and measured
-    decay = [p for p in model.parameters() if p.dim() >= 2]      # matrices and embeddings
-    no_decay = [p for p in model.parameters() if p.dim() < 2]    # norms, gate biases, lam, hc scalars
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.beta1)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                      fused=device_type == "cuda")
+    optimizer = configure_optimizer(model, cfg, device_type)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -446,8 +482,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_config.block_size
-    flops_per_token = 6 * raw_model.num_params(non_embedding=True) + \
-        12 * model_config.n_layer * model_config.n_embd * model_config.block_size
+    flops_per_token = model_flops_per_token(model_config, raw_model.num_params(non_embedding=True))
     peak = peak_flops(device)
     commit_sparsity = model_config.commit_sparsity
     if master:
@@ -544,9 +579,8 @@ def main(argv=None):
                                  cfg.batch_size, model_config.block_size, device, cfg.align_windows)
                 # DDP averages gradients over processes; sync only on the last micro-step.
                 sync = not ddp or micro == local_accum - 1
-                with (nullcontext() if sync else model.no_sync()), autocast:
-                    _, loss, commit_gates = model(x, y)
-                    total = loss if commit_gates is None else loss + commit_sparsity * commit_gates.mean()
+                with nullcontext() if sync else model.no_sync():
+                    total, loss = training_loss(model, x, y, autocast, commit_sparsity)
                 scaler.scale(total / local_accum).backward()
                 loss_sum += loss.detach().float()
             # One small all-reduce per iteration: the global mean loss (to log and to check for NaN),
@@ -563,12 +597,7 @@ def main(argv=None):
                 raise SystemExit(3)
             if stop:
                 break  # before the update: the saved state is that of the start of this iteration
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, cfg.grad_clip)
             iter_num += 1
             iters_since_log += 1
 

@@ -1,6 +1,7 @@
 """The model's contracts, as the paper states them: Ledger is exactly vanilla at one gate setting,
 every arm is causal, C is append-only, and the arms cost about the same number of parameters."""
 import copy
+import os
 
 import pytest
 import torch
@@ -8,15 +9,18 @@ import torch
 from ledger import ARCHS, GPT, GPTConfig, LedgerResidual, pin_to_vanilla_corner
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=3, n_head=2, n_embd=32, gate_rank=8)
+# `make bench-gpu` runs the exact-reduction and causality tests again with LEDGER_TEST_DEVICE=cuda.
+DEVICE = os.environ.get("LEDGER_TEST_DEVICE", "cpu")
 
 
 def tiny(arch, **overrides):
     torch.manual_seed(0)
-    return GPT(GPTConfig(arch=arch, **{**TINY, **overrides}))
+    return GPT(GPTConfig(arch=arch, **{**TINY, **overrides})).to(DEVICE)
 
 
 def tokens(batch=2, length=24, seed=1):
-    return torch.randint(0, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY["vocab_size"], (batch, length), generator=generator).to(DEVICE)
 
 
 def vanilla_and_pinned(arch, dtype, **overrides):

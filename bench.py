@@ -1,0 +1,180 @@
+"""
+The training step of every arm, timed side by side in one process (nanoGPT's bench.py, for the arms).
+
+    python bench.py config/cpu_demo.py --arms=all --vocab_size=65    # `make bench`: CPU, eager, ~1 min
+    python bench.py config/paper_160m.py --arms=vanilla,ledger --batch_size=24 \\
+        --gradient_accumulation_steps=1                               # as `make bench-gpu`: bf16, compiled
+
+Each arm gets train.py's model, optimizer, dtype, autocast and compile path, and takes exactly
+train.py's step (train.training_loss with the commit-sparsity term, backward, train.optimizer_step)
+on random tokens: no dataset is needed. The vocabulary is --vocab_size, else the config's dataset's
+meta.json when it is prepared, else GPT-2's. After `warmup` untimed steps per arm (compilation
+happens there), the arms take turns for `rounds` rounds of `steps` timed steps each, so that machine
+noise hits them alike. Per arm it prints tokens/s and ms/step (median over rounds, and the min-max
+spread); the step-time ratio to vanilla; the analytic FLOP ratio (6N + 12LdT per token) and the
+parameter ratio; on CUDA the peak memory and MFU. The same numbers go to `out_json`.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import train
+from ledger import ARCHS, GPT, GPTConfig
+from prepare_data import DataError, load_meta
+
+
+@dataclass
+class BenchConfig:
+    arms: str = "vanilla,ledger"     # comma-separated arms (ledger.ARCHS), or 'all'
+    steps: int = 5                   # timed steps per arm and round
+    rounds: int = 3                  # the arms take turns once per round
+    warmup: int = 2                  # untimed steps per arm first (compilation happens here)
+    threads: int = 0                 # CPU threads (torch.set_num_threads); 0: torch's default
+    out_json: str = "out/bench.json"
+    profile: bool = False            # then profile `steps` steps of each arm and print its top ops
+
+
+def costs(model_config):
+    """(parameters, training FLOPs per token) of a model, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = GPT(model_config)
+    return model.num_params(), train.model_flops_per_token(model_config, model.num_params(non_embedding=True))
+
+
+def cell(value, spec):
+    """A table cell: the number, or '-' where there is none (no vanilla to compare with, no CUDA)."""
+    return format(value, spec) if value is not None else format("-", ">" + spec.split(".")[0])
+
+
+def main(argv=None):
+    bench_overrides, train_overrides, model_overrides = train.parse_overrides(
+        sys.argv[1:] if argv is None else argv, BenchConfig, train.TrainConfig, GPTConfig)
+    bench, cfg = BenchConfig(**bench_overrides), train.TrainConfig(**train_overrides)
+    arms = list(ARCHS) if bench.arms == "all" else bench.arms.split(",")
+    if not set(arms) <= set(ARCHS) or min(bench.steps, bench.rounds) < 1:
+        raise train.ConfigError(f"--arms takes 'all' or some of {','.join(ARCHS)}; steps, rounds >= 1")
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    device, device_type, ptdtype, autocast = train.setup_device(cfg)
+    sync = torch.cuda.synchronize if device_type == "cuda" else lambda: None
+    if "vocab_size" not in model_overrides:
+        try:
+            model_overrides["vocab_size"] = load_meta(os.path.join(cfg.data_root, cfg.dataset))["vocab_size"]
+        except DataError:
+            pass  # not prepared here: GPT-2's vocabulary
+    try:
+        configs = {arm: GPTConfig(**{**model_overrides, "arch": arm}) for arm in ("vanilla", *arms)}
+    except ValueError as e:  # heads that do not divide the width, ...
+        raise train.ConfigError(str(e)) from None
+    mc = configs["vanilla"]
+    tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * mc.block_size
+    print(f"bench: {device}, {cfg.dtype}, {'compiled' if cfg.compile else 'eager'}, {torch.get_num_threads()} threads"
+          f" | {mc.n_layer} layers x {mc.n_embd} wide, vocab {mc.vocab_size} | {cfg.gradient_accumulation_steps} x "
+          f"{cfg.batch_size} x {mc.block_size} tokens per step | {bench.rounds} rounds x {bench.steps} steps per arm, "
+          f"after {bench.warmup} warm-up steps", flush=True)
+
+    runs = {}
+    for arm in arms:
+        torch.manual_seed(cfg.seed)
+        before = torch.cuda.memory_allocated(device) if device_type == "cuda" else 0
+        model = GPT(configs[arm]).to(device)
+        optimizer = train.configure_optimizer(model, cfg, device_type)
+        scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+        step_model = torch.compile(model) if cfg.compile else model
+        shape = (cfg.gradient_accumulation_steps, cfg.batch_size, mc.block_size)  # random tokens per micro-step
+        xs, ys = (torch.randint(mc.vocab_size, shape, device=device) for _ in range(2))
+
+        def step(model=model, step_model=step_model, optimizer=optimizer, scaler=scaler, xs=xs, ys=ys,
+                 sparsity=configs[arm].commit_sparsity):
+            for x, y in zip(xs, ys):  # the micro-steps of one iteration, then the update
+                total, loss = train.training_loss(step_model, x, y, autocast, sparsity)
+                scaler.scale(total / len(xs)).backward()
+            train.optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            return loss.item()  # train.py reads the loss every iteration: the same sync
+
+        t0 = time.perf_counter()
+        for _ in range(bench.warmup):
+            step()
+        sync()
+        resident = torch.cuda.memory_allocated(device) - before if device_type == "cuda" else 0
+        runs[arm] = {"step": step, "ms": [], "peak": 0, "resident": resident,
+                     "warmup_s": time.perf_counter() - t0}
+        print(f"  {arm}: warm-up {runs[arm]['warmup_s']:.1f} s", flush=True)
+
+    for _ in range(bench.rounds):
+        for run in runs.values():
+            if device_type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                start = torch.cuda.memory_allocated(device)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(bench.steps):
+                run["step"]()
+            sync()
+            run["ms"].append(1000 * (time.perf_counter() - t0) / bench.steps)
+            if device_type == "cuda":  # this step's transient memory on top of this arm's own state
+                run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated(device) - start + run["resident"])
+
+    peak, (base_params, base_flops) = train.peak_flops(device), costs(mc)
+    base_ms = statistics.median(runs["vanilla"]["ms"]) if "vanilla" in runs else None
+    results = {}
+    print(f"{'arm':10s} {'tokens/s':>9s} {'ms/step (min-max)':>21s} {'x vanilla':>9s} {'FLOPs x':>8s} "
+          f"{'params x':>8s} {'peak GiB':>8s} {'MFU':>6s}")
+    for arm, run in runs.items():
+        (params, flops), ms = costs(configs[arm]), statistics.median(run["ms"])
+        r = results[arm] = {
+            "tokens_per_s": tokens_per_step / ms * 1000, "ms_per_step": ms, "ms_per_step_rounds": run["ms"],
+            "ratio_to_vanilla": ms / base_ms if base_ms else None, "flops_per_token": flops,
+            "flop_ratio": flops / base_flops, "params": params, "param_ratio": params / base_params,
+            "peak_memory_gib": run["peak"] / 2**30 if device_type == "cuda" else None,
+            "mfu": flops * tokens_per_step / (ms / 1000) / peak if peak else None, "warmup_s": run["warmup_s"]}
+        spread = f"{ms:.1f} ({min(run['ms']):.1f}-{max(run['ms']):.1f})"
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] else "-"
+        print(f"{arm:10s} {r['tokens_per_s']:9,.0f} {spread:>21s} {cell(r['ratio_to_vanilla'], '9.2f')} "
+              f"{r['flop_ratio']:8.2f} {r['param_ratio']:8.2f} {cell(r['peak_memory_gib'], '8.1f')} {mfu:>6s}")
+    os.makedirs(os.path.dirname(bench.out_json) or ".", exist_ok=True)
+    with open(bench.out_json, "w") as f:
+        gpu = torch.cuda.get_device_name(device) if device_type == "cuda" else None
+        json.dump({"device": device, "gpu": gpu, "dtype": cfg.dtype, "compile": cfg.compile,
+                   "threads": torch.get_num_threads(), "tokens_per_step": tokens_per_step, "bench": asdict(bench),
+                   "train": asdict(cfg), "model": asdict(mc), "arms": results}, f, indent=1)
+    print(f"wrote {bench.out_json}")
+
+    if bench.profile:  # where each arm's step spends its time
+        activities = [torch.profiler.ProfilerActivity.CPU] + \
+            ([torch.profiler.ProfilerActivity.CUDA] if device_type == "cuda" else [])
+        for arm, run in runs.items():
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(bench.steps):
+                    run["step"]()
+                sync()
+            print(f"--- {arm}: top ops over {bench.steps} steps")
+            sort = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40))
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (train.ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+# `make bench BENCH_ARGS=--threads=1` on a 2-core AMD EPYC VM shared with other jobs:
+# bench: cpu, float32, eager, 1 threads | 4 layers x 128 wide, vocab 65 | 1 x 8 x 128 tokens per step | 7 rounds x ...
+#   vanilla: warm-up 0.4 s
+#   ...
+# arm         tokens/s     ms/step (min-max) x vanilla  FLOPs x params x peak GiB    MFU
+# vanilla       11,127      92.0 (89.3-96.8)      1.00     1.00     1.00        -      -
+# suppress      10,333     99.1 (95.3-109.4)      1.08     1.00     1.00        -      -
+# ledger         7,223   141.8 (136.1-148.5)      1.54     1.09     1.10        -      -
+# ledger-hs      7,257   141.1 (131.3-147.7)      1.53     1.09     1.10        -      -
+# delta          8,527   120.1 (116.4-125.1)      1.30     1.05     1.06        -      -
+# hc2            9,749   105.0 (101.0-109.6)      1.14     1.00     1.00        -      -
+# wrote out/bench.json

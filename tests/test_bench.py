@@ -1,0 +1,43 @@
+"""bench.py's contracts: its FLOP count is the 6N + 12LdT formula, and one short run of every arm
+prints the table and writes the JSON."""
+import json
+
+import pytest
+
+import bench
+import ledger
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--gate_rank=4", "--vocab_size=50",
+        "--batch_size=2", "--device=cpu"]
+
+
+def test_vanilla_flops_per_token_are_6N_plus_12LdT():
+    L, d, T, V = 3, 48, 64, 101
+    params, flops = bench.costs(ledger.GPTConfig(n_layer=L, n_head=4, n_embd=d, block_size=T, vocab_size=V))
+    # per layer: qkv 3d^2 + proj d^2 + MLP 8d^2 + two RMSNorm gains; the final norm; the untied head
+    non_embedding = L * (12 * d * d + 2 * d) + d + d * V
+    assert params == non_embedding + V * d + T * d  # plus token and position embeddings
+    assert flops == 6 * non_embedding + 12 * L * d * T
+
+
+def test_a_short_run_of_every_arm_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main([*TINY, "--arms=all", "--steps=1", "--rounds=2", "--warmup=0", f"--out_json={out}"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("arm "))
+    assert [line.split()[0] for line in lines[header + 1:header + 7]] == list(ledger.ARCHS)  # one line per arm
+    result = json.loads(out.read_text())
+    assert result["tokens_per_step"] == 2 * 16 and result["compile"] is False
+    arms = result["arms"]
+    assert list(arms) == list(ledger.ARCHS)
+    for arm in arms.values():
+        assert len(arm["ms_per_step_rounds"]) == 2 and arm["tokens_per_s"] > 0
+        assert arm["mfu"] is None and arm["peak_memory_gib"] is None  # CUDA only
+    assert arms["vanilla"]["ratio_to_vanilla"] == 1.0 and arms["vanilla"]["flop_ratio"] == 1.0
+    assert arms["ledger"]["param_ratio"] > 1.0 and arms["ledger"]["flop_ratio"] > 1.0
+    assert arms["suppress"]["params"] == arms["vanilla"]["params"] + 2 * 2 * 16  # q and k norm gains
+
+
+def test_bad_arms_fail_clearly():
+    with pytest.raises(bench.train.ConfigError, match="--arms takes"):
+        bench.main([*TINY, "--arms=vanilla,ledgr"])
