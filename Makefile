@@ -5,7 +5,7 @@ SEED ?= 1337
 # Installed only when torch is missing: the CPU build, not a multi-GB CUDA one.
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= out/demo-$(SEED)
-LAB_OUT ?= out/lab-$(SEED)
+LAB_OUT ?= out/lab
 LAB_ARMS ?= vanilla suppress ledger ledger-hs
 # arms trained side by side, one thread each: a tiny model uses one core well
 LAB_JOBS ?= 2
@@ -14,7 +14,7 @@ LAB_SEEDS ?= 1337 1338 1339
 LAB_SGD_FLAGS ?= --optimizer=sgd --learning_rate=0.5 --min_lr=0.05
 
 
-.PHONY: install demo demo-text demo-text-all demo-arms lab lab-all lab-arms test bench bench-gpu
+.PHONY: install demo demo-text demo-text-all demo-arms lab lab-all lab-runs test bench bench-gpu
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
@@ -47,32 +47,32 @@ demo-arms:
 	echo "demo done in $$(( $$(date +%s) - start )) s; table in $(DEMO_OUT)/summary.md, figures in $(DEMO_OUT)/<arm>/"
 
 # The laptop lab: Bigram-Backcopy sequences that open on <bos> (Guo et al. 2024), the four arms of
-# the paper trained two at a time, then measured at matched loss. `make lab-all` trains every arm
-# for three seeds plus a vanilla run with SGD, and measures them all together.
+# the paper trained two at a time into out/lab/<arm>-s<seed>, then measured at matched loss.
+# `make lab-all` adds two more seeds and a vanilla run with SGD per seed, reusing finished runs.
 lab: install
-	@$(MAKE) --no-print-directory lab-arms LAB_RUNS="$(foreach a,$(LAB_ARMS),$(a):$(SEED):$(a))"
+	@$(MAKE) --no-print-directory lab-runs LAB_RUNS="$(foreach a,$(LAB_ARMS),$(a)-s$(SEED))" \
+	  LAB_MEASURE=$(LAB_OUT)/measure-s$(SEED)
 
 lab-all: install
-	@$(MAKE) --no-print-directory lab-arms LAB_OUT=out/lab-all LAB_RUNS="$(foreach s,$(LAB_SEEDS),\
-	  $(foreach a,$(LAB_ARMS) delta hc2,$(a):$(s):$(a)-s$(s)) vanilla:$(s):vanilla-sgd-s$(s))"
+	@$(MAKE) --no-print-directory lab-runs LAB_MEASURE=$(LAB_OUT)/measure-all \
+	  LAB_RUNS="$(foreach s,$(LAB_SEEDS),$(foreach a,$(LAB_ARMS) vanilla-sgd,$(a)-s$(s)))"
 
-# LAB_RUNS holds arm:seed:folder triples; a folder named *-sgd-* trains with SGD (see config/lab.py).
-lab-arms:
+# LAB_RUNS names run folders <arm>-s<seed>; the arm vanilla-sgd is vanilla trained with SGD.
+lab-runs:
 	@start=$$(date +%s); \
 	$(PYTHON) prepare_data.py --dataset=bigram_backcopy || exit 1; \
-	mkdir -p $(LAB_OUT); \
 	printf '%s\n' $(LAB_RUNS) | xargs -P $(LAB_JOBS) -I{} sh -c '\
-	  arm=$$(echo {} | cut -d: -f1); seed=$$(echo {} | cut -d: -f2); dir=$(LAB_OUT)/$$(echo {} | cut -d: -f3); \
-	  flags=""; case $$dir in *-sgd-*) flags="$(LAB_SGD_FLAGS)";; esac; \
+	  run={}; arm=$${run%-s*}; seed=$${run##*-s}; dir=$(LAB_OUT)/$$run; flags=""; \
+	  [ $$arm = vanilla-sgd ] && arm=vanilla flags="$(LAB_SGD_FLAGS)"; \
 	  init=scratch; [ -f $$dir/ckpt.pt ] && init=resume; mkdir -p $$dir; \
-	  echo "=== training $$arm, seed $$seed ($$init) -> $$dir"; \
+	  echo "=== training $$run ($$init) -> $$dir"; \
 	  OMP_NUM_THREADS=1 $(PYTHON) train.py config/lab.py --arch=$$arm --seed=$$seed --out_dir=$$dir \
 	    --init_from=$$init $$flags > $$dir/train.log 2>&1 \
-	    && echo "    $$dir: $$(tail -n 1 $$dir/train.log)" || { tail -n 5 $$dir/train.log; exit 255; }' || exit 1; \
-	echo "=== measuring at matched loss -> $(LAB_OUT)"; \
-	$(PYTHON) measure.py $(addprefix $(LAB_OUT)/,$(foreach r,$(LAB_RUNS),$(word 3,$(subst :, ,$(r))))) \
-	  --match_loss=auto --num_windows=512 --batch_size=128 --out_dir=$(LAB_OUT) --threads=2 || exit 1; \
-	echo "lab done in $$(( $$(date +%s) - start )) s; table in $(LAB_OUT)/summary.md, figures in $(LAB_OUT)/<run>/"
+	    && echo "    $$run: $$(tail -n 1 $$dir/train.log)" || { tail -n 5 $$dir/train.log; exit 255; }' || exit 1; \
+	echo "=== measuring at matched loss -> $(LAB_MEASURE)"; \
+	$(PYTHON) measure.py $(addprefix $(LAB_OUT)/,$(LAB_RUNS)) --match_loss=auto --num_windows=512 \
+	  --batch_size=128 --threads=2 --out_dir=$(LAB_MEASURE) || exit 1; \
+	echo "lab done in $$(( $$(date +%s) - start )) s; table in $(LAB_MEASURE)/summary.md, figures beside it"
 
 test: install
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest

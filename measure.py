@@ -844,9 +844,9 @@ def summary_table(results):
 def across_seeds_table(results):
     """One row per arm measured more than once (seeds): mean [min, max] of the headline numbers, so
     that a claim about an arm rests on every run of it, not on the best one."""
-    by_arch = {}
+    by_arch = {}   # an arm trained with another optimizer is another row
     for m in results:
-        by_arch.setdefault(m["arch"], []).append(m)
+        by_arch.setdefault(m["arch"] + ("" if m.get("optimizer", "adamw") == "adamw" else f" + {m['optimizer']}"), []).append(m)
     columns = {
         "val loss": lambda m, s: m["measured_val_loss"],
         "pos-0 ratio (peak)": lambda m, s: s["peak_pos0_ratio"],
@@ -966,7 +966,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
         "run_dir": os.path.dirname(os.path.abspath(path)),
         "iter_num": ckpt.get("iter_num"), "val_loss_recorded": ckpt.get("val_loss"), "selection": selection,
         "dataset": os.path.basename(data.data_dir), "data_dir": data.data_dir,
-        "train_seed": train_cfg.get("seed"),
+        "train_seed": train_cfg.get("seed"), "optimizer": train_cfg.get("optimizer", "adamw"),
         "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device, "align_windows": align},
         "model_config": ckpt["model_config"], "sublayer_names": names,
         "measured_val_loss": baseline, "decoded_stream": decoded, "streams": summaries,

@@ -304,6 +304,8 @@ def test_the_across_seeds_table_gives_mean_min_and_max_of_every_run_of_an_arm():
     assert rows == ["| vanilla | 2 | 1.500 [1.000, 2.000] | 30 [20, 40] | 1.000 [1.000, 1.000] | 2.000 [2.000, 2.000] "
                     "| 0.500 [0.500, 0.500] | 0.200 [0.100, 0.300] | 0.000 [0.000, 0.000] |"]
     assert "| ledger" not in table          # one run is no spread
+    sgd = [dict(run("vanilla", 3.0, 10.0, 0.0), optimizer="sgd") for _ in range(2)]
+    assert "| vanilla + sgd | 2 | 3.000" in measure.across_seeds_table(sgd + [run("vanilla", 1.0, 20.0, 0.1)])
     assert measure.across_seeds_table([run("ledger", 1.5, 5.0, 0.0)]) == ""
 
 
