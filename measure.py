@@ -874,15 +874,30 @@ def notes(m):
     """Honest one-liners under the table: what the numbers do and do not show."""
     s = m["streams"][m["decoded_stream"]]
     lines, label, dim, ratio = [], m["label"], s["dominant_dim"], s["peak_ratio"]
+    pos0, conc = s["peak_pos0_ratio"], s["start_token_concentration_peak"]
     if s["sun_massive_count_total"] == 0:
-        shape = (f"fixed dimension {dim} at {ratio:.1f}x the median dimension is at most the precursor, not a "
-                 f"100-1000x outlier" if ratio >= 5 else f"no pronounced fixed dimension (peak {ratio:.1f}x)")
+        # A start-token outlier is diluted T-fold in the all-position ratio: judge it at position 0.
+        if pos0 >= 10 and conc >= 10:
+            shape = (f"fixed dimension {dim} is {pos0:.0f}x the median dimension at position 0 and {conc:.0f}x "
+                     f"larger there than at later positions: a start-token outlier, short of the 100-1000x of "
+                     f"large models")
+        elif pos0 >= 10:
+            shape = (f"fixed dimension {dim} is {pos0:.0f}x the median dimension at position 0, but only "
+                     f"{conc:.1f}x larger there than at later positions")
+        elif ratio >= 5:
+            shape = f"fixed dimension {dim} at {ratio:.1f}x the median dimension is at most the precursor, not a 100-1000x outlier"
+        else:
+            shape = f"no pronounced fixed dimension (peak {ratio:.1f}x)"
         lines.append(f"{label}: no massive activations by Sun et al.'s rule in {m['decoded_stream']} "
                      f"(largest |x| {max(s['max_abs_per_sublayer']):.1f}); {shape}.")
     else:
         lines.append(f"{label}: {s['sun_massive_count_total']} massive entries by Sun et al.'s rule "
                      f"({s['sun_massive_count_pos0']} at position 0).")
     e, peak = m["extreme_tokens"], s["residual_peak"]
+    if peak["final"] >= 10:
+        lines.append(f"{label}: {m['decoded_stream']} is {peak['final']:.0f}x larger at position 0 than at later "
+                     f"positions, where it holds little: that alone makes any dimension's start-token "
+                     f"concentration large, so read the concentration with it.")
     n_heads = np.size(e["sink_per_layer_head"])
     lines.append(f"{label}: attention sink: head {head_name(e['sink_max_layer_head'])} puts {e['sink_max']:.2f} "
                  f"of its attention on position 0 (uniform attention: {e['sink_uniform_baseline']:.2f}), where "

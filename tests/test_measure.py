@@ -309,6 +309,22 @@ def test_the_across_seeds_table_gives_mean_min_and_max_of_every_run_of_an_arm():
     assert measure.across_seeds_table([run("ledger", 1.5, 5.0, 0.0)]) == ""
 
 
+def test_notes_judge_a_start_token_outlier_at_position_0_and_flag_a_stream_empty_elsewhere():
+    def note(pos0, conc, final_peak):
+        stream = {"sun_massive_count_total": 0, "dominant_dim": 7, "peak_ratio": 3.0, "max_abs_per_sublayer": [50.0],
+                  "peak_pos0_ratio": pos0, "start_token_concentration_peak": conc,
+                  "residual_peak": {"max": final_peak, "final": final_peak, "max_sublayer_name": "0.mlp"}}
+        m = {"label": "x", "decoded_stream": "C", "streams": {"C": stream}, "selection": {"distance": None},
+             "extreme_tokens": {"sink_per_layer_head": [[0.9]], "sink_max_layer_head": [0, 0], "sink_max": 0.9,
+                                "sink_uniform_baseline": 0.2, "value_drain_at_sink_max": 0.1, "sink_heads_over_half": 1}}
+        return " ".join(measure.notes(m))
+    assert "a start-token outlier, short of the 100-1000x" in note(40.0, 12.0, 2.0)
+    assert "but only 3.0x larger there" in note(40.0, 3.0, 2.0)
+    assert "no pronounced fixed dimension" in note(2.0, 1.0, 2.0)   # an all-position ratio of 3x is no outlier
+    assert "read the concentration with it" in note(40.0, 5000.0, 86.0)
+    assert "read the concentration with it" not in note(40.0, 12.0, 2.0)
+
+
 def test_windows_are_seeded_and_aligned_ones_open_on_the_start_token():
     tokens = np.array(([1, 2, 3, 4, 5, 6, 7, 9] * 20), dtype=np.uint16)     # 9 = EOT
     data = Data(tokens, {"eot_id": 9}, None, "x")
