@@ -448,15 +448,18 @@ def bigram_backcopy(args, cache_dir, chunk=10_000):
     itos = ["<bos>"] + [n + "*" * (i in triggers) for i, n in enumerate(names)]
     dtype = dtype_for_vocab(len(itos))
 
-    def documents():
-        for split, n, stream in (("train", args.bb_train_seqs, 1), ("val", args.bb_val_seqs, 2)):
-            rng = np.random.default_rng([args.seed, stream])
-            for start in range(0, n, chunk):
-                for seq in bigram_backcopy_sequences(P, triggers, min(chunk, n - start), args.bb_seq_len, rng):
-                    ids = seq.astype(dtype)
-                    yield (split, hashlib.sha256(ids.tobytes()).digest()), ids
-
+    # val is small and also scores the process; train is made in chunks, so memory stays flat
     val = bigram_backcopy_sequences(P, triggers, args.bb_val_seqs, args.bb_seq_len, np.random.default_rng([args.seed, 2]))
+
+    def documents():
+        rng = np.random.default_rng([args.seed, 1])
+        train = (seq for start in range(0, args.bb_train_seqs, chunk) for seq in bigram_backcopy_sequences(
+            P, triggers, min(chunk, args.bb_train_seqs - start), args.bb_seq_len, rng))
+        for split, seqs in (("train", train), ("val", val)):
+            for seq in seqs:
+                ids = seq.astype(dtype)
+                yield (split, hashlib.sha256(ids.tobytes()).digest()), ids
+
     meta = {"bos_id": BOS_ID, "seq_len": args.bb_seq_len + 1, "triggers": [int(t) + 1 for t in triggers],
             "bigram": args.bb_bigram, "process_val_loss": process_loss(P, triggers, val),
             "source": f"synthetic Bigram-Backcopy (Guo et al. 2024), {args.bb_bigram} bigram table, seed {args.seed}",

@@ -302,8 +302,6 @@ def setup_device(cfg: TrainConfig, local_rank=None):
     if cfg.dtype == "auto":
         on_gpu = device.startswith("cuda")
         cfg.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
     ptdtype = getattr(torch, cfg.dtype)
     device_type = "cuda" if device.startswith("cuda") else "mps" if device == "mps" else "cpu"
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
