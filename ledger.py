@@ -13,8 +13,13 @@ flows through depth, and which state the LM head decodes.
                  C <- C + c * (D + P(D))                                 commit, never erase
                decode C (+ gamma * D, gamma = 0 by default)
     ledger-hs  ledger with a heavy commit-sparsity penalty (the training loss adds lambda * mean(c))
-    delta      one stream with the delta rule: h <- h - beta * (k . h) k + beta * (y + G(y))
+    delta      one stream with the delta rule: h <- h - beta * (k . h) k + beta * W_g y   (one gate)
     hc2        static hyper-connections with two streams (Zhu et al. 2024), decode their sum
+
+Initialisation follows the paper's released code (MaruthiV/ledger-residuals): every gate starts as
+exactly its bias, the same for every token (the output weights of its map are zero), G and P start
+as 0, and the MLP's linears carry biases. README.md, "Differences from the released code", lists
+what this repo still does differently.
 
 Pinned to one gate setting (no erase, full write, G = P = 0, closed commit gate, lam = 0,
 gamma = 1), Ledger's D follows exactly the vanilla h and the model is exactly the vanilla model:
@@ -45,8 +50,8 @@ class GPTConfig:
     n_embd: int = 768                # width of the residual stream (of each stream)
     qk_norm: Optional[bool] = None   # None: on for `suppress` only; True adds QK-norm to any arm
     # Ledger (and delta) knobs
-    gate_rank: int = 64              # rank of the maps W_e, W_w, W_k, G, P; <= 0 or >= n_embd: full
-    erase_bias: float = -3.0         # beta_e starts at sigmoid(-3) ~ 0.05: erase almost nothing
+    gate_rank: int = 64              # rank of Ledger's maps W_e, W_w, W_k, G, P; <= 0 or >= n_embd: full (delta: always full)
+    erase_bias: float = -3.0         # beta_e starts at sigmoid(-3) ~ 0.05: erase almost nothing (delta's one gate too)
     write_bias: float = 3.0          # beta_w starts at sigmoid(+3) ~ 0.95: write almost all of y
     commit_bias_early: float = -4.0  # commit-gate bias at the first sublayer: commit ~ 2%
     commit_bias_late: float = 4.0    # ... rising linearly to the last sublayer: commit ~ 98%
@@ -54,6 +59,7 @@ class GPTConfig:
     decode_gamma: float = 0.0        # decode RMSNorm(C + gamma * D); 0 = the LM head sees only C
     commit_sparsity: Optional[float] = None  # loss weight on mean(c); None: 0.02 ledger, 0.3 -hs
     delta_untied_gates: bool = False  # delta arm: separate erase and write gates (has a vanilla corner)
+    hc2_init: str = "released"       # hc2: released (read and output mixes 0.5, 0.5) or zhu (one-hot read, output 1, 1)
 
     # Checked by train.parse_overrides as each setting is read (see train.TrainConfig.LIMITS)
     LIMITS = {"vocab_size": ">= 1", "block_size": ">= 1", "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1",
@@ -70,6 +76,8 @@ class GPTConfig:
             raise ValueError("arch 'suppress' is vanilla + QK-norm; it cannot run with qk_norm=False")
         if self.commit_sparsity is None:
             self.commit_sparsity = {"ledger": 0.02, "ledger-hs": 0.3}.get(self.arch, 0.0)
+        if self.hc2_init not in ("released", "zhu"):
+            raise ValueError(f"unknown hc2_init {self.hc2_init!r}; choose released or zhu")
 
     @property
     def residual(self) -> str:
@@ -134,8 +142,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.up = linear(config.n_embd, 4 * config.n_embd)
-        self.down = linear(4 * config.n_embd, config.n_embd)
+        # Biased, as in the released code (whose attention and LM head are not).
+        self.up = linear(config.n_embd, 4 * config.n_embd, bias=True)
+        self.down = linear(4 * config.n_embd, config.n_embd, bias=True)
 
     def forward(self, x):
         return self.down(F.gelu(self.up(x)))
@@ -202,25 +211,36 @@ class AddResidual(nn.Module):
 class DeltaWrite(nn.Module):
     """The decoupled delta rule on one stream: erase along a key k, then write a gated update.
 
-        S <- S - beta_e * (k . S) k + beta_w * (y + G(y)),   beta = sigmoid(W u), k = W_k u / |W_k u|
+        S <- S - beta_e * (k . S) k + beta_w * write(y),   beta = sigmoid(W u), k = W_k u / |W_k u|
 
-    This is Ledger's update of D, and (with tied gates) the whole residual of the `delta` control.
-    `gates(u)` computes beta_e, beta_w and the key from u; `forward` applies the update.
+    This is Ledger's update of D, with write(y) = y + G(y), and (one tied gate, write(y) = W_g y) the
+    whole residual of the `delta` control. `gates(u)` computes beta_e, beta_w and the key from u;
+    `forward` applies the update.
+
+    Every gate map starts with zero output weights, as in the released code: at step 0 each gate is
+    exactly sigmoid(its bias) for every token, and it learns to depend on u from there.
     """
 
-    def __init__(self, config: GPTConfig, tied_gates=False):
+    def __init__(self, config: GPTConfig, rank: int, tied_gates=False, write_plus_y=True):
         super().__init__()
-        d, r = config.n_embd, config.gate_rank
-        self.erase_key = LowRank(d, r)                 # W_k: which direction to erase
-        self.write_map = LowRank(d, r, zero_init=True)  # G: starts as 0, so the write starts as y
-        if tied_gates:
-            # One gate both erases and writes. Biased towards writing (as in Ledger), so that at
-            # init the update is close to the vanilla h + y and deep stacks train from the start.
-            self.erase_gate = self.write_gate = LowRank(d, r, bias=True)
-            nn.init.constant_(self.write_gate.up.bias, config.write_bias)
+        d = config.n_embd
+        self.erase_key = LowRank(d, rank)               # W_k: which direction to erase
+        self.write_plus_y = write_plus_y
+        if write_plus_y:
+            self.write_map = LowRank(d, rank, zero_init=True)  # G: starts as 0, so the write starts as y
         else:
-            self.erase_gate = LowRank(d, r, bias=True)  # W_e
-            self.write_gate = LowRank(d, r, bias=True)  # W_w
+            # The released delta control writes W_g y with a full W_g that starts as the identity.
+            # Same function at step 0 as y + G(y), but weight decay pulls W_g towards 0, not to I.
+            self.write_map = LowRank(d, 0)
+            nn.init.eye_(self.write_map.up.weight)
+        if tied_gates:
+            # One gate both erases and writes, biased as the released code biases it (-3): at step 0
+            # it erases little and writes only ~5% of y.
+            self.erase_gate = self.write_gate = LowRank(d, rank, bias=True, zero_init=True)
+            nn.init.constant_(self.erase_gate.up.bias, config.erase_bias)
+        else:
+            self.erase_gate = LowRank(d, rank, bias=True, zero_init=True)  # W_e
+            self.write_gate = LowRank(d, rank, bias=True, zero_init=True)  # W_w
             nn.init.constant_(self.erase_gate.up.bias, config.erase_bias)
             nn.init.constant_(self.write_gate.up.bias, config.write_bias)
 
@@ -238,15 +258,17 @@ class DeltaWrite(nn.Module):
     def forward(self, S, y, erase, write, k):
         # k is not normalised: dividing (k . S) k by |k|^2 instead saves passes over (B, T, d) tensors
         proj = (k * S).sum(-1, keepdim=True) / k.norm(dim=-1, keepdim=True).clamp_min(1e-12).square()
-        return S - erase * proj * k + write * (y + self.write_map(y))
+        update = y + self.write_map(y) if self.write_plus_y else self.write_map(y)
+        return S - erase * proj * k + write * update
 
 
 class DeltaResidual(nn.Module):
-    """delta control: the delta rule on a single stream, no separate commitment."""
+    """delta control: the delta rule on a single stream, no separate commitment. Built as the
+    released `delta_only`: full-rank maps, one gate (erase = write), a write map starting at I."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.scratch = DeltaWrite(config, tied_gates=not config.delta_untied_gates)
+        self.scratch = DeltaWrite(config, rank=0, tied_gates=not config.delta_untied_gates, write_plus_y=False)
 
     def read(self, state):
         return state["h"]
@@ -263,8 +285,9 @@ class LedgerResidual(nn.Module):
     def __init__(self, config: GPTConfig, commit_bias: float):
         super().__init__()
         d, r = config.n_embd, config.gate_rank
-        self.scratch = DeltaWrite(config)               # the D update (erase + write)
-        self.commit_gate = linear(d, 1, bias=True)      # c: one scalar per token
+        self.scratch = DeltaWrite(config, rank=r)       # the D update (erase + write)
+        self.commit_gate = linear(d, 1, bias=True)      # c: one scalar per token, c = sigmoid(bias) at step 0
+        nn.init.zeros_(self.commit_gate.weight)
         nn.init.constant_(self.commit_gate.bias, commit_bias)
         self.promote_map = LowRank(d, r, zero_init=True)  # P: starts as 0, so D is committed as is
         self.read_mix = nn.Parameter(torch.zeros(d))    # lam: how much C nudges the input (init 0)
@@ -286,13 +309,21 @@ class LedgerResidual(nn.Module):
 class HyperResidual(nn.Module):
     """hc2 control: static hyper-connections with n = 2 streams. Learned scalars mix the streams
     into the sublayer's input (read), mix the streams with each other (width), and distribute y
-    over them (output). Initialised to act as a pre-norm residual, as in Zhu et al. (2024)."""
+    over them (output). Both streams start as the embedding.
+
+    hc2_init='released' starts as the released code does: read and output mixes (0.5, 0.5), so the
+    two streams stay equal until training breaks the symmetry. 'zhu' is Zhu et al.'s (2024) init:
+    sublayer i reads stream i mod 2 alone and writes y to both."""
 
     def __init__(self, config: GPTConfig, index: int):
         super().__init__()
-        self.read_weights = nn.Parameter(F.one_hot(torch.tensor(index % 2), 2).float())
+        if config.hc2_init == "zhu":
+            self.read_weights = nn.Parameter(F.one_hot(torch.tensor(index % 2), 2).float())
+            self.output_weights = nn.Parameter(torch.ones(2))
+        else:
+            self.read_weights = nn.Parameter(torch.full((2,), 0.5))
+            self.output_weights = nn.Parameter(torch.full((2,), 0.5))
         self.width_mix = nn.Parameter(torch.eye(2))
-        self.output_weights = nn.Parameter(torch.ones(2))
 
     def read(self, state):
         return self.read_weights[0] * state["h0"] + self.read_weights[1] * state["h1"]
@@ -419,7 +450,7 @@ class GPT(nn.Module):
 def pin_to_vanilla_corner(model: GPT) -> GPT:
     """Set a Ledger (or untied-gate delta) model's residual parameters to the gate setting at which
     it computes exactly the vanilla pre-norm transformer: no erase (beta_e = 0), full write
-    (beta_w = 1), G = P = 0, a closed commit gate (c = 0, so C stays 0), lam = 0 and gamma = 1.
+    (beta_w = 1), G = P = 0 (delta: W_g = I), a closed commit gate (c = 0, so C stays 0), lam = 0 and gamma = 1.
     Then D follows h + y bit for bit, and the head decodes RMSNorm(0 + 1 * D) = RMSNorm(h).
 
     sigmoid(-1e4) and sigmoid(1e4) are exactly 0 and 1 in float32 and float64, which makes the
@@ -442,7 +473,10 @@ def pin_to_vanilla_corner(model: GPT) -> GPT:
         scratch = res.scratch
         set_gate(scratch.erase_gate, -1e4)
         set_gate(scratch.write_gate, 1e4)
-        scratch.write_map.up.weight.zero_()
+        if scratch.write_plus_y:
+            scratch.write_map.up.weight.zero_()     # y + 0
+        else:
+            nn.init.eye_(scratch.write_map.up.weight)  # I y
         if isinstance(res, LedgerResidual):
             res.commit_gate.weight.zero_()
             res.commit_gate.bias.fill_(-1e4)

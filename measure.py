@@ -338,6 +338,21 @@ class StreamStats:
         norm_later = (self.norm_sum.numpy() - self.norm_sum_pos0.numpy()) / np.maximum(n - n_seqs, 1)
         residual_peak = norm_pos0 / np.maximum(norm_later, 1e-30)
         top_peak = int(np.where(eligible, residual_peak, -np.inf).argmax())
+        # The released code's definitions (its probe.py and analyze.py), for numbers comparable with
+        # the paper's: the peak ratio is the max over *all* sublayers (no norm filter); the
+        # start-token concentration divides position 0 by the mean over *all* positions, position 0
+        # included, at the sublayer where the dominant dim is largest on average; kurtosis is the max
+        # over sublayers. For a ratio r of ours at one sublayer theirs is T r / (r + T - 1), at most T.
+        dom_peak = int(mean_abs[:, dom].argmax())
+        concentration_all = pos0[:, dom] / np.maximum(mean_abs[:, dom], 1e-30)
+        released = {
+            "peak_ratio": float(dim_ratio.max()), "peak_sublayer": int(dim_ratio.argmax()),
+            "peak_sublayer_name": names[int(dim_ratio.argmax())],
+            "start_token_concentration": float(concentration_all[dom_peak]),
+            "concentration_sublayer": dom_peak, "concentration_sublayer_name": names[dom_peak],
+            "start_token_concentration_per_sublayer": concentration_all.tolist(),
+            "kurtosis_max": float(kurtosis.max()),
+        }
         return {
             "dominant_dim": dom,
             "persistence": float((top_dim == dom).mean()),
@@ -370,6 +385,7 @@ class StreamStats:
             "residual_peak": {"per_sublayer": residual_peak.tolist(), "max": float(residual_peak[top_peak]),
                               "max_sublayer": top_peak, "max_sublayer_name": names[top_peak],
                               "final": float(residual_peak[-1])},
+            "released_definitions": released,
         }
 
 
@@ -803,9 +819,9 @@ def markdown_table(head, rows):
 
 
 def summary_table(results):
-    """Three tables: the outlier's structure in the decoded channel, whether the model needs it, and
-    Guo et al.'s extreme-token phenomena."""
-    structure, function, extreme = [], [], []
+    """Four tables: the outlier's structure in the decoded channel, whether the model needs it,
+    Guo et al.'s extreme-token phenomena, and the released code's definitions beside this repo's."""
+    structure, function, extreme, definitions = [], [], [], []
     for m in results:
         s = m["streams"][m["decoded_stream"]]
         d = m["streams"].get("D") if m["decoded_stream"] == "C" else None
@@ -826,6 +842,13 @@ def summary_table(results):
                         f"{e['value_drain_min']:.2f} ({head_name(e['value_drain_min_layer_head'])})",
                         f"{peak['max']:.1f}x ({peak['max_sublayer_name']})", f"{peak['final']:.1f}x",
                         f"{d['residual_peak']['max']:.1f}x" if d else "—"])
+        r = s["released_definitions"]
+        definitions.append([m["label"], m["decoded_stream"],
+                            f"{r['peak_ratio']:.1f}x ({r['peak_sublayer_name']})",
+                            f"{s['peak_ratio']:.1f}x ({s['peak_sublayer_name']})",
+                            f"{r['start_token_concentration']:.2f}x ({r['concentration_sublayer_name']})",
+                            f"{s['start_token_concentration_peak']:.1f}x ({s['peak_sublayer_name']})",
+                            fmt(r["kurtosis_max"], ".1f"), fmt(s["kurtosis_final"], ".1f")])
     return (markdown_table(["arm", "iter", "val loss", "decoded", "dom dim", "persistence",
                             "peak ratio (sublayer)", "final ratio", "pos-0 ratio (peak)",
                             "start-token conc. (peak)", "kurtosis (final)", "Sun-massive entries",
@@ -838,7 +861,32 @@ def summary_table(results):
             + "\n\nExtreme tokens (Guo et al. 2024): sink is the mean attention weight that queries 1..T-1 "
               "put on position 0 (uniform attention: the next column); value drain is |v| at position 0 over "
               "the mean |v| at positions >= 1 (< 1: drained); residual peak is the decoded stream's L2 norm at "
-              "position 0 over the mean norm at positions >= 1, which grows even when no dimension stands out.")
+              "position 0 over the mean norm at positions >= 1, which grows even when no dimension stands out."
+            + "\n\nThe released code's definitions (its probe.py, analyze.py) beside this repo's, decoded stream:\n\n"
+            + markdown_table(["arm", "decoded", "peak ratio, released: max over all sublayers",
+                              "peak ratio, here: sublayers >= 25% of the final norm",
+                              "start-token conc., released: pos 0 / all positions, where the dim peaks",
+                              "start-token conc., here: pos 0 / positions >= 1, at the peak",
+                              "kurtosis, released: max", "kurtosis, here: final"], definitions)
+            + "\n\nAt one sublayer the two concentrations are tied: for ours r, the released one is "
+              "T r / (r + T - 1), so it can never exceed T, the window length.")
+
+
+def checkpoint_choice(results):
+    """Which checkpoint of each run was measured. The two choices answer different questions: at
+    matched loss a faster learner does not look different merely for being further along; at equal
+    steps (the released code: each arm's final model) every arm had the same training budget."""
+    iters = ", ".join(str(m["iter_num"]) for m in results)
+    matched = [m["selection"] for m in results if m["selection"]["checkpoint"] == "matched_loss"]
+    if matched:
+        how = "auto: the lowest val loss every run reached" if matched[0]["auto"] else "--match_loss"
+        return (f"Checkpoints: matched loss, the kept snapshot of each run whose val loss is closest to "
+                f"{matched[0]['match_loss']:.4f} ({how}); iters {iters}. The released code measures each arm's "
+                f"final model after equal steps instead (measure.py without --match_loss).")
+    equal = len({m["iter_num"] for m in results}) == 1
+    return (f"Checkpoints: the final one of each input (iter {iters}), "
+            + ("equal steps, as the released code measures." if equal else
+               "at unequal steps, so neither the released code's comparison nor a matched-loss one."))
 
 
 def across_seeds_table(results):
@@ -851,6 +899,7 @@ def across_seeds_table(results):
         "val loss": lambda m, s: m["measured_val_loss"],
         "pos-0 ratio (peak)": lambda m, s: s["peak_pos0_ratio"],
         "start-token conc. (peak)": lambda m, s: s["start_token_concentration_peak"],
+        "start-token conc. (released)": lambda m, s: s["released_definitions"]["start_token_concentration"],
         "residual peak": lambda m, s: s["residual_peak"]["max"],
         "sink max": lambda m, s: m["extreme_tokens"]["sink_max"],
         "Δloss, zero pos-0 dom dim": lambda m, s: (m.get("interventions") or {}).get("zero_delta"),
@@ -1006,9 +1055,10 @@ def run(paths, cfg):
     for path in paths:
         if os.path.isdir(path):
             ckpt_path, _, distance = select_checkpoint(path, target)
-            selection = {"match_loss": target, "auto": cfg.match_loss == "auto", "distance": distance}
+            selection = {"checkpoint": "final" if target is None else "matched_loss", "match_loss": target,
+                         "auto": cfg.match_loss == "auto", "distance": distance}
         elif os.path.isfile(path):
-            ckpt_path, selection = path, {"match_loss": None, "distance": None}
+            ckpt_path, selection = path, {"checkpoint": "as_given", "match_loss": None, "distance": None}
         else:
             raise MeasureError(f"{path}: no such checkpoint file or run directory")
         ckpt = load_checkpoint(ckpt_path)
@@ -1050,7 +1100,8 @@ def run(paths, cfg):
     windows = ("windows opening on the start token" if results[0]["settings"]["align_windows"]
                else "windows at random offsets")
     text = (f"# Residual-stream structure ({cfg.split} split, {cfg.num_windows} {windows} of "
-            f"{results[0]['settings']['seq_len']} tokens, seed {cfg.seed})\n\n{summary_table(results)}\n\n"
+            f"{results[0]['settings']['seq_len']} tokens, seed {cfg.seed})\n\n{checkpoint_choice(results)}\n\n"
+            f"{summary_table(results)}\n\n"
             + (f"Across runs of the same arm, mean [min, max], decoded stream:\n\n{seeds}\n\n" if seeds else "")
             + f"Ratios are mean |x| of the top dimension over the median dimension (pos-0 ratio: at position 0 "
             f"only); start-token concentration is the dominant dimension's mean |x| at position 0 over "

@@ -67,16 +67,17 @@ class TrainConfig:
     batch_size: int = 24             # sequences per micro-batch, per process
     align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: on for bigram_backcopy
     gradient_accumulation_steps: int = 1  # micro-steps per iteration across ALL processes
-    # optimizer: AdamW (or SGD with momentum), warmup then cosine
+    # optimizer: AdamW (or SGD with momentum), warmup then cosine; the defaults are the released code's
     optimizer: str = "adamw"         # adamw, or sgd (momentum beta1): Guo et al. find no outlier with SGD
     learning_rate: float = 3e-4      # the peak, reached at the end of warmup
     min_lr: float = 3e-5             # the cosine decays to this
     warmup_iters: int = 300          # linear warmup from ~0 to learning_rate
     lr_decay_iters: int = 0          # 0: decay until max_iters
     max_iters: int = 14000           # optimizer steps in all
-    weight_decay: float = 0.1        # on matrices and embeddings; never on norms, biases and gains
+    weight_decay: float = 0.1        # AdamW's decoupled weight decay (SGD: L2), on matrices and embeddings
+    decay_norms_and_biases: bool = True  # also decay norm gains, biases, gate biases, lam and hc2's mixes (released: every parameter)
     beta1: float = 0.9               # AdamW's decay of the gradient's running mean
-    beta2: float = 0.95              # AdamW's decay of the squared gradient's running mean
+    beta2: float = 0.999             # AdamW's decay of the squared gradient's running mean (released: torch's default)
     grad_clip: float = 1.0           # clip the global gradient norm at this; 0: no clipping
     target_val_loss: float = 0.0     # > 0: stop at the first evaluation at or below it
     # system
@@ -239,9 +240,11 @@ def help_text(doc, *config_types):
 # Building blocks of the loop
 
 def get_lr(it, cfg: TrainConfig):
+    """Linear warmup reaching learning_rate at the last warmup iteration (as the released code),
+    then a cosine to min_lr at lr_decay_iters."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
     if it >= decay_iters:
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / max(decay_iters - cfg.warmup_iters, 1)
@@ -311,10 +314,16 @@ def setup_device(cfg: TrainConfig, local_rank=None):
 
 
 def configure_optimizer(model, cfg: TrainConfig, device_type):
-    """AdamW (or SGD with momentum beta1) with weight decay on matrices and embeddings only."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]      # matrices and embeddings
-    no_decay = [p for p in model.parameters() if p.dim() < 2]    # norms, gate biases, lam, hc scalars
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW (or SGD with momentum beta1). Weight decay on matrices and embeddings and, with
+    decay_norms_and_biases (the released code's AdamW(model.parameters(), weight_decay=0.1)), on
+    every other parameter too. That includes the gate biases: decay pulls a commit bias towards 0,
+    a half-open gate, and the norm gains towards 0. nanoGPT exempts them (decay_norms_and_biases=False)."""
+    if cfg.decay_norms_and_biases:
+        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    else:
+        decay = [p for p in model.parameters() if p.dim() >= 2]      # matrices and embeddings
+        no_decay = [p for p in model.parameters() if p.dim() < 2]    # norms, biases, gate biases, lam
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.beta1)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
@@ -436,9 +445,13 @@ def main(argv=None):
         if ckpt.get("optimizer") is None:
             raise ConfigError(f"{cfg.out_dir}/ckpt.pt has no optimizer state (a kept snapshot?); resume needs "
                               f"the ckpt.pt that training writes")
-        if ckpt["train_config"].get("optimizer", "adamw") != cfg.optimizer:
-            raise ConfigError(f"{cfg.out_dir}/ckpt.pt was trained with --optimizer="
-                              f"{ckpt['train_config'].get('optimizer', 'adamw')}; resume with the same optimizer")
+        # The optimizer state must fit the optimizer being built: same kind, same parameter groups.
+        # Checkpoints from before decay_norms_and_biases existed were trained without it.
+        for key, before in (("optimizer", "adamw"), ("decay_norms_and_biases", False)):
+            trained = ckpt["train_config"].get(key, before)
+            if trained != getattr(cfg, key):
+                raise ConfigError(f"{cfg.out_dir}/ckpt.pt was trained with --{key}={trained}; "
+                                  f"resume with the same")
         clash = {k: v for k, v in model_overrides.items() if ckpt["model_config"].get(k) != v}
         if clash:
             raise ConfigError(f"resume keeps the checkpoint's model; drop {', '.join('--' + k for k in clash)}")

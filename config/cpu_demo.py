@@ -16,6 +16,10 @@ learning_rate = 3e-3
 min_lr = 3e-4
 warmup_iters = 100
 weight_decay = 0.1
+# nanoGPT's AdamW, not the released code's (README, "Differences from the released code"): this
+# preset was tuned with it, and the released optimizer is one of the lab's explored knobs
+beta2 = 0.95
+decay_norms_and_biases = False
 eval_interval = 250
 eval_iters = 20
 log_interval = 250

@@ -16,6 +16,10 @@ learning_rate = 1e-2     # 6e-3 grew it more slowly, 2e-2 grew every token's nor
 min_lr = 1e-3
 warmup_iters = 100
 weight_decay = 0.1       # without decay other tokens grow large too and the outlier is less specific
+# nanoGPT's AdamW, not the released code's (README, "Differences from the released code"): this
+# preset was tuned with it, and the released optimizer is one of the lab's explored knobs
+beta2 = 0.95
+decay_norms_and_biases = False
 eval_interval = 250
 eval_iters = 10
 log_interval = 250

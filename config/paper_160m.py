@@ -16,6 +16,10 @@ learning_rate = 3e-4
 min_lr = 3e-5            # cosine to 0.1x
 warmup_iters = 300
 weight_decay = 0.1
+# The released code's optimizer: torch's AdamW(model.parameters(), lr, weight_decay=0.1), i.e. betas
+# (0.9, 0.999), eps 1e-8, decay on every parameter (these are also train.py's defaults)
+beta2 = 0.999
+decay_norms_and_biases = True
 eval_interval = 500
 eval_iters = 100
 ckpt_interval = 1000     # kept snapshots: measure.py --match_loss picks among them

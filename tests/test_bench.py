@@ -14,8 +14,9 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--gate_r
 def test_vanilla_flops_per_token_are_6N_plus_12LdT():
     L, d, T, V = 3, 48, 64, 101
     params, flops = bench.costs(ledger.GPTConfig(n_layer=L, n_head=4, n_embd=d, block_size=T, vocab_size=V))
-    # per layer: qkv 3d^2 + proj d^2 + MLP 8d^2 + two RMSNorm gains; the final norm; the untied head
-    non_embedding = L * (12 * d * d + 2 * d) + d + d * V
+    # per layer: qkv 3d^2 + proj d^2 + MLP 8d^2 and its biases 4d + d, two RMSNorm gains; the final
+    # norm; the untied head
+    non_embedding = L * (12 * d * d + 5 * d + 2 * d) + d + d * V
     assert params == non_embedding + V * d + T * d  # plus token and position embeddings
     assert flops == 6 * non_embedding + 12 * L * d * T
 

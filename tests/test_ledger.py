@@ -41,13 +41,14 @@ def vanilla_and_pinned(arch, dtype, **overrides):
 
 @pytest.mark.parametrize("arch,overrides", [("ledger", {}), ("ledger-hs", {}), ("ledger", {"gate_rank": 0}),
                                             ("delta", {"delta_untied_gates": True})])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-def test_pinned_model_reduces_exactly_to_vanilla(arch, overrides, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pinned_model_reduces_exactly_to_vanilla(arch, overrides, dtype):
+    """Bit for bit, not approximately: at the corner every extra term is an exact 0 or 1."""
     vanilla, pinned = vanilla_and_pinned(arch, dtype, **overrides)
     x = tokens()
     with torch.no_grad():
         diff = (vanilla(x)[0] - pinned(x)[0]).abs().max().item()
-    assert diff < tol, f"{arch} pinned differs from vanilla by {diff}"
+    assert diff == 0, f"{arch} pinned differs from vanilla by {diff}"
 
 
 def test_unpinned_ledger_differs_from_vanilla():
@@ -58,6 +59,67 @@ def test_unpinned_ledger_differs_from_vanilla():
     x = tokens()
     with torch.no_grad():
         assert (vanilla(x)[0] - ledger(x)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch,overrides", [("ledger", {}), ("ledger", {"gate_rank": 0}), ("delta", {}),
+                                            ("delta", {"delta_untied_gates": True})])
+def test_every_gate_is_sigmoid_of_its_bias_for_every_token_at_init(arch, overrides):
+    """As in the released code: the gate maps' output weights start at zero, so at step 0 no gate
+    depends on the token yet (the commit gate included)."""
+    model = tiny(arch, **overrides)
+    u = torch.randn(2, 5, TINY["n_embd"], device=DEVICE)
+    cfg = model.config
+    for i, sub in enumerate(model.sublayers):
+        res = sub.residual
+        extra = (res.commit_gate,) if isinstance(res, LedgerResidual) else ()
+        erase, write, _, *commit = res.scratch.gates(u, *extra)
+        tied = arch == "delta" and not cfg.delta_untied_gates
+        want_write = cfg.erase_bias if tied else cfg.write_bias   # one gate: both are beta_e
+        assert torch.equal(erase, torch.full_like(erase, torch.sigmoid(torch.tensor(cfg.erase_bias)).item()))
+        assert torch.equal(write, torch.full_like(write, torch.sigmoid(torch.tensor(want_write)).item()))
+        if commit:
+            c = torch.sigmoid(commit[0])
+            assert torch.equal(c, torch.full_like(c, torch.sigmoid(res.commit_gate.bias).item()))
+            # the bias runs from commit_bias_early to commit_bias_late with depth
+            depth = i / (len(model.sublayers) - 1)
+            assert res.commit_gate.bias.item() == pytest.approx(-4.0 + 8.0 * depth)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arm_has_mlp_biases_and_no_attention_or_head_biases(arch):
+    model = tiny(arch)
+    for sub in model.sublayers:
+        if sub.kind == "mlp":
+            assert sub.fn.up.bias is not None and sub.fn.down.bias is not None
+        else:
+            assert sub.fn.qkv.bias is None and sub.fn.proj.bias is None
+    assert model.lm_head.bias is None
+
+
+def test_delta_and_hc2_start_as_the_released_code_starts_them():
+    """delta_only: full-rank maps, one gate with bias -3, a write map that is the identity.
+    hc2: read and output mixes (0.5, 0.5) and a width mix I, so the two streams start equal and stay
+    equal through every sublayer until training breaks the symmetry."""
+    delta = tiny("delta")
+    for sub in delta.sublayers:
+        scratch = sub.residual.scratch
+        assert scratch.write_gate is scratch.erase_gate and scratch.erase_gate.up.bias[0].item() == -3.0
+        for lowrank in (scratch.erase_key, scratch.erase_gate, scratch.write_map):
+            assert lowrank.down is None and lowrank.up.weight.shape == (TINY["n_embd"], TINY["n_embd"])
+        assert torch.equal(scratch.write_map.up.weight, torch.eye(TINY["n_embd"], device=DEVICE))
+    hc2 = tiny("hc2")
+    for sub in hc2.sublayers:
+        res = sub.residual
+        assert res.read_weights.tolist() == [0.5, 0.5] and res.output_weights.tolist() == [0.5, 0.5]
+        assert torch.equal(res.width_mix, torch.eye(2, device=DEVICE))
+    streams = []
+    with torch.no_grad():
+        hc2(tokens(), stream_hook=lambda i, k, s: streams.append(s))
+    assert all(torch.equal(s["h0"], s["h1"]) for s in streams)
+    zhu = tiny("hc2", hc2_init="zhu")   # this repo's earlier init, kept as a setting
+    assert [sub.residual.read_weights.tolist() for sub in zhu.sublayers[:2]] == [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match="hc2_init"):
+        GPTConfig(arch="hc2", hc2_init="other")
 
 
 def test_tied_delta_and_gateless_arms_refuse_the_pin():

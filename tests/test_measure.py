@@ -106,6 +106,43 @@ def test_peak_ignores_sublayers_with_a_nearly_empty_stream():
     assert s["dominant_dim"] == 7 and s["persistence"] == 0.75 and s["emergence_sublayer"] == 1
 
 
+def test_released_definitions_on_a_planted_outlier():
+    """The released code's formulas (probe.py, analyze.py) beside ours, on a dim planted at position
+    0 with a size that changes with depth: 40, 80, 20 times every other entry."""
+    gen, B, T, D, stats = torch.Generator().manual_seed(0), 4, 16, 32, StreamStats(3, 32)
+    for i, value in enumerate((40.0, 80.0, 20.0)):
+        x = signs((B, T, D), gen)
+        x[:, 0, 7] = value
+        stats.update(i, x)
+    s = stats.summarize()
+    r = s["released_definitions"]
+    # ours: position 0 over positions 1..T-1, at the peak sublayer (the 80x one)
+    assert s["peak_sublayer"] == 1 and s["start_token_concentration_peak"] == pytest.approx(80.0)
+    # released: position 0 over all T positions, where dim 7 is largest on average (also sublayer 1)
+    assert r["concentration_sublayer"] == 1
+    assert r["start_token_concentration"] == pytest.approx(80.0 / ((80.0 + T - 1) / T))
+    for ours, theirs in zip(s["start_token_concentration_per_sublayer"], r["start_token_concentration_per_sublayer"]):
+        assert theirs == pytest.approx(T * ours / (ours + T - 1))   # the two are tied, and theirs < T
+    assert r["peak_ratio"] == pytest.approx((80.0 + T - 1) / T) and r["peak_sublayer"] == 1
+    # kurtosis: released takes the max over sublayers, ours the final sublayer
+    kurtosis = s["kurtosis_per_sublayer"]
+    assert r["kurtosis_max"] == max(kurtosis) == kurtosis[1] > kurtosis[2] == s["kurtosis_final"]
+
+
+def test_released_peak_ratio_keeps_a_nearly_empty_stream_that_ours_skips():
+    gen, T, stats = torch.Generator().manual_seed(0), 16, StreamStats(2, 32)
+    tiny = signs((2, T, 32), gen) * 1e-3
+    tiny[:, :, 5] = 50e-3
+    stats.update(0, tiny)
+    x = signs((2, T, 32), gen)
+    x[:, 0, 7] = 40.0
+    stats.update(1, x)
+    s = stats.summarize()
+    assert s["released_definitions"]["peak_ratio"] == pytest.approx(50.0)   # the empty sublayer 0
+    assert s["released_definitions"]["peak_sublayer"] == 0
+    assert s["peak_ratio"] == pytest.approx((40 + T - 1) / T)               # ours skips it
+
+
 def test_accumulator_memory_does_not_grow_with_batches():
     sizes = []
     for n_batches in (2, 8):
@@ -295,13 +332,15 @@ def test_fake_quantization_rounds_linear_weights_per_output_channel_only():
 
 def test_the_across_seeds_table_gives_mean_min_and_max_of_every_run_of_an_arm():
     def run(arch, loss, pos0, zero):
-        stream = {"peak_pos0_ratio": pos0, "start_token_concentration_peak": 1.0, "residual_peak": {"max": 2.0}}
+        stream = {"peak_pos0_ratio": pos0, "start_token_concentration_peak": 1.0, "residual_peak": {"max": 2.0},
+                  "released_definitions": {"start_token_concentration": pos0 / 10}}
         return {"arch": arch, "measured_val_loss": loss, "decoded_stream": "h", "streams": {"h": stream},
                 "extreme_tokens": {"sink_max": 0.5}, "interventions": {"zero_delta": zero, "mean_delta": 0.0}}
     table = measure.across_seeds_table([run("vanilla", 1.0, 20.0, 0.1), run("vanilla", 2.0, 40.0, 0.3),
                                         run("ledger", 1.5, 5.0, 0.0)])
     rows = [line for line in table.splitlines() if line.startswith("| vanilla")]
-    assert rows == ["| vanilla | 2 | 1.500 [1.000, 2.000] | 30 [20, 40] | 1.000 [1.000, 1.000] | 2.000 [2.000, 2.000] "
+    assert rows == ["| vanilla | 2 | 1.500 [1.000, 2.000] | 30 [20, 40] | 1.000 [1.000, 1.000] | 3.000 [2.000, 4.000] "
+                    "| 2.000 [2.000, 2.000] "
                     "| 0.500 [0.500, 0.500] | 0.200 [0.100, 0.300] | 0.000 [0.000, 0.000] |"]
     assert "| ledger" not in table          # one run is no spread
     sgd = [dict(run("vanilla", 3.0, 10.0, 0.0), optimizer="sgd") for _ in range(2)]
@@ -456,7 +495,19 @@ def test_auto_match_loss_is_the_lowest_loss_every_run_reached(runs, tmp_path):
     for m in results:
         assert m["selection"]["match_loss"] == target and m["selection"]["auto"]
         assert m["selection"]["distance"] == pytest.approx(abs(m["val_loss_recorded"] - target))
-    assert (tmp_path / "summary.md").exists() and (tmp_path / "vanilla" / "metrics.json").exists()
+    assert (tmp_path / "vanilla" / "metrics.json").exists()
+    summary = (tmp_path / "summary.md").read_text()
+    assert f"Checkpoints: matched loss, the kept snapshot of each run whose val loss is closest to {target:.4f}" in summary
+    assert all(m["selection"]["checkpoint"] == "matched_loss" for m in results)
+
+
+def test_without_match_loss_the_summary_says_it_measured_the_final_checkpoints_at_equal_steps(runs, tmp_path):
+    results = measure.main([runs["vanilla"], runs["ledger"], f"--out_dir={tmp_path}", "--figures=False",
+                            "--interventions=False", "--quantization=False", *FAST])
+    assert [m["selection"]["checkpoint"] for m in results] == ["final", "final"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Checkpoints: the final one of each input (iter 20, 20), equal steps, as the released code" in summary
+    assert "The released code's definitions" in summary and "| ledger | C |" in summary
 
 
 def test_two_runs_give_identical_numbers(runs, tmp_path):

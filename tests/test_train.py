@@ -70,6 +70,47 @@ def test_checkpoints_are_self_describing_and_safe_to_load(char_data, tmp_path):
     model.load_state_dict(ckpt["model"])
 
 
+def optimizer_of(preset, arch="ledger"):
+    """The optimizer train.py builds for a preset, on a small model of the preset's arm."""
+    train_settings, model_settings = train.parse_overrides([os.path.join(REPO, preset)], train.TrainConfig,
+                                                           ledger.GPTConfig)
+    cfg = train.TrainConfig(**train_settings)
+    model = ledger.GPT(ledger.GPTConfig(arch=arch, n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11,
+                                        gate_rank=4))
+    return model, train.configure_optimizer(model, cfg, "cpu")
+
+
+@pytest.mark.parametrize("preset", ["config/paper_160m.py", "config/paper_290m.py"])
+@pytest.mark.parametrize("arch", ["vanilla", "ledger", "hc2"])
+def test_paper_presets_train_with_the_released_optimizer(preset, arch):
+    """torch.optim.AdamW(model.parameters(), lr, weight_decay=0.1): betas (0.9, 0.999), eps 1e-8,
+    and decay on every parameter, norm gains and gate biases included."""
+    model, optimizer = optimizer_of(preset, arch)
+    assert type(optimizer) is torch.optim.AdamW
+    (group,) = optimizer.param_groups
+    assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8 and group["weight_decay"] == 0.1
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters()}
+    assert any(p.dim() < 2 for p in group["params"])   # gains and biases are decayed too
+
+
+@pytest.mark.parametrize("preset", ["config/lab.py", "config/cpu_demo.py"])
+def test_the_small_presets_keep_nanogpts_optimizer(preset):
+    """The lab and the text demo: beta2 0.95, no decay on anything with fewer than 2 dimensions."""
+    model, optimizer = optimizer_of(preset)
+    decayed, exempt = optimizer.param_groups
+    assert decayed["betas"] == (0.9, 0.95) and decayed["weight_decay"] == 0.1 and exempt["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in exempt["params"])
+    assert len(decayed["params"]) + len(exempt["params"]) == len(list(model.parameters()))
+
+
+def test_resume_refuses_an_optimizer_built_another_way(char_data, tmp_path):
+    train.main(args(char_data, tmp_path, "--max_iters=2", "--eval_interval=2", "--decay_norms_and_biases=False"))
+    with pytest.raises(train.ConfigError, match="trained with --decay_norms_and_biases=False; resume with the same"):
+        train.main(args(char_data, tmp_path, "--max_iters=4", "--init_from=resume"))
+    train.main(args(char_data, tmp_path, "--max_iters=4", "--init_from=resume", "--decay_norms_and_biases=False"))
+    assert load(tmp_path)["iter_num"] == 4
+
+
 def test_compiled_model_prefix_never_reaches_the_weights(tmp_path):
     model = ledger.GPT(ledger.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=11))
     prefixed = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
