@@ -308,8 +308,8 @@ def setup_device(cfg: TrainConfig, local_rank=None):
     ptdtype = getattr(torch, cfg.dtype)
     device_type = "cuda" if device.startswith("cuda") else "mps" if device == "mps" else "cpu"
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    # --dtype=float32 means float32, as the released code trains; TF32 only beside half-precision autocast
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = ptdtype != torch.float32
     return device, device_type, ptdtype, autocast
 
 
