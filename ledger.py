@@ -100,6 +100,12 @@ class GPTConfig:
         return {"ledger": "C", "hc2": "h0+h1"}.get(self.residual, "h")
 
 
+def arm_name(arch: str, attention: str = "softmax") -> str:
+    """An arm and its attention kind as one name, 'ledger' or 'vanilla+gated', as bench.py and
+    measure.py print it: the paper's arms keep their names."""
+    return arch if attention == "softmax" else f"{arch}+{attention}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Building blocks, identical in every arm
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ledger import GPT, GPTConfig
+from ledger import GPT, GPTConfig, arm_name
 from prepare_data import DataError, load_meta, open_split, sequence_starts, start_token
 
 CHECKPOINT_FORMAT = "ledger-residuals-ckpt/1"
@@ -485,7 +485,7 @@ def main(argv=None):
     commit_sparsity = model_config.commit_sparsity
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(f"arch {model_config.arch} | parameters {raw_model.num_params() / 1e6:.2f}M "
+        print(f"arch {arm_name(model_config.arch, model_config.attention)} | parameters {raw_model.num_params() / 1e6:.2f}M "
               f"({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding) | "
               f"tokens/iter {tokens_per_iter:,} | device {device} | dtype {cfg.dtype} | world size {world}"
               + (f" | resumed at iter {iter_num}" if ckpt else ""), flush=True)
@@ -494,7 +494,7 @@ def main(argv=None):
     if master and cfg.wandb_log:
         try:
             import wandb
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or model_config.arch,
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or arm_name(model_config.arch, model_config.attention),
                        config={**dataclasses.asdict(cfg), **dataclasses.asdict(model_config)})
         except ImportError:
             print("wandb is not installed (pip install wandb); logging to log.jsonl only")
