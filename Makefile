@@ -79,11 +79,13 @@ test: install
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest
 	$(PYTHON) -m pytest -q tests
 
-# Training-step speed of all six arms side by side: the demo size on CPU, eager, ~1 min on 2 cores.
+# Training-step speed of all six arms side by side, and of vanilla with each other attention kind
+# (the positive controls): the demo size on CPU, eager, ~1.5 min on 2 cores.
 # Extra settings go in BENCH_ARGS, e.g. BENCH_ARGS="--threads=1" or "--compile=True".
 BENCH_ARGS ?=
+BENCH_ARMS ?= all,vanilla+attn_bias,vanilla+sigmoid,vanilla+gated
 bench: install
-	$(PYTHON) bench.py config/cpu_demo.py --arms=all --vocab_size=65 --device=cpu --compile=False \
+	$(PYTHON) bench.py config/cpu_demo.py --arms=$(BENCH_ARMS) --vocab_size=65 --device=cpu --compile=False \
 	  --warmup=3 --rounds=7 --steps=8 --out_json=out/bench.json $(BENCH_ARGS)
 
 # One CUDA GPU, < 5 min on an H200 with compilation: the exact-reduction and causality tests on
