@@ -58,13 +58,16 @@ lab-all: install
 	@$(MAKE) --no-print-directory lab-runs LAB_MEASURE=$(LAB_OUT)/measure-all \
 	  LAB_RUNS="$(foreach s,$(LAB_SEEDS),$(foreach a,$(LAB_ARMS) vanilla-sgd,$(a)-s$(s)))"
 
-# LAB_RUNS names run folders <arm>-s<seed>; the arm vanilla-sgd is vanilla trained with SGD.
+# LAB_RUNS names run folders <arm>-s<seed>; the arm vanilla-sgd is vanilla trained with SGD, and an
+# arm ARCH+KIND (vanilla+gated) is ARCH with that attention kind: the positive controls, e.g.
+# make lab LAB_ARMS="vanilla vanilla+attn_bias vanilla+sigmoid vanilla+gated"
 lab-runs:
 	@start=$$(date +%s); \
 	$(PYTHON) prepare_data.py --dataset=bigram_backcopy || exit 1; \
 	printf '%s\n' $(LAB_RUNS) | xargs -P $(LAB_JOBS) -I{} sh -c '\
 	  run={}; arm=$${run%-s*}; seed=$${run##*-s}; dir=$(LAB_OUT)/$$run; flags=""; \
 	  [ $$arm = vanilla-sgd ] && arm=vanilla flags="$(LAB_SGD_FLAGS)"; \
+	  case $$arm in *+*) flags="--attention=$${arm#*+}"; arm=$${arm%%+*};; esac; \
 	  init=scratch; [ -f $$dir/ckpt.pt ] && init=resume; mkdir -p $$dir; \
 	  echo "=== training $$run ($$init) -> $$dir"; \
 	  OMP_NUM_THREADS=1 $(PYTHON) train.py config/lab.py --arch=$$arm --seed=$$seed --out_dir=$$dir \

@@ -944,7 +944,7 @@ ATTENTION_NOTES = {
 def no_sink_level(e):
     """What the baseline beside a sink weight is, for this attention kind."""
     return {"attn_bias": "uniform over k' and positions",
-            "sigmoid": f"head's mass spread evenly, {head_name(e['sink_max_layer_head'])}"}.get(
+            "sigmoid": f"sigmoid, unnormalised; no-sink level of {head_name(e['sink_max_layer_head'])}"}.get(
         e.get("attention", "softmax"), "uniform attention")
 
 
