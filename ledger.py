@@ -54,7 +54,7 @@ class GPTConfig:
     n_head: int = 12                 # attention heads, each n_embd / n_head wide
     n_embd: int = 768                # width of the residual stream (of each stream)
     qk_norm: Optional[bool] = None   # None: on for `suppress` only; True adds QK-norm to any arm
-    attention: str = "softmax"       # attention kind, one of ATTENTIONS: softmax (the paper's), attn_bias, sigmoid, gated
+    attention: str = "softmax"       # one of ATTENTIONS: softmax (the paper's), attn_bias, sigmoid, gated; any arch
     # Ledger (and delta) knobs
     gate_rank: int = 64              # rank of the maps W_e, W_w, W_k, G, P; <= 0 or >= n_embd: full
     erase_bias: float = -3.0         # beta_e starts at sigmoid(-3) ~ 0.05: erase almost nothing

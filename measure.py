@@ -966,7 +966,8 @@ def across_seeds_table(results):
     by_arch = {}   # an arm trained with another attention kind or optimizer is another row
     for m in results:
         arm = arm_name(m["arch"], m.get("attention", "softmax"))
-        by_arch.setdefault(arm + ("" if m.get("optimizer", "adamw") == "adamw" else f" + {m['optimizer']}"), []).append(m)
+        by_arch.setdefault(arm + ("" if m.get("optimizer", "adamw") == "adamw" else f" + {m['optimizer']}"),
+                           []).append(m)
     columns = {
         "val loss": lambda m, s: m["measured_val_loss"],
         "pos-0 ratio (peak)": lambda m, s: s["peak_pos0_ratio"],
@@ -1018,7 +1019,8 @@ def notes(m):
         lines.append(f"{label}: {m['decoded_stream']} is {peak['final']:.0f}x larger at position 0 than at later "
                      f"positions, where it holds little: that alone makes any dimension's start-token "
                      f"concentration large, so read the concentration with it.")
-    n_heads, kind, head = np.size(e["sink_per_layer_head"]), e.get("attention", "softmax"), head_name(e["sink_max_layer_head"])
+    n_heads, kind = np.size(e["sink_per_layer_head"]), e.get("attention", "softmax")
+    head = head_name(e["sink_max_layer_head"])
     if kind == "sigmoid":   # no normalisation: a weight is judged against the head's own total
         sink = (f"sigmoid attention, weights not normalised: head {head} puts {e['sink_max']:.2f} on position 0 "
                 f"against {e['sink_uniform_baseline']:.2f} had it spread its total weight "

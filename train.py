@@ -439,10 +439,12 @@ def main(argv=None):
         if ckpt["train_config"].get("optimizer", "adamw") != cfg.optimizer:
             raise ConfigError(f"{cfg.out_dir}/ckpt.pt was trained with --optimizer="
                               f"{ckpt['train_config'].get('optimizer', 'adamw')}; resume with the same optimizer")
-        clash = {k: v for k, v in model_overrides.items() if ckpt["model_config"].get(k) != v}
+        # compared with the saved config as built, so that a setting newer than the checkpoint
+        # (attention) counts as its default
+        model_config = GPTConfig(**ckpt["model_config"])
+        clash = {k: v for k, v in model_overrides.items() if getattr(model_config, k) != v}
         if clash:
             raise ConfigError(f"resume keeps the checkpoint's model; drop {', '.join('--' + k for k in clash)}")
-        model_config = GPTConfig(**ckpt["model_config"])
     else:
         if os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
             raise ConfigError(f"{cfg.out_dir}/ckpt.pt exists; continue it with --init_from=resume "
@@ -483,9 +485,10 @@ def main(argv=None):
     flops_per_token = model_flops_per_token(model_config, raw_model.num_params(non_embedding=True))
     peak = peak_flops(device)
     commit_sparsity = model_config.commit_sparsity
+    arm = arm_name(model_config.arch, model_config.attention)   # 'ledger', 'vanilla+gated'
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(f"arch {arm_name(model_config.arch, model_config.attention)} | parameters {raw_model.num_params() / 1e6:.2f}M "
+        print(f"arch {arm} | parameters {raw_model.num_params() / 1e6:.2f}M "
               f"({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding) | "
               f"tokens/iter {tokens_per_iter:,} | device {device} | dtype {cfg.dtype} | world size {world}"
               + (f" | resumed at iter {iter_num}" if ckpt else ""), flush=True)
@@ -494,7 +497,7 @@ def main(argv=None):
     if master and cfg.wandb_log:
         try:
             import wandb
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or arm_name(model_config.arch, model_config.attention),
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or arm,
                        config={**dataclasses.asdict(cfg), **dataclasses.asdict(model_config)})
         except ImportError:
             print("wandb is not installed (pip install wandb); logging to log.jsonl only")

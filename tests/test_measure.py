@@ -633,7 +633,8 @@ def test_clear_one_line_errors(runs, tmp_path, capsys):
     expect_error(capsys, [str(tmp_path / "other.pt")], "not a ledger-residuals checkpoint")
     torch.save({"format": CKPT_FORMAT, "model_config": {"arch": "mamba"}}, tmp_path / "arm.pt")
     expect_error(capsys, [str(tmp_path / "arm.pt")], "unknown arm 'mamba'")
-    torch.save({"format": CKPT_FORMAT, "model_config": {"arch": "vanilla", "attention": "sigmod"}}, tmp_path / "kind.pt")
+    torch.save({"format": CKPT_FORMAT, "model_config": {"arch": "vanilla", "attention": "sigmod"}},
+               tmp_path / "kind.pt")
     expect_error(capsys, [str(tmp_path / "kind.pt"), f"--out_dir={tmp_path}"], "unknown attention 'sigmod'")
     expect_error(capsys, [str(tmp_path / "missing")], "no such checkpoint")
     ckpt = os.path.join(runs["vanilla"], "ckpt.pt")
