@@ -550,11 +550,13 @@ def test_every_arm_is_measured_end_to_end(runs, arch, tmp_path):
 @pytest.mark.parametrize("name", KIND_RUNS)
 def test_every_attention_kind_is_measured_end_to_end_with_its_own_numbers(runs, name, tmp_path):
     arch, attention = KIND_RUNS[name]
-    [m] = measure.main([runs[name], f"--out_dir={tmp_path}", "--interventions=False", "--quantization=False", *FAST])
+    figures = f"--figures={attention == 'sigmoid'}"   # sigmoid's figure is titled its own way
+    [m] = measure.main([runs[name], f"--out_dir={tmp_path}", figures, "--interventions=False", "--quantization=False",
+                        *FAST])
     e, summary = load_metrics(tmp_path)["extreme_tokens"], (tmp_path / "summary.md").read_text()
     assert m["arch"] == arch and m["attention"] == e["attention"] == attention and m["label"] == name
     assert f"| {name} | 10 |" in summary and attention in summary.split("Extreme tokens")[1]
-    assert (tmp_path / "extreme_tokens.png").exists()
+    assert (tmp_path / "extreme_tokens.png").exists() == (attention == "sigmoid")
     notes = " ".join(m["notes"])
     if attention == "attn_bias":
         parts = np.add(np.add(e["explicit_sink_per_layer_head"], e["sink_per_layer_head"]),
