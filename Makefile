@@ -58,13 +58,16 @@ lab-all: install
 	@$(MAKE) --no-print-directory lab-runs LAB_MEASURE=$(LAB_OUT)/measure-all \
 	  LAB_RUNS="$(foreach s,$(LAB_SEEDS),$(foreach a,$(LAB_ARMS) vanilla-sgd,$(a)-s$(s)))"
 
-# LAB_RUNS names run folders <arm>-s<seed>; the arm vanilla-sgd is vanilla trained with SGD.
+# LAB_RUNS names run folders <arm>-s<seed>; the arm vanilla-sgd is vanilla trained with SGD, and an
+# arm ARCH+KIND (vanilla+gated) is ARCH with that attention kind: the positive controls, e.g.
+# make lab LAB_ARMS="vanilla vanilla+attn_bias vanilla+sigmoid vanilla+gated"
 lab-runs:
 	@start=$$(date +%s); \
 	$(PYTHON) prepare_data.py --dataset=bigram_backcopy || exit 1; \
 	printf '%s\n' $(LAB_RUNS) | xargs -P $(LAB_JOBS) -I{} sh -c '\
 	  run={}; arm=$${run%-s*}; seed=$${run##*-s}; dir=$(LAB_OUT)/$$run; flags=""; \
 	  [ $$arm = vanilla-sgd ] && arm=vanilla flags="$(LAB_SGD_FLAGS)"; \
+	  case $$arm in *+*) flags="--attention=$${arm#*+}"; arm=$${arm%%+*};; esac; \
 	  init=scratch; [ -f $$dir/ckpt.pt ] && init=resume; mkdir -p $$dir; \
 	  echo "=== training $$run ($$init) -> $$dir"; \
 	  OMP_NUM_THREADS=1 $(PYTHON) train.py config/lab.py --arch=$$arm --seed=$$seed --out_dir=$$dir \
@@ -79,11 +82,13 @@ test: install
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest
 	$(PYTHON) -m pytest -q tests
 
-# Training-step speed of all six arms side by side: the demo size on CPU, eager, ~1 min on 2 cores.
+# Training-step speed of all six arms side by side, and of vanilla with each other attention kind
+# (the positive controls): the demo size on CPU, eager, ~1.5 min on 2 cores.
 # Extra settings go in BENCH_ARGS, e.g. BENCH_ARGS="--threads=1" or "--compile=True".
 BENCH_ARGS ?=
+BENCH_ARMS ?= all,vanilla+attn_bias,vanilla+sigmoid,vanilla+gated
 bench: install
-	$(PYTHON) bench.py config/cpu_demo.py --arms=all --vocab_size=65 --device=cpu --compile=False \
+	$(PYTHON) bench.py config/cpu_demo.py --arms=$(BENCH_ARMS) --vocab_size=65 --device=cpu --compile=False \
 	  --warmup=3 --rounds=7 --steps=8 --out_json=out/bench.json $(BENCH_ARGS)
 
 # One CUDA GPU, < 5 min on an H200 with compilation: the exact-reduction and causality tests on

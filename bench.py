@@ -1,16 +1,21 @@
 """
 The training step of every arm, timed side by side in one process (nanoGPT's bench.py, for the arms).
 
-    python bench.py config/cpu_demo.py --arms=all --vocab_size=65    # `make bench`: CPU, eager, ~1 min
+    python bench.py config/cpu_demo.py --arms=all,vanilla+attn_bias,vanilla+sigmoid,vanilla+gated \\
+        --vocab_size=65                                               # as `make bench`: CPU, eager, ~1.5 min
     python bench.py config/paper_160m.py --arms=vanilla,ledger --batch_size=24 \\
         --gradient_accumulation_steps=1                               # as `make bench-gpu`: bf16, compiled
+    python bench.py --help                                            # every setting
 
-Each arm gets train.py's model, optimizer, dtype, autocast and compile path, and takes exactly
-train.py's step (train.training_loss with the commit-sparsity term, backward, train.optimizer_step)
-on random tokens: no dataset is needed. The vocabulary is --vocab_size, else the config's dataset's
-meta.json when it is prepared, else GPT-2's. After `warmup` untimed steps per arm (compilation
-happens there), the arms take turns for `rounds` rounds of `steps` timed steps each, so that machine
-noise hits them alike. Per arm it prints tokens/s and ms/step (median over rounds, and the min-max
+An arm is ARCH (ledger.ARCHS) or ARCH+ATTENTION (ledger.ATTENTIONS): vanilla+sigmoid is vanilla
+with sigmoid attention, one of the positive controls; a bare ARCH runs with --attention (softmax by
+default), and vanilla with that kind is the baseline of every ratio. Each arm gets train.py's model,
+optimizer, dtype, autocast and compile path, and takes exactly train.py's step
+(train.training_loss with the commit-sparsity term, backward, train.optimizer_step) on random
+tokens: no dataset is needed. The vocabulary is --vocab_size, else the config's dataset's meta.json
+when it is prepared, else GPT-2's. After `warmup` untimed steps per arm (compilation happens
+there), the arms take turns for `rounds` rounds of `steps` timed steps each, so that machine noise
+hits them alike. Per arm it prints tokens/s and ms/step (median over rounds, and the min-max
 spread); the step-time ratio to vanilla; the analytic FLOP ratio (6N + 12LdT per token) and the
 parameter ratio; on CUDA the peak memory and MFU. The same numbers go to `out_json`.
 """
@@ -24,19 +29,22 @@ from dataclasses import asdict, dataclass
 import torch
 
 import train
-from ledger import ARCHS, GPT, GPTConfig
+from ledger import ARCHS, ATTENTIONS, GPT, GPTConfig, arm_name
 from prepare_data import DataError, load_meta
 
 
 @dataclass
 class BenchConfig:
-    arms: str = "vanilla,ledger"     # comma-separated arms (ledger.ARCHS), or 'all'
+    arms: str = "vanilla,ledger"     # comma-separated arms, ARCH or ARCH+ATTENTION (vanilla+gated); 'all': every ARCH
     steps: int = 5                   # timed steps per arm and round
     rounds: int = 3                  # the arms take turns once per round
     warmup: int = 2                  # untimed steps per arm first (compilation happens here)
     threads: int = 0                 # CPU threads (torch.set_num_threads); 0: torch's default
-    out_json: str = "out/bench.json"
+    out_json: str = "out/bench.json"  # where the numbers of every arm are written
     profile: bool = False            # then profile `steps` steps of each arm and print its top ops
+
+    # Checked by train.parse_overrides as each setting is read
+    LIMITS = {"steps": ">= 1", "rounds": ">= 1", "warmup": ">= 0", "threads": ">= 0"}
 
 
 def costs(model_config):
@@ -51,27 +59,43 @@ def cell(value, spec):
     return format(value, spec) if value is not None else format("-", ">" + spec.split(".")[0])
 
 
+def arm_configs(arms, model_overrides):
+    """(baseline name, baseline GPTConfig, {name: GPTConfig} to time) for --arms. 'all' is every ARCH;
+    ARCH+ATTENTION runs ARCH with that attention kind, a bare ARCH with the kind the settings give
+    (softmax by default). The baseline, which every ratio is taken to, is vanilla with that kind."""
+    def named(spec):
+        arch, plus, attention = spec.partition("+")
+        if arch not in ARCHS or (plus and attention not in ATTENTIONS):
+            raise train.ConfigError(f"--arms takes 'all' or ARCH[+ATTENTION] with ARCH one of {','.join(ARCHS)} "
+                                    f"and ATTENTION one of {','.join(ATTENTIONS)}; got {spec!r}")
+        try:
+            config = GPTConfig(**{**model_overrides, "arch": arch, **({"attention": attention} if plus else {})})
+        except ValueError as e:  # heads that do not divide the width, ...
+            raise train.ConfigError(str(e)) from None
+        return arm_name(config.arch, config.attention), config
+
+    specs = [arm for spec in arms.split(",") for arm in (ARCHS if spec == "all" else [spec])]
+    return (*named("vanilla"), dict(map(named, specs)))
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if train.wants_help(argv):
+        print(train.help_text(__doc__, BenchConfig, train.TrainConfig, GPTConfig))
+        return {}
     bench_overrides, train_overrides, model_overrides = train.parse_overrides(
-        sys.argv[1:] if argv is None else argv, BenchConfig, train.TrainConfig, GPTConfig)
+        argv, BenchConfig, train.TrainConfig, GPTConfig)
     bench, cfg = BenchConfig(**bench_overrides), train.TrainConfig(**train_overrides)
-    arms = list(ARCHS) if bench.arms == "all" else bench.arms.split(",")
-    if not set(arms) <= set(ARCHS) or min(bench.steps, bench.rounds) < 1:
-        raise train.ConfigError(f"--arms takes 'all' or some of {','.join(ARCHS)}; steps, rounds >= 1")
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
-    device, device_type, ptdtype, autocast = train.setup_device(cfg)
-    sync = torch.cuda.synchronize if device_type == "cuda" else lambda: None
     if "vocab_size" not in model_overrides:
         try:
             model_overrides["vocab_size"] = load_meta(os.path.join(cfg.data_root, cfg.dataset))["vocab_size"]
         except DataError:
             pass  # not prepared here: GPT-2's vocabulary
-    try:
-        configs = {arm: GPTConfig(**{**model_overrides, "arch": arm}) for arm in ("vanilla", *arms)}
-    except ValueError as e:  # heads that do not divide the width, ...
-        raise train.ConfigError(str(e)) from None
-    mc = configs["vanilla"]
+    base, mc, configs = arm_configs(bench.arms, model_overrides)
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    device, device_type, ptdtype, autocast = train.setup_device(cfg)
+    sync = torch.cuda.synchronize if device_type == "cuda" else lambda: None
     tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * mc.block_size
     print(f"bench: {device}, {cfg.dtype}, {'compiled' if cfg.compile else 'eager'}, {torch.get_num_threads()} threads"
           f" | {mc.n_layer} layers x {mc.n_embd} wide, vocab {mc.vocab_size} | {cfg.gradient_accumulation_steps} x "
@@ -79,7 +103,7 @@ def main(argv=None):
           f"after {bench.warmup} warm-up steps", flush=True)
 
     runs = {}
-    for arm in arms:
+    for arm in configs:
         torch.manual_seed(cfg.seed)
         before = torch.cuda.memory_allocated(device) if device_type == "cuda" else 0
         model = GPT(configs[arm]).to(device)
@@ -121,13 +145,14 @@ def main(argv=None):
                 run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated(device) - start + run["resident"])
 
     peak, (base_params, base_flops) = train.peak_flops(device), costs(mc)
-    base_ms = statistics.median(runs["vanilla"]["ms"]) if "vanilla" in runs else None
-    results = {}
-    print(f"{'arm':10s} {'tokens/s':>9s} {'ms/step (min-max)':>21s} {'x vanilla':>9s} {'FLOPs x':>8s} "
+    base_ms = statistics.median(runs[base]["ms"]) if base in runs else None
+    results, width = {}, max(10, *map(len, runs))
+    print(f"{'arm':{width}s} {'tokens/s':>9s} {'ms/step (min-max)':>21s} {'x vanilla':>9s} {'FLOPs x':>8s} "
           f"{'params x':>8s} {'peak GiB':>8s} {'MFU':>6s}")
     for arm, run in runs.items():
         (params, flops), ms = costs(configs[arm]), statistics.median(run["ms"])
         r = results[arm] = {
+            "arch": configs[arm].arch, "attention": configs[arm].attention,
             "tokens_per_s": tokens_per_step / ms * 1000, "ms_per_step": ms, "ms_per_step_rounds": run["ms"],
             "ratio_to_vanilla": ms / base_ms if base_ms else None, "flops_per_token": flops,
             "flop_ratio": flops / base_flops, "params": params, "param_ratio": params / base_params,
@@ -135,7 +160,7 @@ def main(argv=None):
             "mfu": flops * tokens_per_step / (ms / 1000) / peak if peak else None, "warmup_s": run["warmup_s"]}
         spread = f"{ms:.1f} ({min(run['ms']):.1f}-{max(run['ms']):.1f})"
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] else "-"
-        print(f"{arm:10s} {r['tokens_per_s']:9,.0f} {spread:>21s} {cell(r['ratio_to_vanilla'], '9.2f')} "
+        print(f"{arm:{width}s} {r['tokens_per_s']:9,.0f} {spread:>21s} {cell(r['ratio_to_vanilla'], '9.2f')} "
               f"{r['flop_ratio']:8.2f} {r['param_ratio']:8.2f} {cell(r['peak_memory_gib'], '8.1f')} {mfu:>6s}")
     os.makedirs(os.path.dirname(bench.out_json) or ".", exist_ok=True)
     with open(bench.out_json, "w") as f:
@@ -166,15 +191,18 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-# `make bench BENCH_ARGS=--threads=1` on a 2-core AMD EPYC VM shared with other jobs:
+# `make bench BENCH_ARGS=--threads=1` on a 2-core Intel Xeon VM while another training job ran (noisy):
 # bench: cpu, float32, eager, 1 threads | 4 layers x 128 wide, vocab 65 | 1 x 8 x 128 tokens per step | 7 rounds x ...
 #   vanilla: warm-up 0.4 s
 #   ...
-# arm         tokens/s     ms/step (min-max) x vanilla  FLOPs x params x peak GiB    MFU
-# vanilla       11,127      92.0 (89.3-96.8)      1.00     1.00     1.00        -      -
-# suppress      10,333     99.1 (95.3-109.4)      1.08     1.00     1.00        -      -
-# ledger         7,223   141.8 (136.1-148.5)      1.54     1.09     1.10        -      -
-# ledger-hs      7,257   141.1 (131.3-147.7)      1.53     1.09     1.10        -      -
-# delta          8,527   120.1 (116.4-125.1)      1.30     1.05     1.06        -      -
-# hc2            9,749   105.0 (101.0-109.6)      1.14     1.00     1.00        -      -
+# arm                tokens/s     ms/step (min-max) x vanilla  FLOPs x params x peak GiB    MFU
+# vanilla               8,145   125.7 (120.2-141.0)      1.00     1.00     1.00        -      -
+# suppress              7,061   145.0 (125.1-164.1)      1.15     1.00     1.00        -      -
+# ledger                4,779   214.3 (189.8-273.8)      1.70     1.09     1.10        -      -
+# ledger-hs             4,703   217.7 (197.9-323.2)      1.73     1.09     1.10        -      -
+# delta                 5,764   177.6 (143.0-266.3)      1.41     1.05     1.06        -      -
+# hc2                   6,551   156.3 (144.6-247.9)      1.24     1.00     1.00        -      -
+# vanilla+attn_bias     7,511   136.3 (116.4-181.0)      1.08     1.00     1.00        -      -
+# vanilla+sigmoid       6,669   153.5 (127.2-163.4)      1.22     1.00     1.00        -      -
+# vanilla+gated         7,634   134.1 (122.2-141.5)      1.07     1.07     1.08        -      -
 # wrote out/bench.json

@@ -25,8 +25,17 @@ Pinned to one gate setting (no erase, full write, G = P = 0, closed commit gate,
 gamma = 1), Ledger's D follows exactly the vanilla h and the model is exactly the vanilla model:
 see `pin_to_vanilla_corner` and tests/test_ledger.py.
 
+Orthogonal to the arm, `attention` picks the attention kind. The paper's arms use softmax; the other
+kinds are positive controls, changes to attention that published work says remove the outlier:
+
+    softmax    softmax(q.k / sqrt(d)) over positions <= t                       (the paper's arms)
+    attn_bias  softmax over a learned key k' (value v') and positions <= t       (Sun et al. 2024)
+    sigmoid    sigmoid(q.k / sqrt(d)) on each position <= t, no normalisation    (Gu et al. 2024)
+    gated      softmax, its output times sigmoid(W_g u) elementwise              (Qiu et al. 2025)
+
 Read top to bottom: config, building blocks, residual operators, model, the vanilla corner.
 """
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ARCHS = ("vanilla", "suppress", "ledger", "ledger-hs", "delta", "hc2")
+ATTENTIONS = ("softmax", "attn_bias", "sigmoid", "gated")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,6 +59,7 @@ class GPTConfig:
     n_head: int = 12                 # attention heads, each n_embd / n_head wide
     n_embd: int = 768                # width of the residual stream (of each stream)
     qk_norm: Optional[bool] = None   # None: on for `suppress` only; True adds QK-norm to any arm
+    attention: str = "softmax"       # one of ATTENTIONS: softmax (the paper's), attn_bias, sigmoid, gated; any arch
     # Ledger (and delta) knobs
     gate_rank: int = 64              # rank of Ledger's maps W_e, W_w, W_k, G, P; <= 0 or >= n_embd: full (delta: always full)
     erase_bias: float = -3.0         # beta_e starts at sigmoid(-3) ~ 0.05: erase almost nothing (delta's one gate too)
@@ -68,6 +79,8 @@ class GPTConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.qk_norm is None:
@@ -95,6 +108,12 @@ class GPTConfig:
         return {"ledger": "C", "hc2": "h0+h1"}.get(self.residual, "h")
 
 
+def arm_name(arch: str, attention: str = "softmax") -> str:
+    """An arm and its attention kind as one name, 'ledger' or 'vanilla+gated', as bench.py and
+    measure.py print it: the paper's arms keep their names."""
+    return arch if attention == "softmax" else f"{arch}+{attention}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Building blocks, identical in every arm
 
@@ -117,10 +136,34 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
+@dataclass
+class AttentionWeights:
+    """What one attention layer did with its input u, spelled out (SDPA keeps it hidden): measure.py
+    reads attention sinks, value drains and gates from it. CausalSelfAttention.attention_weights
+    computes it with the same pieces forward uses, and a test checks that it reproduces forward."""
+    weights: torch.Tensor                       # (B, H, T, T): query t's weight on position s <= t
+    values: torch.Tensor                        # (B, H, T, head_dim)
+    sink_weight: Optional[torch.Tensor] = None  # attn_bias: (B, H, T), each query's weight on k'
+    sink_value: Optional[torch.Tensor] = None   # attn_bias: (1, H, 1, head_dim), the value v' it returns
+    gate: Optional[torch.Tensor] = None         # gated: (B, H, T, head_dim), sigmoid(W_g u) per head
+
+
+def visible_keys(T, S, device):
+    """(T, S) bool: which keys each query sees. S = T: positions <= t. S = T + 1: attn_bias's sink
+    key in column 0, which every query sees, then positions <= t."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
 class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention of the kind config.attention names (the module docstring lists
+    them); QK-norm, when on, composes with every kind. forward and attention_weights share heads(),
+    attention_probs(), with_sink() and output_gate(); forward keeps SDPA where a kernel computes the
+    same thing faster."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
+        self.attention = config.attention
         self.qkv = linear(config.n_embd, 3 * config.n_embd)
         self.proj = linear(config.n_embd, config.n_embd)
         head_dim = config.n_embd // config.n_head
@@ -128,14 +171,82 @@ class CausalSelfAttention(nn.Module):
         # attention sink out of one huge residual dimension; `suppress` tests whether that suffices.
         self.q_norm = RMSNorm(head_dim) if config.qk_norm else None
         self.k_norm = RMSNorm(head_dim) if config.qk_norm else None
+        # Parameters of the other kinds are made only for them, and after the shared ones: a softmax
+        # model has the same parameters, draws the same random numbers and computes the same outputs
+        # as before the kinds existed.
+        if config.attention == "attn_bias":
+            # Sun et al. 2024 (arXiv 2402.17762; locuslab/massive-activations, gpt-2/model_attn_bias.py):
+            # one learned key k' and value v' per head, N(0, 0.02), put in front of every sequence.
+            # A head with nothing to do can park its attention on k' (an explicit sink), so the model
+            # no longer needs to build a sink out of a massive activation on the first token.
+            self.sink_key = nn.Parameter(torch.empty(1, config.n_head, 1, head_dim).normal_(std=0.02))
+            self.sink_value = nn.Parameter(torch.empty(1, config.n_head, 1, head_dim).normal_(std=0.02))
+        elif config.attention == "gated":
+            # Qiu et al. 2025 (arXiv 2505.06708; qiuzh20/gated_attention, modeling_qwen3.py): each head's
+            # output is multiplied elementwise by sigmoid(W_g u), so a head can switch itself off
+            # where softmax would have to park its weight on a sink. Their W_g is extra columns of the
+            # query projection; here it is a separate layer, so that qkv keeps vanilla's shape: its
+            # matmul, and hence q, k, v, are then bit for bit vanilla's, and with the gate pinned to
+            # exactly 1 the model is exactly vanilla (tests/test_ledger.py). The bias is what pins it;
+            # it starts at 0, as their bias-free gate does (sigmoid ~ 0.5 at init).
+            self.gate = linear(config.n_embd, config.n_embd, bias=True)
 
-    def forward(self, x):
+    def heads(self, x):
+        """q, k, v per head, (B, H, T, head_dim); q and k QK-normed when qk_norm is on."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return q, k, v
+
+    def with_sink(self, k, v):
+        """attn_bias: k' and v' in front of the keys and values. Sun et al. concatenate them right before
+        attention, so the 1/sqrt(d) scale applies to q.k' as to every logit, but any processing of the
+        keys (QK-norm here) does not: k' is a free parameter, not a function of the residual stream."""
+        B = k.size(0)
+        sink_key, sink_value = (p.to(k.dtype).expand(B, -1, -1, -1) for p in (self.sink_key, self.sink_value))
+        return torch.cat([sink_key, k], dim=2), torch.cat([sink_value, v], dim=2)
+
+    def attention_probs(self, q, k):
+        """(B, H, T, S) weights of the queries on the S keys they may see (visible_keys)."""
+        T, S = q.size(-2), k.size(-2)
+        logits = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        hidden = ~visible_keys(T, S, q.device)
+        if self.attention == "sigmoid":
+            # Gu et al. 2024 (arXiv 2410.10781; sail-sg/Attention-Sink, lit_gpt/model_attn_sim.py with
+            # attention_normalize=False): each weight on its own, sigmoid(q.k / sqrt(d)) times the
+            # causal mask, no bias term and no row normalisation. Weights need not sum to 1, so a head
+            # can attend to nothing at all instead of parking its attention on a sink.
+            return torch.sigmoid(logits).masked_fill(hidden, 0.0)
+        return logits.masked_fill(hidden, float("-inf")).softmax(-1)
+
+    def output_gate(self, x):
+        """gated: sigmoid(W_g u) per head and dimension, (B, H, T, head_dim)."""
+        B, T, C = x.shape
+        return torch.sigmoid(self.gate(x)).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def attention_weights(self, x) -> AttentionWeights:
+        """The weights, values and per-kind extras forward computes from its input x (= u)."""
+        q, k, v = self.heads(x)
+        if self.attention == "attn_bias":
+            probs = self.attention_probs(q, self.with_sink(k, v)[0])
+            return AttentionWeights(probs[..., 1:], v, sink_weight=probs[..., 0], sink_value=self.sink_value)
+        gate = self.output_gate(x) if self.attention == "gated" else None
+        return AttentionWeights(self.attention_probs(q, k), v, gate=gate)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.heads(x)
+        if self.attention == "sigmoid":   # no fused kernel leaves the weights unnormalised
+            y = self.attention_probs(q, k) @ v
+        elif self.attention == "attn_bias":
+            k, v = self.with_sink(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_keys(T, T + 1, x.device))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.attention == "gated":
+            y = y * self.output_gate(x)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 

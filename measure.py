@@ -16,6 +16,10 @@ tokens the dominant dimension is large outside position 0.
 Outputs, per checkpoint: <out_dir>/metrics.json and PNG figures; for all inputs together:
 summary.md (printed too), plus a comparison figure when several checkpoints are given.
 
+Every attention kind (ledger.ATTENTIONS) is measured in its own terms: the weight on attn_bias's
+explicit sink apart from position 0's, sigmoid's unnormalised weights against their own no-sink
+level, gated attention's output gate at position 0 and elsewhere (see "Extreme-token phenomena").
+
 Read top to bottom: config, loading, statistics, metrics, extreme tokens (sink, drain, peak),
 interventions, figures, report, main.
 """
@@ -36,7 +40,7 @@ import torch
 import torch.nn as nn
 
 import train
-from ledger import ARCHS, GPT, GPTConfig
+from ledger import ARCHS, GPT, GPTConfig, arm_name
 NORM_FRACTION = 0.25     # a sublayer counts for "peak" only if its stream norm is >= 25% of the final
 SUN_ABS, SUN_REL = 100.0, 1000.0   # Sun et al.: massive if |x| > 100 and |x| >= 1000 x token median
 SHARED_FRACTION = 0.5    # a token whose mean |x_dom| is >= half of position 0's shares the feature
@@ -512,67 +516,141 @@ def top_token_report(profile, stats, sublayer, sublayer_name, decode, k, min_cou
 # token's residual state grows a large norm (residual-state peak), which makes it easy to find. The
 # first two are per attention head and live here; the third is per stream and sublayer and lives in
 # StreamStats ("residual_peak"), as one more running norm sum.
-
-def attention_weights_and_values(attn, u):
-    """SDPA hides its weights, so recompute them from the attention module's input u: the causal
-    softmax weights (B, H, T, T) and the values (B, H, T, head_dim), as CausalSelfAttention.forward
-    computes them. A test checks that weights @ v, through attn.proj, reproduces attn(u)."""
-    B, T, C = u.shape
-    q, k, v = attn.qkv(u).split(C, dim=2)
-    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
-    future = torch.ones(T, T, dtype=torch.bool, device=u.device).triu(1)
-    return logits.masked_fill(future, float("-inf")).softmax(-1), v
-
+#
+# The attention kinds (ledger.ATTENTIONS) change what a head with nothing to do can do instead, and
+# so what is measured beside the sink:
+#   softmax, gated  weights sum to 1 over positions 0..t: a uniform query puts 1/(q+1) on position 0;
+#   attn_bias       they sum to 1 over the learned key k' and positions 0..t: the weight on k' (the
+#                   explicit sink) is kept apart from the weight on position 0, and uniform is 1/(q+2);
+#   sigmoid         each weight stands alone and a row may sum to anything, so a head can attend to
+#                   nothing: its total weight (mass) is reported, and the no-sink level of position 0
+#                   is the head's own mass spread evenly over its q+1 keys (for softmax that mass is 1,
+#                   which gives 1/(q+1) again);
+#   gated           the gate sigmoid(W_g u) on each head's output: a closed gate is this kind's no-op,
+#                   as a sink is softmax's, so its mean at position 0 and elsewhere is reported.
+# The weights come from CausalSelfAttention.attention_weights, next to the forward they must agree with.
 
 class ExtremeTokenStats:
     """Running float64 sums per (layer, head) over windows. Query 0 can attend only to key 0, so the
     sink averages over queries 1..T-1; the drain compares position 0's value norm with theirs."""
 
-    def __init__(self, n_layer, n_head):
+    def __init__(self, n_layer, n_head, attention="softmax"):
         L, H, f64 = n_layer, n_head, torch.float64
+        self.attention = attention
         self.sink_sum = torch.zeros(L, H, dtype=f64)             # attention weight on key 0
         self.uniform_sink_sum = torch.zeros(L, dtype=f64)        # ... had every query attended evenly
         self.value_norm_pos0_sum = torch.zeros(L, H, dtype=f64)
         self.value_norm_later_sum = torch.zeros(L, H, dtype=f64)  # positions 1..T-1
         self.n_seqs = torch.zeros(L, dtype=f64)
         self.n_later = torch.zeros(L, dtype=f64)                  # windows x (T - 1)
+        if attention == "attn_bias":
+            self.explicit_sink_sum = torch.zeros(L, H, dtype=f64)  # weight on k', queries 1..T-1
+            self.later_sum = torch.zeros(L, H, dtype=f64)          # ... on positions 1..t: the rest
+            self.sink_value_norm = torch.zeros(L, H, dtype=f64)    # |v'|, a parameter: not summed
+        elif attention == "sigmoid":
+            self.mass_sum = torch.zeros(L, H, dtype=f64)           # each query's total weight
+            self.even_share_sum = torch.zeros(L, H, dtype=f64)     # ... over its q+1 keys
+        elif attention == "gated":
+            self.gate_pos0_sum = torch.zeros(L, H, dtype=f64)      # mean gate over a head's dims
+            self.gate_later_sum = torch.zeros(L, H, dtype=f64)
 
     def state_nbytes(self):
-        return sum(t.numel() * t.element_size() for t in vars(self).values())
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
 
     @torch.no_grad()
-    def update(self, layer, weights, v):
+    def update(self, layer, weights, v, sink_weight=None, sink_value=None, gate=None):
+        """weights (B, H, T, T) and values (B, H, T, d) of one layer; for attn_bias also the weight on
+        k' (B, H, T) and v' (1, H, 1, d); for gated the gate (B, H, T, d) (see ledger.AttentionWeights)."""
         B, H, T, _ = weights.shape
         f64 = torch.float64
         self.sink_sum[layer] += weights[:, :, 1:, 0].sum((0, 2), dtype=f64).cpu()
-        self.uniform_sink_sum[layer] += B * (1.0 / torch.arange(2, T + 1, dtype=f64)).sum()
+        extra_keys = 1 if self.attention == "attn_bias" else 0   # k' is one more key every query sees
+        self.uniform_sink_sum[layer] += B * (1.0 / (torch.arange(2, T + 1, dtype=f64) + extra_keys)).sum()
         norms = v.norm(dim=-1)                                    # (B, H, T)
         self.value_norm_pos0_sum[layer] += norms[:, :, 0].sum(0, dtype=f64).cpu()
         self.value_norm_later_sum[layer] += norms[:, :, 1:].sum((0, 2), dtype=f64).cpu()
         self.n_seqs[layer] += B
         self.n_later[layer] += B * (T - 1)
+        if self.attention == "attn_bias":
+            self.explicit_sink_sum[layer] += sink_weight[:, :, 1:].sum((0, 2), dtype=f64).cpu()
+            self.later_sum[layer] += weights[:, :, 1:, 1:].sum((0, 2, 3), dtype=f64).cpu()
+            self.sink_value_norm[layer] = sink_value.detach().norm(dim=-1).reshape(H).double().cpu()
+        elif self.attention == "sigmoid":
+            mass = weights[:, :, 1:].sum(-1, dtype=f64)           # (B, H, T-1), queries 1..T-1
+            n_keys = torch.arange(2, T + 1, dtype=f64, device=mass.device)
+            self.mass_sum[layer] += mass.sum((0, 2)).cpu()
+            self.even_share_sum[layer] += (mass / n_keys).sum((0, 2)).cpu()
+        elif self.attention == "gated":
+            g = gate.mean(-1, dtype=f64)                          # (B, H, T)
+            self.gate_pos0_sum[layer] += g[:, :, 0].sum(0).cpu()
+            self.gate_later_sum[layer] += g[:, :, 1:].sum((0, 2)).cpu()
 
     def summarize(self):
         n_later = self.n_later.clamp_min(1)[:, None]
         sink = (self.sink_sum / n_later).numpy()
         value_later = (self.value_norm_later_sum / n_later).clamp_min(1e-30)
         drain = (self.value_norm_pos0_sum / self.n_seqs.clamp_min(1)[:, None] / value_later).numpy()
-        strongest = np.unravel_index(sink.argmax(), sink.shape)
         drained = np.unravel_index(drain.argmin(), drain.shape)
-        return {
-            "sink_per_layer_head": sink.tolist(),
+        if self.attention == "sigmoid":
+            # Each head has its own no-sink level, so the strongest sink is the largest excess over it
+            # (a ratio would crown a head that attends to almost nothing), and "over half" is of the
+            # head's own total weight.
+            uniform = (self.even_share_sum / n_later).numpy()
+            strongest = np.unravel_index((sink - uniform).argmax(), sink.shape)
+            baseline = float(uniform[strongest])
+            over_half = int((self.sink_sum / self.mass_sum.clamp_min(1e-30) > 0.5).sum())
+        else:
             # uniform causal attention already puts mean(1 / (q + 1)) on key 0: the no-sink level
-            "sink_uniform_baseline": float(self.uniform_sink_sum[0] / n_later[0, 0]),
-            "sink_max": float(sink.max()), "sink_max_layer_head": [int(i) for i in strongest],
-            "sink_heads_over_half": int((sink > 0.5).sum()),
+            strongest = np.unravel_index(sink.argmax(), sink.shape)
+            baseline = float(self.uniform_sink_sum[0] / n_later[0, 0])
+            over_half = int((sink > 0.5).sum())
+        out = {
+            "sink_per_layer_head": sink.tolist(),
+            "sink_uniform_baseline": baseline,
+            "sink_max": float(sink[strongest]), "sink_max_layer_head": [int(i) for i in strongest],
+            "sink_heads_over_half": over_half,
             "value_drain_per_layer_head": drain.tolist(),
             "value_drain_min": float(drain.min()), "value_drain_min_layer_head": [int(i) for i in drained],
             # a sink is a no-op only if the value it lands on is drained: read the two together
             "value_drain_at_sink_max": float(drain[strongest]),
+            "attention": self.attention,
         }
+        if self.attention == "attn_bias":
+            explicit = (self.explicit_sink_sum / n_later).numpy()
+            top = np.unravel_index(explicit.argmax(), explicit.shape)
+            value_drain = (self.sink_value_norm / value_later).numpy()
+            out.update({
+                "explicit_sink_per_layer_head": explicit.tolist(),
+                "later_positions_per_layer_head": (self.later_sum / n_later).numpy().tolist(),
+                "explicit_sink_max": float(explicit[top]), "explicit_sink_max_layer_head": [int(i) for i in top],
+                "sink_at_explicit_sink_max": float(sink[top]),
+                "explicit_sink_heads_over_half": int((explicit > 0.5).sum()),
+                # |v'| over the mean |v| of positions >= 1: the explicit sink's own value drain
+                "explicit_sink_value_drain_per_layer_head": value_drain.tolist(),
+                "explicit_sink_value_drain_at_max": float(value_drain[top]),
+            })
+        elif self.attention == "sigmoid":
+            mass = (self.mass_sum / n_later).numpy()
+            lightest = np.unravel_index(mass.argmin(), mass.shape)
+            out.update({
+                "sink_uniform_baseline_per_layer_head": uniform.tolist(),
+                "attention_mass_per_layer_head": mass.tolist(),
+                "attention_mass_min": float(mass[lightest]),
+                "attention_mass_min_layer_head": [int(i) for i in lightest],
+                "attention_mass_at_sink_max": float(mass[strongest]),
+            })
+        elif self.attention == "gated":
+            pos0 = (self.gate_pos0_sum / self.n_seqs.clamp_min(1)[:, None]).numpy()
+            later = (self.gate_later_sum / n_later).numpy()
+            closed = np.unravel_index(later.argmin(), later.shape)
+            out.update({
+                "gate_pos0_per_layer_head": pos0.tolist(), "gate_later_per_layer_head": later.tolist(),
+                "gate_pos0_mean": float(pos0.mean()), "gate_later_mean": float(later.mean()),
+                "gate_later_min": float(later[closed]), "gate_later_min_layer_head": [int(i) for i in closed],
+                "gate_pos0_at_later_min": float(pos0[closed]),
+                "gate_later_at_sink_max": float(later[strongest]),
+            })
+        return out
 
 
 @contextlib.contextmanager
@@ -581,10 +659,13 @@ def collect_extreme_tokens(model):
     recomputes that layer's weights and values and reduces them to per-head sums at once, so no
     (B, H, T, T) tensor outlives its layer."""
     attns = [sub.fn for sub in model.sublayers if sub.kind == "attn"]
-    extreme = ExtremeTokenStats(len(attns), model.config.n_head)
+    extreme = ExtremeTokenStats(len(attns), model.config.n_head, model.config.attention)
 
     def hook_for(layer):
-        return lambda attn, args: extreme.update(layer, *attention_weights_and_values(attn, args[0]))
+        def hook(attn, args):
+            a = attn.attention_weights(args[0])
+            extreme.update(layer, a.weights, a.values, a.sink_weight, a.sink_value, a.gate)
+        return hook
 
     handles = [attn.register_forward_pre_hook(hook_for(layer)) for layer, attn in enumerate(attns)]
     try:
@@ -740,7 +821,7 @@ def plot_extreme_tokens(extreme, summaries, sublayer_names, decoded, out_dir):
     fig, axes = plt.subplots(1, 3, figsize=(17, 0.3 * max(n_layer, L / 2) + 3.5),
                              gridspec_kw={"width_ratios": [1, 1, 1.6]})
     for ax, data, title, scale in (
-            (axes[0], sink, f"attention sink: weight on position 0\n(uniform attention: "
+            (axes[0], sink, f"attention sink: weight on position 0\n({no_sink_level(extreme)}: "
                             f"{extreme['sink_uniform_baseline']:.3f})", dict(vmin=0, vmax=1, cmap="viridis")),
             (axes[1], drain, "value drain: |v| at position 0 / mean |v| later",
              dict(norm=LogNorm(1 / spread, spread), cmap="coolwarm"))):
@@ -841,7 +922,7 @@ def summary_table(results):
                         f"{e['sink_uniform_baseline']:.2f}",
                         f"{e['value_drain_min']:.2f} ({head_name(e['value_drain_min_layer_head'])})",
                         f"{peak['max']:.1f}x ({peak['max_sublayer_name']})", f"{peak['final']:.1f}x",
-                        f"{d['residual_peak']['max']:.1f}x" if d else "—"])
+                        f"{d['residual_peak']['max']:.1f}x" if d else "—", attention_cell(e)])
         r = s["released_definitions"]
         definitions.append([m["label"], m["decoded_stream"],
                             f"{r['peak_ratio']:.1f}x ({r['peak_sublayer_name']})",
@@ -857,11 +938,13 @@ def summary_table(results):
                                         "zero pos-0 control dim", "w8", "w4"], function)
             + "\n\n" + markdown_table(["arm", "sink max (head)", "sink if uniform", "value drain min (head)",
                                         "residual peak (sublayer)", "residual peak final",
-                                        "scratch D: residual peak"], extreme)
+                                        "scratch D: residual peak", "attention: its own no-op"], extreme)
             + "\n\nExtreme tokens (Guo et al. 2024): sink is the mean attention weight that queries 1..T-1 "
               "put on position 0 (uniform attention: the next column); value drain is |v| at position 0 over "
               "the mean |v| at positions >= 1 (< 1: drained); residual peak is the decoded stream's L2 norm at "
               "position 0 over the mean norm at positions >= 1, which grows even when no dimension stands out."
+            + "".join(" " + ATTENTION_NOTES[kind] for kind in ATTENTION_NOTES
+                      if any(m["extreme_tokens"].get("attention", "softmax") == kind for m in results))
             + "\n\nThe released code's definitions (its probe.py, analyze.py) beside this repo's, decoded stream:\n\n"
             + markdown_table(["arm", "decoded", "peak ratio, released: max over all sublayers",
                               "peak ratio, here: sublayers >= 25% of the final norm",
@@ -870,6 +953,42 @@ def summary_table(results):
                               "kurtosis, released: max", "kurtosis, here: final"], definitions)
             + "\n\nAt one sublayer the two concentrations are tied: for ours r, the released one is "
               "T r / (r + T - 1), so it can never exceed T, the window length.")
+
+
+# What each attention kind's numbers mean, said once under the table when a run of that kind is in it.
+ATTENTION_NOTES = {
+    "attn_bias": "attn_bias (Sun et al. 2024) adds a learned key k' and value v' per head that every query "
+                 "sees: sink stays the weight on position 0, uniform is then 1/(q+2), and the last column is "
+                 "the largest mean weight a head puts on k' (k', position 0 and later positions sum to 1).",
+    "sigmoid": "sigmoid (Gu et al. 2024) weights are sigmoid(q.k/sqrt(d)) each on its own, not normalised, so "
+               "a query's weights need not sum to 1 and a head can attend to nothing instead of sinking: sink is "
+               "the raw weight on position 0, of the head with the largest excess over its no-sink level, and "
+               "'sink if uniform' is that level, the head's own total weight spread evenly over its q+1 keys "
+               "(for softmax that total is 1, which gives 1/(q+1)); the last column is the smallest mean total "
+               "weight (mass) of a head.",
+    "gated": "gated (Qiu et al. 2025) weights are softmax; each head's output is then multiplied by the gate "
+             "sigmoid(W_g u), and a closed gate (near 0) is this kind's no-op, as a sink is softmax's: the last "
+             "column is the mean gate at position 0 and at later positions.",
+}
+
+
+def no_sink_level(e):
+    """What the baseline beside a sink weight is, for this attention kind."""
+    return {"attn_bias": "uniform over k' and positions",
+            "sigmoid": f"sigmoid, unnormalised; no-sink level of {head_name(e['sink_max_layer_head'])}"}.get(
+        e.get("attention", "softmax"), "uniform attention")
+
+
+def attention_cell(e):
+    """The summary cell for the attention kind's own way of doing nothing."""
+    kind = e.get("attention", "softmax")
+    if kind == "attn_bias":
+        return f"attn_bias: k' {e['explicit_sink_max']:.2f} ({head_name(e['explicit_sink_max_layer_head'])})"
+    if kind == "sigmoid":
+        return f"sigmoid: mass min {e['attention_mass_min']:.2f} ({head_name(e['attention_mass_min_layer_head'])})"
+    if kind == "gated":
+        return f"gated: gate {e['gate_pos0_mean']:.2f} pos 0, {e['gate_later_mean']:.2f} later"
+    return "softmax: the sink"
 
 
 def checkpoint_choice(results):
@@ -892,9 +1011,11 @@ def checkpoint_choice(results):
 def across_seeds_table(results):
     """One row per arm measured more than once (seeds): mean [min, max] of the headline numbers, so
     that a claim about an arm rests on every run of it, not on the best one."""
-    by_arch = {}   # an arm trained with another optimizer is another row
+    by_arch = {}   # an arm trained with another attention kind or optimizer is another row
     for m in results:
-        by_arch.setdefault(m["arch"] + ("" if m.get("optimizer", "adamw") == "adamw" else f" + {m['optimizer']}"), []).append(m)
+        arm = arm_name(m["arch"], m.get("attention", "softmax"))
+        by_arch.setdefault(arm + ("" if m.get("optimizer", "adamw") == "adamw" else f" + {m['optimizer']}"),
+                           []).append(m)
     columns = {
         "val loss": lambda m, s: m["measured_val_loss"],
         "pos-0 ratio (peak)": lambda m, s: s["peak_pos0_ratio"],
@@ -947,13 +1068,38 @@ def notes(m):
         lines.append(f"{label}: {m['decoded_stream']} is {peak['final']:.0f}x larger at position 0 than at later "
                      f"positions, where it holds little: that alone makes any dimension's start-token "
                      f"concentration large, so read the concentration with it.")
-    n_heads = np.size(e["sink_per_layer_head"])
-    lines.append(f"{label}: attention sink: head {head_name(e['sink_max_layer_head'])} puts {e['sink_max']:.2f} "
-                 f"of its attention on position 0 (uniform attention: {e['sink_uniform_baseline']:.2f}), where "
-                 f"|v| is {e['value_drain_at_sink_max']:.2f}x that of later positions; "
-                 f"{e['sink_heads_over_half']} of {n_heads} heads put over half there; position 0's residual norm "
-                 f"in {m['decoded_stream']} peaks at {peak['max']:.1f}x that of later positions "
-                 f"({peak['max_sublayer_name']}).")
+    n_heads, kind = np.size(e["sink_per_layer_head"]), e.get("attention", "softmax")
+    head = head_name(e["sink_max_layer_head"])
+    if kind == "sigmoid":   # no normalisation: a weight is judged against the head's own total
+        sink = (f"sigmoid attention, weights not normalised: head {head} puts {e['sink_max']:.2f} on position 0 "
+                f"against {e['sink_uniform_baseline']:.2f} had it spread its total weight "
+                f"({e['attention_mass_at_sink_max']:.2f}) evenly over its keys, where |v| is "
+                f"{e['value_drain_at_sink_max']:.2f}x that of later positions; {e['sink_heads_over_half']} of "
+                f"{n_heads} heads give position 0 over half of their total weight")
+    else:
+        sink = (f"attention sink: head {head} puts {e['sink_max']:.2f} of its attention on position 0 "
+                f"({no_sink_level(e)}: {e['sink_uniform_baseline']:.2f}), where |v| is "
+                f"{e['value_drain_at_sink_max']:.2f}x that of later positions; {e['sink_heads_over_half']} of "
+                f"{n_heads} heads put over half there")
+    lines.append(f"{label}: {sink}; position 0's residual norm in {m['decoded_stream']} peaks at "
+                 f"{peak['max']:.1f}x that of later positions ({peak['max_sublayer_name']}).")
+    if kind == "attn_bias":
+        lines.append(f"{label}: explicit sink: head {head_name(e['explicit_sink_max_layer_head'])} puts "
+                     f"{e['explicit_sink_max']:.2f} of its attention on the learned key k' and "
+                     f"{e['sink_at_explicit_sink_max']:.2f} on position 0; |v'| is "
+                     f"{e['explicit_sink_value_drain_at_max']:.2f}x the mean |v| of later positions; "
+                     f"{e['explicit_sink_heads_over_half']} of {n_heads} heads put over half on k'.")
+    elif kind == "sigmoid":
+        lines.append(f"{label}: the lightest head, {head_name(e['attention_mass_min_layer_head'])}, puts "
+                     f"{e['attention_mass_min']:.2f} in all on its keys per query (a total near 0 is a head that "
+                     f"attends to nothing: sigmoid attention's no-op, which needs no sink).")
+    elif kind == "gated":
+        lines.append(f"{label}: output gate sigmoid(W_g u), mean over heads: {e['gate_pos0_mean']:.2f} at position 0, "
+                     f"{e['gate_later_mean']:.2f} at later positions; most closed head "
+                     f"{head_name(e['gate_later_min_layer_head'])}: {e['gate_later_min']:.2f} later, "
+                     f"{e['gate_pos0_at_later_min']:.2f} at position 0; the sink head {head}'s gate is "
+                     f"{e['gate_later_at_sink_max']:.2f} later (a closed gate is this kind's no-op, as a sink is "
+                     f"softmax's).")
     if m["selection"]["distance"] is not None:
         lines.append(f"{label}: iter {m['iter_num']} picked to match val loss {m['selection']['match_loss']:.4f}: "
                      f"recorded {m['val_loss_recorded']:.4f}, {m['selection']['distance']:.4f} away.")
@@ -1027,6 +1173,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     train_cfg = ckpt.get("train_config") or {}
     metrics = {
         "checkpoint": os.path.abspath(path), "format": ckpt["format"], "arch": model.config.arch,
+        "attention": model.config.attention,
         "run_dir": os.path.dirname(os.path.abspath(path)),
         "iter_num": ckpt.get("iter_num"), "val_loss_recorded": ckpt.get("val_loss"), "selection": selection,
         "dataset": os.path.basename(data.data_dir), "data_dir": data.data_dir,
@@ -1066,7 +1213,8 @@ def run(paths, cfg):
         if block is not None and cfg.seq_len > block:
             raise MeasureError(f"--seq_len={cfg.seq_len} exceeds the checkpoint's block_size={block} ({ckpt_path})")
         inputs.append((ckpt_path, ckpt, os.path.isdir(path), selection))
-    archs = [ckpt["model_config"]["arch"] for _, ckpt, _, _ in inputs]
+    archs = [arm_name(ckpt["model_config"]["arch"], ckpt["model_config"].get("attention", "softmax"))
+             for _, ckpt, _, _ in inputs]
     results, used = [], set()
     for (ckpt_path, ckpt, from_run_dir, selection), arch in zip(inputs, archs):
         run_name = os.path.basename(os.path.dirname(os.path.abspath(ckpt_path))) or "run"

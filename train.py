@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ledger import GPT, GPTConfig
+from ledger import GPT, GPTConfig, arm_name
 from prepare_data import DataError, load_meta, open_split, sequence_starts, start_token
 
 CHECKPOINT_FORMAT = "ledger-residuals-ckpt/1"
@@ -452,10 +452,12 @@ def main(argv=None):
             if trained != getattr(cfg, key):
                 raise ConfigError(f"{cfg.out_dir}/ckpt.pt was trained with --{key}={trained}; "
                                   f"resume with the same")
-        clash = {k: v for k, v in model_overrides.items() if ckpt["model_config"].get(k) != v}
+        # compared with the saved config as built, so that a setting newer than the checkpoint
+        # (attention) counts as its default
+        model_config = GPTConfig(**ckpt["model_config"])
+        clash = {k: v for k, v in model_overrides.items() if getattr(model_config, k) != v}
         if clash:
             raise ConfigError(f"resume keeps the checkpoint's model; drop {', '.join('--' + k for k in clash)}")
-        model_config = GPTConfig(**ckpt["model_config"])
     else:
         if os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
             raise ConfigError(f"{cfg.out_dir}/ckpt.pt exists; continue it with --init_from=resume "
@@ -480,7 +482,12 @@ def main(argv=None):
     optimizer = configure_optimizer(model, cfg, device_type)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:   # e.g. written before the MLP biases: not this code's model
+            raise ConfigError(f"{cfg.out_dir}/ckpt.pt does not fit this code's {model_config.arch} model "
+                              f"({str(e).splitlines()[-1].strip()[:120]}); it was written by another version "
+                              f"of ledger-residuals: train it again, or resume it with that version") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -496,9 +503,10 @@ def main(argv=None):
     flops_per_token = model_flops_per_token(model_config, raw_model.num_params(non_embedding=True))
     peak = peak_flops(device)
     commit_sparsity = model_config.commit_sparsity
+    arm = arm_name(model_config.arch, model_config.attention)   # 'ledger', 'vanilla+gated'
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(f"arch {model_config.arch} | parameters {raw_model.num_params() / 1e6:.2f}M "
+        print(f"arch {arm} | parameters {raw_model.num_params() / 1e6:.2f}M "
               f"({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding) | "
               f"tokens/iter {tokens_per_iter:,} | device {device} | dtype {cfg.dtype} | world size {world}"
               + (f" | resumed at iter {iter_num}" if ckpt else ""), flush=True)
@@ -507,7 +515,7 @@ def main(argv=None):
     if master and cfg.wandb_log:
         try:
             import wandb
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or model_config.arch,
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or arm,
                        config={**dataclasses.asdict(cfg), **dataclasses.asdict(model_config)})
         except ImportError:
             print("wandb is not installed (pip install wandb); logging to log.jsonl only")

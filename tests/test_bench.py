@@ -1,5 +1,5 @@
-"""bench.py's contracts: its FLOP count is the 6N + 12LdT formula, and one short run of every arm
-prints the table and writes the JSON."""
+"""bench.py's contracts: its FLOP count is the 6N + 12LdT formula, and one short run of every arm,
+and of arms with another attention kind, prints the table and writes the JSON."""
 import json
 
 import pytest
@@ -39,6 +39,27 @@ def test_a_short_run_of_every_arm_prints_the_table_and_writes_json(tmp_path, cap
     assert arms["suppress"]["params"] == arms["vanilla"]["params"] + 2 * 2 * 16  # q and k norm gains
 
 
+def test_an_arm_with_another_attention_kind_is_timed_beside_vanilla(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main([*TINY, "--arms=vanilla,vanilla+attn_bias,ledger+sigmoid,vanilla+gated", "--steps=1", "--rounds=1",
+                "--warmup=0", f"--out_json={out}"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("arm "))
+    names = ["vanilla", "vanilla+attn_bias", "ledger+sigmoid", "vanilla+gated"]
+    assert [line.split()[0] for line in lines[header + 1:header + 5]] == names
+    arms = json.loads(out.read_text())["arms"]
+    assert [(a["arch"], a["attention"]) for a in arms.values()] == [
+        ("vanilla", "softmax"), ("vanilla", "attn_bias"), ("ledger", "sigmoid"), ("vanilla", "gated")]
+    assert all(a["ratio_to_vanilla"] > 0 for a in arms.values())
+    base, d, layers, heads = arms["vanilla"]["params"], 32, 2, 2
+    assert arms["vanilla+attn_bias"]["params"] == base + layers * 2 * d   # k' and v': heads x head_dim each
+    assert arms["vanilla+gated"]["params"] == base + layers * (d * d + d)  # W_g and its bias
+
+
 def test_bad_arms_fail_clearly():
     with pytest.raises(bench.train.ConfigError, match="--arms takes"):
         bench.main([*TINY, "--arms=vanilla,ledgr"])
+    with pytest.raises(bench.train.ConfigError, match="ATTENTION one of softmax,attn_bias,sigmoid,gated; got 'vanilla"):
+        bench.main([*TINY, "--arms=vanilla+gate"])
+    with pytest.raises(bench.train.ConfigError, match="steps=0: must be >= 1"):
+        bench.main([*TINY, "--steps=0"])

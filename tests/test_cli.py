@@ -10,13 +10,15 @@ import sys
 
 import pytest
 
+import bench
 import ledger
 import measure
 import prepare_data
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"train.py": (train.TrainConfig, ledger.GPTConfig), "measure.py": (measure.MeasureConfig,)}
+CONFIGS = {"train.py": (train.TrainConfig, ledger.GPTConfig), "measure.py": (measure.MeasureConfig,),
+           "bench.py": (bench.BenchConfig, train.TrainConfig, ledger.GPTConfig)}
 # Small sizes so that the used-by run takes seconds; --arch=ledger --n_layer=12 stay as the README has them.
 TINY = ["--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=2", "--max_iters=4", "--eval_iters=1",
         "--eval_interval=4", "--log_interval=2"]
@@ -75,8 +77,8 @@ def test_help_exits_0_and_lists_every_setting_with_its_meaning(script):
         for field in dataclasses.fields(config_type):
             [line] = [ln for ln in lines if ln.startswith(f"  --{field.name}=")]
             assert line.endswith(comments[field.name]), line
-    if script == "train.py":
-        assert all(arch in shown.stdout for arch in ledger.ARCHS)
+    if script in ("train.py", "bench.py"):
+        assert all(name in shown.stdout for name in ledger.ARCHS + ledger.ATTENTIONS)
         assert "  --batch_size=24" in shown.stdout and "int, >= 1: sequences per micro-batch" in shown.stdout
 
 
@@ -98,7 +100,7 @@ def test_prepare_data_takes_key_value_flags_like_the_other_scripts():
 
 
 def test_every_setting_has_a_comment_to_show_as_help():
-    for config_type in (train.TrainConfig, ledger.GPTConfig, measure.MeasureConfig):
+    for config_type in (train.TrainConfig, ledger.GPTConfig, measure.MeasureConfig, bench.BenchConfig):
         rows = [row for row in train.documented_fields(config_type) if row[0] is not None]
         assert [name for name, _ in rows] == [f.name for f in dataclasses.fields(config_type)]
         assert [name for name, comment in rows if not comment] == [], config_type.__name__
@@ -161,6 +163,7 @@ def files_under(folder):
     ("--init_from=resum", "init_from='resum': must be one of scratch, resume"),
     ("--dtype=fp16", "dtype='fp16': must be one of auto, float32, bfloat16, float16"),
     ("--n_head=5 --n_embd=48", "n_embd=48 is not divisible by n_head=5"),   # the config's own check
+    ("--attention=sigmod", "unknown attention 'sigmod'; choose one of softmax, attn_bias, sigmoid, gated"),
 ])
 def test_a_bad_training_setting_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, flag, message):
     # No dataset is prepared under data_root: a check that came only after reading the data would

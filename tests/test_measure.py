@@ -2,6 +2,7 @@
 number of batches, and every arm's tiny trained checkpoint is measured end to end (in process and
 through the CLI), deterministically, with one-line errors for bad inputs."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,11 +12,11 @@ import pytest
 import torch
 
 import measure
-from ledger import ARCHS, GPT, CausalSelfAttention, GPTConfig
+from ledger import ARCHS, ATTENTIONS, GPT, CausalSelfAttention, GPTConfig
 from train import CHECKPOINT_FORMAT as CKPT_FORMAT
 from measure import (Data, DominantDimProfile, ExtremeTokenStats, MeasureError, StreamStats,
-                     attention_weights_and_values, collect_extreme_tokens, fake_quantize_weights,
-                     parse_args, position0_hook, select_checkpoint, top_token_report, window_starts)
+                     collect_extreme_tokens, fake_quantize_weights, parse_args, position0_hook,
+                     select_checkpoint, top_token_report, window_starts)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--num_windows=6", "--batch_size=4", "--seq_len=32", "--threads=1"]
@@ -219,22 +220,115 @@ def test_residual_peak_sees_a_whole_vector_scale_up_that_no_dimension_ratio_show
     assert s["ratio_per_sublayer"][1] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_recomputed_attention_weights_reproduce_the_module_output(qk_norm):
+def test_recomputed_attention_weights_reproduce_the_module_output(qk_norm, attention):
     torch.manual_seed(0)
-    B, T, C = 2, 12, 32
-    attn = CausalSelfAttention(GPTConfig(vocab_size=10, block_size=T, n_layer=1, n_head=4, n_embd=C,
-                                         qk_norm=qk_norm))
+    B, T, C, H = 2, 12, 32, 4
+    attn = CausalSelfAttention(GPTConfig(vocab_size=10, block_size=T, n_layer=1, n_head=H, n_embd=C,
+                                         qk_norm=qk_norm, attention=attention))
     with torch.no_grad():
         attn.qkv.weight.normal_(std=0.3)   # logits of order 1 or more: a wrong scale, mask or norm shows
         if qk_norm:
             attn.q_norm.weight.uniform_(0.5, 2.0)
             attn.k_norm.weight.uniform_(0.5, 2.0)
+        if attention == "attn_bias":   # a sink key that matters, and a value that shows if it is left out
+            attn.sink_key.normal_(std=3.0)
+            attn.sink_value.normal_(std=1.0)
+        if attention == "gated":
+            attn.gate.bias.normal_(std=2.0)
         u = torch.randn(B, T, C)
-        weights, v = attention_weights_and_values(attn, u)
-        merged = (weights @ v).transpose(1, 2).reshape(B, T, C)
-        assert torch.allclose(weights.sum(-1), torch.ones(B, 4, T)) and not weights.triu(1).any()
+        a = attn.attention_weights(u)
+        y = a.weights @ a.values
+        total = a.weights.sum(-1)
+        if attention == "attn_bias":
+            y = y + a.sink_weight[..., None] * a.sink_value
+            total = total + a.sink_weight
+            assert a.sink_weight.mean() > 0.05   # the sink is seen, with weight of its own
+        if attention == "gated":
+            y = y * a.gate
+        merged = y.transpose(1, 2).reshape(B, T, C)
+        assert not a.weights.triu(1).any()
+        if attention == "sigmoid":   # not normalised: each weight is sigmoid(logit) in (0, 1)
+            assert not torch.allclose(total, torch.ones(B, H, T), atol=0.05)
+            assert ((a.weights > 0) | torch.ones(T, T).triu(1).bool()).all()
+        else:
+            assert torch.allclose(total, torch.ones(B, H, T))
         assert torch.allclose(attn.proj(merged), attn(u), atol=1e-5)
+
+
+def test_explicit_sink_and_position_0_are_reported_apart_and_sum_with_the_rest_to_1():
+    B, H, T = 3, 2, 8
+    weights = torch.zeros(B, H, T, T)      # head 0: 0.6 on k', 0.3 on position 0, 0.1 spread later
+    sink_weight = torch.zeros(B, H, T)     # head 1: nothing on k', uniform over positions 0..t
+    sink_weight[:, 0] = 0.6
+    weights[:, 0, 0, 0] = 0.4
+    weights[:, 1] = causal_weights(T)
+    for q in range(1, T):
+        weights[:, 0, q, 0], weights[:, 0, q, 1:q + 1] = 0.3, 0.1 / q
+    acc = ExtremeTokenStats(1, H, "attn_bias")
+    acc.update(0, weights, torch.ones(B, H, T, 4), sink_weight, torch.full((1, H, 1, 4), 0.5))
+    e = acc.summarize()
+    uniform = sum(1 / (q + 1) for q in range(1, T)) / (T - 1)
+    assert e["explicit_sink_per_layer_head"][0] == pytest.approx([0.6, 0.0])
+    assert e["sink_per_layer_head"][0] == pytest.approx([0.3, uniform])
+    assert e["later_positions_per_layer_head"][0] == pytest.approx([0.1, 1 - uniform])
+    # k' is one more key every query sees: uniform attention puts 1/(q+2) on position 0
+    assert e["sink_uniform_baseline"] == pytest.approx(sum(1 / (q + 2) for q in range(1, T)) / (T - 1))
+    assert e["explicit_sink_max"] == pytest.approx(0.6) and e["explicit_sink_max_layer_head"] == [0, 0]
+    assert e["sink_at_explicit_sink_max"] == pytest.approx(0.3) and e["explicit_sink_heads_over_half"] == 1
+    assert e["explicit_sink_value_drain_per_layer_head"][0] == pytest.approx([0.5, 0.5])   # |v'| = 1, |v| = 2
+    # and a real attn_bias model: the three parts of every head add up to 1
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16, attention="attn_bias"))
+    with collect_extreme_tokens(model.eval()) as extreme, torch.no_grad():
+        model(torch.randint(0, 20, (3, 16)))
+    e = extreme.summarize()
+    parts = np.add(np.add(e["explicit_sink_per_layer_head"], e["sink_per_layer_head"]),
+                   e["later_positions_per_layer_head"])
+    assert parts == pytest.approx(np.ones((2, 2))) and min(map(min, e["explicit_sink_per_layer_head"])) > 0
+
+
+def test_sigmoid_weights_are_judged_against_the_heads_own_mass_not_one_over_q_plus_1():
+    B, T = 2, 8
+    mask = torch.ones(T, T).tril()
+    weights = torch.stack([0.3 * mask, 0.1 * mask]).expand(B, 2, T, T).clone()
+    weights[:, 1, :, 0] = 0.9        # head 0: 0.3 on every key, no sink; head 1: 0.9 on key 0, 0.1 elsewhere
+    acc = ExtremeTokenStats(1, 2, "sigmoid")
+    acc.update(0, weights, torch.ones(B, 2, T, 4))
+    e = acc.summarize()
+    sink_head = sum((0.9 + 0.1 * q) / (q + 1) for q in range(1, T)) / (T - 1)
+    assert e["sink_uniform_baseline_per_layer_head"][0] == pytest.approx([0.3, sink_head])
+    assert e["sink_per_layer_head"][0] == pytest.approx([0.3, 0.9])   # the raw weights, not normalised
+    assert e["attention_mass_per_layer_head"][0] == pytest.approx(
+        [0.3 * (T + 2) / 2, sum(0.9 + 0.1 * q for q in range(1, T)) / (T - 1)])
+    # head 0 weighs position 0 as every key: no sink, though 0.3 is far above softmax's 1/(q+1)
+    assert e["sink_max_layer_head"] == [0, 1] and e["sink_uniform_baseline"] == pytest.approx(sink_head)
+    assert e["sink_heads_over_half"] == 1 and e["attention_mass_min_layer_head"] == [0, 1]
+    note = " ".join(measure.notes({"label": "x", "decoded_stream": "h", "selection": {"distance": None},
+                                   "extreme_tokens": e, "streams": {"h": NOTE_STREAM}}))
+    assert "weights not normalised" in note and "uniform attention" not in note
+
+
+def test_gate_means_at_position_0_and_elsewhere_on_a_planted_gate():
+    torch.manual_seed(0)
+    B, T, C = 3, 10, 16
+    attn = CausalSelfAttention(GPTConfig(vocab_size=10, block_size=T, n_layer=1, n_head=2, n_embd=C,
+                                         attention="gated"))
+    with torch.no_grad():
+        attn.gate.weight.zero_()
+        attn.gate.weight[:8, 0] = 1.0                   # head 0 reads u[..., 0]: large at position 0 only
+        attn.gate.bias[:8], attn.gate.bias[8:] = 0.0, -math.log(3)   # head 1: sigmoid = 0.25 everywhere
+        u = torch.randn(B, T, C)
+        u[:, 0, 0], u[:, 1:, 0] = math.log(3), 0.0     # head 0: 0.75 at position 0, 0.5 later
+        acc = ExtremeTokenStats(1, 2, "gated")
+        a = attn.attention_weights(u)
+        acc.update(0, a.weights, a.values, gate=a.gate)
+    e = acc.summarize()
+    assert e["gate_pos0_per_layer_head"][0] == pytest.approx([0.75, 0.25])
+    assert e["gate_later_per_layer_head"][0] == pytest.approx([0.5, 0.25])
+    assert e["gate_pos0_mean"] == pytest.approx(0.5) and e["gate_later_mean"] == pytest.approx(0.375)
+    assert e["gate_later_min_layer_head"] == [0, 1] and e["gate_pos0_at_later_min"] == pytest.approx(0.25)
 
 
 def test_extreme_token_hooks_ride_along_a_pass_with_flat_memory_and_come_off():
@@ -348,6 +442,11 @@ def test_the_across_seeds_table_gives_mean_min_and_max_of_every_run_of_an_arm():
     assert measure.across_seeds_table([run("ledger", 1.5, 5.0, 0.0)]) == ""
 
 
+NOTE_STREAM = {"sun_massive_count_total": 0, "dominant_dim": 7, "peak_ratio": 3.0, "max_abs_per_sublayer": [50.0],
+               "peak_pos0_ratio": 2.0, "start_token_concentration_peak": 1.0,
+               "residual_peak": {"max": 2.0, "final": 2.0, "max_sublayer_name": "0.mlp"}}
+
+
 def test_notes_judge_a_start_token_outlier_at_position_0_and_flag_a_stream_empty_elsewhere():
     def note(pos0, conc, final_peak):
         stream = {"sun_massive_count_total": 0, "dominant_dim": 7, "peak_ratio": 3.0, "max_abs_per_sublayer": [50.0],
@@ -420,25 +519,33 @@ def make_char_dataset(root, texts, name="docs"):
     return str(root / (name + "_data"))
 
 
+# One run per attention kind besides softmax, each on another arm (QK-norm composes with gated), for 10
+# iterations: measurement needs one checkpoint of each.
+KIND_RUNS = {"vanilla+attn_bias": ("vanilla", "attn_bias"), "ledger+sigmoid": ("ledger", "sigmoid"),
+             "suppress+gated": ("suppress", "gated")}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Train every arm for 20 iterations (checkpoints at 10 and 20), all at once to save time."""
+    """Train every arm for 20 iterations (checkpoints at 10 and 20), and each attention kind for 10,
+    all at once to save time."""
     root = tmp_path_factory.mktemp("measure")
     data_root = make_char_dataset(root, [TEXT * (8 + i) for i in range(6)])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = {}
-    for arch in ARCHS:
-        cmd = [sys.executable, "train.py", f"--arch={arch}", "--dataset=text_char", f"--data_root={data_root}",
-               f"--out_dir={root / arch}", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64",
-               "--batch_size=4", "--gradient_accumulation_steps=1", "--max_iters=20", "--eval_interval=10",
-               "--eval_iters=2", "--ckpt_interval=10", "--learning_rate=3e-3", "--warmup_iters=2",
-               "--device=cpu", "--seed=1", "--log_interval=5"]
-        procs[arch] = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
+    plan = {**{arch: (arch, "softmax", 20) for arch in ARCHS}, **{n: (*k, 10) for n, k in KIND_RUNS.items()}}
+    for name, (arch, attention, iters) in plan.items():
+        cmd = [sys.executable, "train.py", f"--arch={arch}", f"--attention={attention}", "--dataset=text_char",
+               f"--data_root={data_root}", f"--out_dir={root / name}", "--n_layer=2", "--n_head=2", "--n_embd=32",
+               "--block_size=64", "--batch_size=4", "--gradient_accumulation_steps=1", f"--max_iters={iters}",
+               "--eval_interval=10", "--eval_iters=2", "--ckpt_interval=10", "--learning_rate=3e-3",
+               "--warmup_iters=2", "--device=cpu", "--seed=1", "--log_interval=5"]
+        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for arch, p in procs.items():
+    for name, p in procs.items():
         _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, f"train.py {arch} failed: {err}"
-    return {"root": root, "data_root": data_root, **{arch: str(root / arch) for arch in ARCHS}}
+        assert p.returncode == 0, f"train.py {name} failed: {err}"
+    return {"root": root, "data_root": data_root, **{name: str(root / name) for name in plan}}
 
 
 def load_metrics(out_dir):
@@ -475,6 +582,32 @@ def test_every_arm_is_measured_end_to_end(runs, arch, tmp_path):
     assert m["settings"]["seq_len"] == 32 and m["timing"]["tokens"] == 6 * 32
     summary = (out / "summary.md").read_text()
     assert f"| {arch} | 20 |" in summary and "Sun" in summary and "Extreme tokens" in summary
+    assert m["attention"] == e["attention"] == "softmax" and "sigmoid (Gu" not in summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", KIND_RUNS)
+def test_every_attention_kind_is_measured_end_to_end_with_its_own_numbers(runs, name, tmp_path):
+    arch, attention = KIND_RUNS[name]
+    figures = f"--figures={attention == 'sigmoid'}"   # sigmoid's figure is titled its own way
+    [m] = measure.main([runs[name], f"--out_dir={tmp_path}", figures, "--interventions=False", "--quantization=False",
+                        *FAST])
+    e, summary = load_metrics(tmp_path)["extreme_tokens"], (tmp_path / "summary.md").read_text()
+    assert m["arch"] == arch and m["attention"] == e["attention"] == attention and m["label"] == name
+    assert f"| {name} | 10 |" in summary and attention in summary.split("Extreme tokens")[1]
+    assert (tmp_path / "extreme_tokens.png").exists() == (attention == "sigmoid")
+    notes = " ".join(m["notes"])
+    if attention == "attn_bias":
+        parts = np.add(np.add(e["explicit_sink_per_layer_head"], e["sink_per_layer_head"]),
+                       e["later_positions_per_layer_head"])
+        assert parts == pytest.approx(np.ones((2, 2))) and "explicit sink" in notes and "k'" in summary
+    elif attention == "sigmoid":
+        assert np.shape(e["attention_mass_per_layer_head"]) == (2, 2) and e["attention_mass_min"] > 0
+        assert e["sink_uniform_baseline"] in np.ravel(e["sink_uniform_baseline_per_layer_head"])
+        assert "weights not normalised" in notes and "uniform attention" not in notes
+    else:
+        assert 0 < e["gate_later_min"] <= e["gate_later_mean"] < 1 and 0 < e["gate_pos0_mean"] < 1
+        assert "output gate" in notes and "gated: gate" in summary
 
 
 def test_matched_loss_picks_the_closest_kept_checkpoint(runs, tmp_path):
@@ -553,6 +686,9 @@ def test_clear_one_line_errors(runs, tmp_path, capsys):
     expect_error(capsys, [str(tmp_path / "other.pt")], "not a ledger-residuals checkpoint")
     torch.save({"format": CKPT_FORMAT, "model_config": {"arch": "mamba"}}, tmp_path / "arm.pt")
     expect_error(capsys, [str(tmp_path / "arm.pt")], "unknown arm 'mamba'")
+    torch.save({"format": CKPT_FORMAT, "model_config": {"arch": "vanilla", "attention": "sigmod"}},
+               tmp_path / "kind.pt")
+    expect_error(capsys, [str(tmp_path / "kind.pt"), f"--out_dir={tmp_path}"], "unknown attention 'sigmod'")
     expect_error(capsys, [str(tmp_path / "missing")], "no such checkpoint")
     ckpt = os.path.join(runs["vanilla"], "ckpt.pt")
     expect_error(capsys, [ckpt, f"--out_dir={tmp_path}", f"--data_root={tmp_path / 'nowhere'}"], "prepare_data.py")

@@ -111,6 +111,28 @@ def test_resume_refuses_an_optimizer_built_another_way(char_data, tmp_path):
     assert load(tmp_path)["iter_num"] == 4
 
 
+def test_a_checkpoint_from_before_the_mlp_biases_fails_with_one_line_and_is_kept(char_data, tmp_path):
+    train.main(args(char_data, tmp_path, "--max_iters=2", "--eval_interval=2"))
+    ckpt = load(tmp_path)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not (".fn.up.bias" in k or ".fn.down.bias" in k)}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(train.ConfigError, match="does not fit this code's vanilla model .*Missing key"):
+        train.main(args(char_data, tmp_path, "--max_iters=4", "--init_from=resume"))
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_a_checkpoint_from_before_the_attention_kinds_resumes_as_softmax(char_data, tmp_path):
+    train.main(args(char_data, tmp_path, "--max_iters=2", "--eval_interval=2"))
+    ckpt = load(tmp_path)
+    del ckpt["model_config"]["attention"]   # as every checkpoint written before the setting existed
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    train.main(args(char_data, tmp_path, "--attention=softmax", "--max_iters=3", "--init_from=resume"))
+    assert load(tmp_path)["iter_num"] == 3 and load(tmp_path)["model_config"]["attention"] == "softmax"
+    with pytest.raises(train.ConfigError, match="drop --attention"):
+        train.main(args(char_data, tmp_path, "--attention=gated", "--max_iters=4", "--init_from=resume"))
+
+
 def test_compiled_model_prefix_never_reaches_the_weights(tmp_path):
     model = ledger.GPT(ledger.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=11))
     prefixed = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
