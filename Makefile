@@ -10,12 +10,13 @@ LAB_ARMS ?= vanilla suppress ledger ledger-hs
 # arms trained side by side, one thread each: a tiny model uses one core well
 LAB_JOBS ?= 2
 LAB_SEEDS ?= 1337 1338 1339
-# SGD needs a far larger step than AdamW to learn the task in as many steps, and no weight decay:
-# at that step a decay of 0.1 shrinks every weight by 5% per step and the model learns nothing
-LAB_SGD_FLAGS ?= --optimizer=sgd --learning_rate=0.5 --min_lr=0.05 --weight_decay=0
+# the commit-sparsity weights of `make lab-sweep`
+SWEEP_LAMBDAS ?= 0 0.005 0.02 0.1 0.3
+# more lab.py settings (python lab.py --help), e.g. LAB_ARGS="--refresh_s=10"
+LAB_ARGS ?=
 
 
-.PHONY: install demo demo-text demo-text-all demo-arms lab lab-all lab-runs test bench bench-gpu
+.PHONY: install demo demo-text demo-text-all demo-arms lab lab-all lab-sweep lab-runs test bench bench-gpu
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
@@ -58,24 +59,24 @@ lab-all: install
 	@$(MAKE) --no-print-directory lab-runs LAB_MEASURE=$(LAB_OUT)/measure-all \
 	  LAB_RUNS="$(foreach s,$(LAB_SEEDS),$(foreach a,$(LAB_ARMS) vanilla-sgd,$(a)-s$(s)))"
 
-# LAB_RUNS names run folders <arm>-s<seed>; the arm vanilla-sgd is vanilla trained with SGD, and an
-# arm ARCH+KIND (vanilla+gated) is ARCH with that attention kind: the positive controls, e.g.
-# make lab LAB_ARMS="vanilla vanilla+attn_bias vanilla+sigmoid vanilla+gated"
+# The commit-sparsity dose-response: Ledger at each lambda of SWEEP_LAMBDAS and vanilla, for every seed of
+# LAB_SEEDS, into out/lab/ledger-cs<lambda>-s<seed> and out/lab/vanilla-s<seed> (the runs `make lab-all`
+# already trained are reused), measured together at matched loss into out/lab/sweep, where sweep.png
+# and sweep.md give C's numbers against lambda: a min-max band over seeds, vanilla's band beside it.
+lab-sweep: install
+	@$(MAKE) --no-print-directory lab-runs LAB_MEASURE=$(LAB_OUT)/sweep LAB_ARGS="--sweep $(LAB_ARGS)" \
+	  LAB_RUNS="$(foreach s,$(LAB_SEEDS),vanilla-s$(s) $(foreach l,$(SWEEP_LAMBDAS),ledger-cs$(l)-s$(s)))"
+
+# LAB_RUNS names run folders <arm>-s<seed> or <arm>-cs<lambda>-s<seed> (the arm vanilla-sgd is vanilla
+# trained with SGD; an arm ARCH+KIND, e.g. vanilla+gated, is ARCH with that attention kind: the
+# positive controls, `make lab LAB_ARMS="vanilla vanilla+attn_bias vanilla+sigmoid vanilla+gated"`). lab.py trains them LAB_JOBS at a time, one thread each, with every run's step, loss
+# and time left on the terminal; a finished run is reused and an interrupted one resumed. Then measure.py
+# measures them all at matched loss.
 lab-runs:
 	@start=$$(date +%s); \
 	$(PYTHON) prepare_data.py --dataset=bigram_backcopy || exit 1; \
-	printf '%s\n' $(LAB_RUNS) | xargs -P $(LAB_JOBS) -I{} sh -c '\
-	  run={}; arm=$${run%-s*}; seed=$${run##*-s}; dir=$(LAB_OUT)/$$run; flags=""; \
-	  [ $$arm = vanilla-sgd ] && arm=vanilla flags="$(LAB_SGD_FLAGS)"; \
-	  case $$arm in *+*) flags="--attention=$${arm#*+}"; arm=$${arm%%+*};; esac; \
-	  init=scratch; [ -f $$dir/ckpt.pt ] && init=resume; mkdir -p $$dir; \
-	  echo "=== training $$run ($$init) -> $$dir"; \
-	  OMP_NUM_THREADS=1 $(PYTHON) train.py config/lab.py --arch=$$arm --seed=$$seed --out_dir=$$dir \
-	    --init_from=$$init $$flags > $$dir/train.log 2>&1 \
-	    && echo "    $$run: $$(tail -n 1 $$dir/train.log)" || { tail -n 5 $$dir/train.log; exit 255; }' || exit 1; \
-	echo "=== measuring at matched loss -> $(LAB_MEASURE)"; \
-	$(PYTHON) measure.py $(addprefix $(LAB_OUT)/,$(LAB_RUNS)) --match_loss=auto --num_windows=512 \
-	  --batch_size=128 --threads=2 --out_dir=$(LAB_MEASURE) || exit 1; \
+	$(PYTHON) lab.py $(LAB_RUNS) --out_root=$(LAB_OUT) --jobs=$(LAB_JOBS) --measure_dir=$(LAB_MEASURE) $(LAB_ARGS) \
+	  || exit 1; \
 	echo "lab done in $$(( $$(date +%s) - start )) s; table in $(LAB_MEASURE)/summary.md, figures beside it"
 
 test: install

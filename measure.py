@@ -20,8 +20,11 @@ Every attention kind (ledger.ATTENTIONS) is measured in its own terms: the weigh
 explicit sink apart from position 0's, sigmoid's unnormalised weights against their own no-sink
 level, gated attention's output gate at position 0 and elsewhere (see "Extreme-token phenomena").
 
+With --trajectory, every kept snapshot of each run directory is measured the same way, and one
+figure and one table give the headline numbers against training step, every run side by side.
+
 Read top to bottom: config, loading, statistics, metrics, extreme tokens (sink, drain, peak),
-interventions, figures, report, main.
+interventions, Ledger's two streams, figures, report, main, trajectories.
 """
 import contextlib
 import copy
@@ -44,6 +47,7 @@ from ledger import ARCHS, GPT, GPTConfig, arm_name
 NORM_FRACTION = 0.25     # a sublayer counts for "peak" only if its stream norm is >= 25% of the final
 SUN_ABS, SUN_REL = 100.0, 1000.0   # Sun et al.: massive if |x| > 100 and |x| >= 1000 x token median
 SHARED_FRACTION = 0.5    # a token whose mean |x_dom| is >= half of position 0's shares the feature
+RMS_EPS = 1e-6           # ledger.RMSNorm's eps: the per-token normalised metrics divide as it does
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +70,8 @@ class MeasureConfig:
     interventions: bool = True        # val loss with the dominant dim at position 0 zeroed / set to its mean
     quantization: bool = True         # val loss after weight-only 8- and 4-bit round-to-nearest
     figures: bool = True              # write the PNG figures
+    trajectory: bool = False          # measure every kept snapshot of each run dir (no per-snapshot figures):
+                                        # the headline numbers against step in trajectory.png, .md and .json
     align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: as trained
     top_tokens: int = 8               # tokens listed where the dominant dim is largest off position 0
     min_token_count: int = 5          # ... among tokens seen at least this often
@@ -257,6 +263,13 @@ class StreamStats:
         self.max_abs = torch.zeros(L, dtype=f64)
         self.sun_count = torch.zeros(L, dtype=torch.int64)     # Sun et al.'s massive entries
         self.sun_count_pos0 = torch.zeros(L, dtype=torch.int64)
+        # The same sums after per-token RMS normalisation (x / rms(x), "unit"): what an RMSNorm that
+        # reads this stream sees (the head's for C; every sublayer's and the head's for h), each
+        # token's own scale divided out
+        self.unit_abs_sum = torch.zeros(L, dim, dtype=f64)
+        self.unit_abs_sum_pos0 = torch.zeros(L, dim, dtype=f64)
+        self.unit_norm_sum = torch.zeros(L, dtype=f64)
+        self.unit_norm_sum_pos0 = torch.zeros(L, dtype=f64)
 
     def state_nbytes(self):
         return sum(t.numel() * t.element_size() for t in vars(self).values())
@@ -291,6 +304,12 @@ class StreamStats:
         self.max_abs[i] = torch.maximum(self.max_abs[i], flat.max().double().cpu())
         self.sun_count[i] += int(massive.sum())
         self.sun_count_pos0[i] += int(massive.view(B, T, D)[:, 0].sum())
+        unit = torch.nn.functional.rms_norm(x, (D,), eps=RMS_EPS)
+        unit_abs, unit_norms = unit.abs(), unit.norm(dim=-1)
+        self.unit_abs_sum[i] += unit_abs.sum((0, 1), dtype=f64).cpu()
+        self.unit_abs_sum_pos0[i] += unit_abs[:, 0].sum(0, dtype=f64).cpu()
+        self.unit_norm_sum[i] += unit_norms.sum(dtype=f64).cpu()
+        self.unit_norm_sum_pos0[i] += unit_norms[:, 0].sum(dtype=f64).cpu()
 
     # per (sublayer, dim) means, as numpy arrays
     def mean_abs(self):
@@ -390,6 +409,41 @@ class StreamStats:
                               "max_sublayer": top_peak, "max_sublayer_name": names[top_peak],
                               "final": float(residual_peak[-1])},
             "released_definitions": released,
+            "mean_norm_pos0_per_sublayer": norm_pos0.tolist(), "mean_norm_later_per_sublayer": norm_later.tolist(),
+            "normalized": self.summarize_normalized(dom, peak, dom_peak, eligible),
+        }
+
+    def summarize_normalized(self, dom, peak, dom_peak, eligible):
+        """The headline numbers after per-token RMS normalisation, for the same dimension and at the
+        same sublayers as the raw ones beside them. A stream whose position 0 is simply larger than
+        its other positions (Ledger's C while lam ~ 0: only the final norm reads it, and it divides
+        the scale out) has a large raw concentration and residual peak but normalised ones near 1.
+        The within-token pos-0 ratio hardly moves: it divides two dimensions of the same token. The
+        normalised residual peak is ~1 by construction (every unit token has norm sqrt(D)) unless a
+        token's RMS is so small (< ~1e-3) that the eps, as in the model's own norm, keeps it small."""
+        n, n_seqs = self.n_tokens.numpy(), self.n_seqs.numpy()
+        n_rest = np.maximum(n - n_seqs, 1)
+        unit_abs = self.unit_abs_sum.numpy() / n[:, None]
+        pos0 = self.unit_abs_sum_pos0.numpy() / n_seqs[:, None]
+        rest = (self.unit_abs_sum.numpy() - self.unit_abs_sum_pos0.numpy()) / n_rest[:, None]
+        dim_ratio = unit_abs.max(1) / np.maximum(np.median(unit_abs, 1), 1e-30)
+        pos0_ratio = pos0[:, dom] / np.maximum(np.median(pos0, 1), 1e-30)
+        concentration = pos0[:, dom] / np.maximum(rest[:, dom], 1e-30)
+        concentration_all = pos0[:, dom] / np.maximum(unit_abs[:, dom], 1e-30)
+        norm_pos0 = self.unit_norm_sum_pos0.numpy() / n_seqs
+        norm_later = (self.unit_norm_sum.numpy() - self.unit_norm_sum_pos0.numpy()) / n_rest
+        residual_peak = norm_pos0 / np.maximum(norm_later, 1e-30)
+        return {
+            "definition": f"x / sqrt(mean(x^2) + {RMS_EPS:g}) per token, as RMSNorm without its gain; the raw "
+                          f"numbers' dominant dim and sublayers",
+            "peak_ratio": float(dim_ratio[peak]), "ratio_per_sublayer": dim_ratio.tolist(),
+            "peak_pos0_ratio": float(pos0_ratio[peak]), "pos0_ratio_per_sublayer": pos0_ratio.tolist(),
+            "start_token_concentration_peak": float(concentration[peak]),
+            "start_token_concentration_final": float(concentration[-1]),
+            "start_token_concentration_per_sublayer": concentration.tolist(),
+            "released_start_token_concentration": float(concentration_all[dom_peak]),
+            "residual_peak": {"per_sublayer": residual_peak.tolist(), "max": float(residual_peak[eligible].max()),
+                              "final": float(residual_peak[-1])},
         }
 
 
@@ -739,6 +793,37 @@ def run_quantization(model, batch_fn, baseline):
 
 
 # ----------------------------------------------------------------------------------------------
+# Ledger's two streams: how much D commits to C, how large C is beside D, whose outlier C carries
+
+@torch.inference_mode()
+def mean_commit_gates(model, batch_iter):
+    """The mean commit gate of each sublayer over the windows (the forward's third output is its
+    mean over one batch's tokens): one plain forward pass per batch, no hooks."""
+    total, count = 0.0, 0
+    for x, _ in batch_iter:
+        _, _, gates = model(x)
+        total = total + gates.double().cpu() * len(x)
+        count += len(x)
+    return (total / count).tolist()
+
+
+def ledger_stream_report(model, batch_fn, summaries):
+    """Beside C's outlier, the numbers that say what C is: the commit gates (how much of D reaches
+    C), ||C|| / ||D|| at the last sublayer (mean token norms), ||C|| at position 0 and elsewhere,
+    and whether C's dominant dimension is D's (C inherits D's outlier rather than building one)."""
+    gates = mean_commit_gates(model, batch_fn())
+    C, D = summaries["C"], summaries["D"]
+    return {
+        "commit_gate_per_sublayer": gates, "commit_gate_mean": float(np.mean(gates)),
+        "C_over_D_norm_final": C["mean_norm_per_sublayer"][-1] / max(D["mean_norm_per_sublayer"][-1], 1e-30),
+        "C_norm_pos0_final": C["mean_norm_pos0_per_sublayer"][-1],
+        "C_norm_later_final": C["mean_norm_later_per_sublayer"][-1],
+        "C_dominant_dim": C["dominant_dim"], "D_dominant_dim": D["dominant_dim"],
+        "C_carries_D_dim": C["dominant_dim"] == D["dominant_dim"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Figures
 
 def slug(name):
@@ -991,6 +1076,25 @@ def attention_cell(e):
     return "softmax: the sink"
 
 
+def normalized_table(results):
+    """The decoded stream's headline numbers raw and after per-token RMS normalisation, side by side,
+    and which of them compare one stream with another (StreamStats.summarize_normalized)."""
+    rows = []
+    for m in results:
+        s = m["streams"][m["decoded_stream"]]
+        u = s["normalized"]
+        rows.append([m["label"], m["decoded_stream"], f"{s['peak_pos0_ratio']:.1f}x", f"{u['peak_pos0_ratio']:.1f}x",
+                     f"{s['start_token_concentration_peak']:.1f}x", f"{u['start_token_concentration_peak']:.1f}x",
+                     f"{s['residual_peak']['max']:.1f}x", f"{u['residual_peak']['max']:.2f}x"])
+    return ("Raw and per-token normalised (x / rms(x): what the RMSNorm before the head reads), decoded stream:\n\n"
+            + markdown_table(["arm", "decoded", "pos-0 ratio", "pos-0 ratio, normalised", "start-token conc.",
+                              "start-token conc., normalised", "residual peak", "residual peak, normalised"], rows)
+            + "\n\nThe pos-0 ratio divides two dimensions of one token, so vanilla's h and Ledger's C compare on it "
+              "raw; the concentration and the residual peak divide position 0 by later tokens, so compare them "
+              "normalised: raw, C's are large whenever C holds little outside position 0, which nothing but the "
+              "final norm reads while lam stays near 0, so the loss hardly constrains it.")
+
+
 def checkpoint_choice(results):
     """Which checkpoint of each run was measured. The two choices answer different questions: at
     matched loss a faster learner does not look different merely for being further along; at equal
@@ -1160,6 +1264,8 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     lap("interventions_s")
     quantization = run_quantization(model, batch_fn, baseline) if cfg.quantization else None
     lap("quantization_s")
+    ledger_streams = ledger_stream_report(model, batch_fn, summaries) if model.config.residual == "ledger" else None
+    lap("ledger_streams_s")
 
     os.makedirs(out_dir, exist_ok=True)
     figures = []
@@ -1183,6 +1289,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
         "measured_val_loss": baseline, "decoded_stream": decoded, "streams": summaries,
         "top_tokens": top_tokens, "extreme_tokens": extreme_tokens,
         "interventions": interventions, "quantization": quantization,
+        "ledger_streams": ledger_streams,
         "sun_rule": f"|x| > {SUN_ABS:g} and |x| >= {SUN_REL:g} x the token's median |x| (Sun et al. 2024)",
         "figures": [os.path.basename(f) for f in figures],
         "timing": {"tokens": n_tokens, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9),
@@ -1251,6 +1358,7 @@ def run(paths, cfg):
             f"{results[0]['settings']['seq_len']} tokens, seed {cfg.seed})\n\n{checkpoint_choice(results)}\n\n"
             f"{summary_table(results)}\n\n"
             + (f"Across runs of the same arm, mean [min, max], decoded stream:\n\n{seeds}\n\n" if seeds else "")
+            + f"{normalized_table(results)}\n\n"
             + f"Ratios are mean |x| of the top dimension over the median dimension (pos-0 ratio: at position 0 "
             f"only); start-token concentration is the dominant dimension's mean |x| at position 0 over "
             f"positions 1..T-1. Peaks skip sublayers whose "
@@ -1270,10 +1378,160 @@ def main(argv=None):
         return []
     try:
         paths, cfg = parse_args(argv)
-        return run(paths, cfg)
+        return run_trajectory(paths, cfg) if cfg.trajectory else run(paths, cfg)
     except MeasureError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Trajectories (--trajectory): the headline numbers at every kept snapshot of a run
+#
+# A matched-loss measurement shows one snapshot; a trajectory shows when the outlier appears,
+# whether it lasts, and whether a Ledger run's commit gates close before C could take D's
+# dimension. Each snapshot goes through measure_checkpoint exactly as it would on its own (figures
+# off), so a row holds the numbers a one-checkpoint measurement gives, and the time is one
+# measurement per snapshot.
+
+def trajectory_snapshots(run_dir):
+    """[(path, ckpt)] of a run's kept snapshots in training order, plus ckpt.pt when it holds a step
+    that no snapshot does (a run stopped between two snapshots)."""
+    by_iter = {}
+    for name in sorted(checkpoint_names(run_dir), key=lambda n: n == "ckpt.pt"):   # snapshots first
+        path = os.path.join(run_dir, name)
+        ckpt = load_checkpoint(path)
+        if ckpt.get("iter_num") is None:
+            raise MeasureError(f"{path} records no iter_num, so it has no place on a trajectory")
+        by_iter.setdefault(ckpt["iter_num"], (path, ckpt))
+    return [by_iter[i] for i in sorted(by_iter)]
+
+
+def trajectory_row(m):
+    """One snapshot's headline numbers, read from its metrics (None where they do not apply)."""
+    s = m["streams"][m["decoded_stream"]]
+    iv, ls = m.get("interventions") or {}, m.get("ledger_streams") or {}
+    return {
+        "iter": m["iter_num"], "val_loss_recorded": m["val_loss_recorded"], "measured_val_loss": m["measured_val_loss"],
+        "decoded_stream": m["decoded_stream"], "dominant_dim": s["dominant_dim"],
+        "pos0_ratio": s["peak_pos0_ratio"], "concentration": s["start_token_concentration_peak"],
+        "concentration_released": s["released_definitions"]["start_token_concentration"],
+        "concentration_normalized": s["normalized"]["start_token_concentration_peak"],
+        "sink_max": m["extreme_tokens"]["sink_max"], "residual_peak": s["residual_peak"]["max"],
+        "zero_delta": iv.get("zero_delta"),
+        "commit_gate_per_sublayer": ls.get("commit_gate_per_sublayer"), "commit_gate_mean": ls.get("commit_gate_mean"),
+        "C_over_D_norm_final": ls.get("C_over_D_norm_final"), "C_carries_D_dim": ls.get("C_carries_D_dim"),
+    }
+
+
+def trajectory_table(trajectories):
+    """One row per snapshot, the runs one after another."""
+    def ratio(v):
+        return "—" if v is None else f"{v:.1f}x"
+
+    rows = []
+    for name, t in trajectories.items():
+        for r in t["rows"]:
+            gates = r["commit_gate_per_sublayer"]
+            rows.append([name, str(r["iter"]), fmt(r["val_loss_recorded"]), f"{r['decoded_stream']} {r['dominant_dim']}",
+                         ratio(r["pos0_ratio"]), ratio(r["concentration"]), f"{r['concentration_released']:.2f}x",
+                         ratio(r["concentration_normalized"]), fmt(r["sink_max"], ".2f"), ratio(r["residual_peak"]),
+                         fmt(r["zero_delta"], "+.3f"), " ".join(f"{g:.2f}" for g in gates) if gates else "—",
+                         fmt(r["C_over_D_norm_final"], ".2f"),
+                         "—" if r["C_carries_D_dim"] is None else ("yes" if r["C_carries_D_dim"] else "no")])
+    return markdown_table(["run", "iter", "val loss", "decoded, dom dim", "pos-0 ratio", "start-token conc.",
+                           "conc., released", "conc., normalised", "sink max", "residual peak",
+                           "Δloss, dim zeroed at pos 0", "commit gate per sublayer", "‖C‖ / ‖D‖ (last)",
+                           "C's dom dim is D's"], rows)
+
+
+TRAJECTORY_PANELS = [   # (row key, title, log scale)
+    ("pos0_ratio", "ratio at position 0 (dominant dim / median dim)", True),
+    ("concentration", "start-token concentration\n(solid: here; dashed: per-token normalised)", True),
+    ("concentration_released", "start-token concentration, released definition", True),
+    ("residual_peak", "residual peak: ‖x‖ at position 0 / later", True),
+    ("sink_max", "attention sink, strongest head", False),
+    ("zero_delta", "Δ val loss, dominant dim zeroed at position 0", False),
+    ("commit_gate_mean", "Ledger: mean commit gate over sublayers", False),
+    ("C_over_D_norm_final", "Ledger: ‖C‖ / ‖D‖ at the last sublayer", True),
+    ("C_carries_D_dim", "Ledger: C's dominant dim is D's (1) or not (0)", False),
+]
+
+
+def plot_trajectory(trajectories, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def values(rows, key):   # None (a number that does not apply) leaves a gap
+        return [np.nan if r[key] is None else float(r[key]) for r in rows]
+
+    fig, axes = plt.subplots(3, 3, figsize=(16, 11))
+    for ax, (key, title, log) in zip(axes.flat, TRAJECTORY_PANELS):
+        for name, t in trajectories.items():
+            steps = [r["iter"] for r in t["rows"]]
+            line, = ax.plot(steps, values(t["rows"], key), marker="o", label=name)
+            if key == "concentration":
+                ax.plot(steps, values(t["rows"], "concentration_normalized"), linestyle="--", color=line.get_color())
+        if log and any(np.nanmin(values(t["rows"], key), initial=np.inf) > 0 for t in trajectories.values()):
+            ax.set_yscale("log")
+            readable_log_axis(ax)
+        if key == "C_carries_D_dim":
+            ax.set_ylim(-0.05, 1.05)
+        ax.set(title=title, xlabel="training step")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def run_trajectory(paths, cfg):
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.match_loss is not None:
+        raise MeasureError("--trajectory measures every kept snapshot; drop --match_loss")
+    runs = []   # every snapshot of every run found and loaded first, so that a bad input fails before any work
+    for path in paths:
+        if not os.path.isdir(path):
+            raise MeasureError(f"{path}: --trajectory takes run directories (it measures their kept snapshots)")
+        snapshots = trajectory_snapshots(path)
+        for ckpt_path, ckpt in snapshots:
+            block = ckpt["model_config"].get("block_size")
+            if block is not None and cfg.seq_len > block:
+                raise MeasureError(f"--seq_len={cfg.seq_len} exceeds the checkpoint's block_size={block} ({ckpt_path})")
+        runs.append((path, snapshots))
+    out_root = cfg.out_dir or (os.path.join(paths[0], "measure") if len(paths) == 1 else os.path.join("out", "measure"))
+    snapshot_cfg = dataclasses.replace(cfg, figures=False)
+    selection = {"checkpoint": "trajectory", "match_loss": None, "distance": None}
+    trajectories = {}
+    for run_dir, snapshots in runs:
+        base = os.path.basename(os.path.abspath(run_dir)) or "run"
+        name, k = base, 1
+        while name in trajectories:   # two run folders of the same name
+            name, k = f"{base}_{k}", k + 1
+        rows = []
+        for ckpt_path, ckpt in snapshots:
+            stem = os.path.splitext(os.path.basename(ckpt_path))[0]
+            out_dir = os.path.join(out_root, stem) if len(runs) == 1 else os.path.join(out_root, name, stem)
+            m = measure_checkpoint(ckpt_path, ckpt, snapshot_cfg, out_dir, selection)
+            with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+                json.dump(jsonable(m), f, indent=1, allow_nan=False)
+            rows.append(trajectory_row(m))
+            print(f"{ckpt_path}: iter {m['iter_num']} measured in {m['timing']['seconds']:.1f} s -> {out_dir}")
+        arch = snapshots[-1][1]["model_config"]["arch"]
+        trajectories[name] = {"run_dir": os.path.abspath(run_dir), "arch": arch, "rows": rows}
+    os.makedirs(out_root, exist_ok=True)
+    with open(os.path.join(out_root, "trajectory.json"), "w") as f:
+        json.dump(jsonable({"settings": dataclasses.asdict(cfg), "runs": trajectories}), f, indent=1, allow_nan=False)
+    if cfg.figures:
+        plot_trajectory(trajectories, os.path.join(out_root, "trajectory.png"))
+    text = (f"# Trajectory: every kept snapshot ({cfg.split} split, {cfg.num_windows} windows, seed {cfg.seed})\n\n"
+            f"{trajectory_table(trajectories)}\n\nEach row is what measure.py gives that snapshot on its own "
+            f"(its metrics.json: <run>/<snapshot>/ in this folder); decoded stream, at its peak sublayer. Concentration: the dominant "
+            f"dim's mean |x| at position 0 over positions 1..T-1 (released: over all positions; normalised: after "
+            f"x / rms(x) per token). ‖C‖ / ‖D‖: mean token norms at the last sublayer.\n")
+    with open(os.path.join(out_root, "trajectory.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return trajectories
 
 
 if __name__ == "__main__":

@@ -22,5 +22,5 @@ beta2 = 0.95
 decay_norms_and_biases = False
 eval_interval = 250
 eval_iters = 10
-log_interval = 250
+log_interval = 50       # a progress line and a log.jsonl record: what lab.py's status shows
 ckpt_interval = 250      # kept snapshots: measure.py --match_loss picks among them

@@ -1,0 +1,472 @@
+"""
+The laptop lab's runs side by side: train the named runs a few at a time, show every run's step,
+loss and time left while they train, reuse what is already trained, then measure them all together
+at matched loss (and, with --sweep, draw the commit-sparsity dose-response).
+
+    python lab.py vanilla-s1337 ledger-s1337 [more runs] [--key=value ...]
+    python lab.py vanilla-s1337 ledger-cs0-s1337 ledger-cs0.3-s1337 --sweep --measure_dir=out/lab/sweep
+
+`make demo`, `make lab-all` and `make lab-sweep` call it. A run's name says how it is trained, and
+it is the name of its folder under --out_root:
+
+    <arm>-s<seed>             an arm of ledger.py trained with --config and that seed; the arm
+                              vanilla-sgd is vanilla trained with SGD (--sgd_flags), and an arm
+                              ARCH+KIND (vanilla+gated) is ARCH with that attention kind
+    <arm>-cs<lambda>-s<seed>  a Ledger arm trained with commit_sparsity = lambda
+
+A run whose ckpt.pt has reached max_iters is reused as it is. One whose ckpt.pt is short of it (an
+interrupted run) resumes with --init_from=resume, and any other starts from scratch. Each run trains
+in its own process on one thread (OMP_NUM_THREADS=1), its output appended to train.log in its
+folder; the progress shown is read from the log.jsonl that train.py writes beside it. Ctrl-C stops
+every run at the end of its iteration with a saved checkpoint: the same command then resumes them.
+
+Why a file of its own: the Makefile's shell loop could print a line only when a run ended, and the
+run names, the reuse rules and the sweep's figure are code that tests should run (tests/test_lab.py).
+
+Read top to bottom: config, run names, progress, training, the sweep report, main.
+"""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+import measure
+import train
+from ledger import ARCHS, ATTENTIONS, GPTConfig
+
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+POLL_S = 0.5     # how often finished runs are noticed and the next ones started
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class LabConfig:
+    out_root: str = "out/lab"        # each run trains into <out_root>/<run name>
+    config: str = "config/lab.py"    # the training preset every run starts from
+    jobs: int = 2                    # runs trained at once, each on one CPU thread
+    refresh_s: float = 5.0           # seconds between progress updates
+    sgd_flags: str = "--optimizer=sgd --learning_rate=0.5 --min_lr=0.05 --weight_decay=0"  # train.py settings of vanilla-sgd:
+                                       # SGD needs a far larger step than AdamW to learn the task in as many steps,
+                                       # and no weight decay (at that step 0.1 shrinks every weight by 5% per step)
+    measure: bool = True             # once trained, measure all runs together with measure.py
+    measure_dir: str = ""            # measure.py's --out_dir; "" = <out_root>/measure
+    measure_flags: str = "--match_loss=auto --num_windows=512 --batch_size=128 --threads=2"  # measure.py's settings
+    sweep: bool = False              # then C's numbers against lambda over seeds: sweep.png, .md, .json in measure_dir
+
+    LIMITS = {"jobs": ">= 1", "refresh_s": "> 0"}
+
+
+class LabError(Exception):
+    """A bad input: one line `error: ...` and exit status 2, before any run starts."""
+
+
+class RunFailed(Exception):
+    """A training run failed: one line `error: ...` and exit status 1, after the others stopped."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Run names: what each run is, and what is left to do for it
+
+RUN_NAME = re.compile(r"(?P<arm>[a-z0-9_+-]+?)(?:-cs(?P<lam>\d+(?:\.\d+)?))?-s(?P<seed>\d+)")
+
+
+@dataclass
+class Run:
+    name: str
+    out_dir: str
+    argv: list                       # train.py's arguments, --init_from aside
+    max_iters: int
+    state: str = "queued"            # queued, reused, running, done, failed
+    resume_from: Optional[int] = None  # the iteration of an unfinished ckpt.pt
+    log_offset: int = 0              # log.jsonl's size at launch: progress reads only what follows
+    process: Optional[subprocess.Popen] = field(default=None, repr=False)
+    started: float = 0.0
+    ended: float = 0.0
+
+
+def plan_run(name, cfg):
+    """The Run a name stands for, its settings checked by train.py's own parser."""
+    match = RUN_NAME.fullmatch(name)
+    if not match:
+        raise LabError(f"run name {name!r}: expected <arm>-s<seed> or <arm>-cs<lambda>-s<seed>, "
+                       f"e.g. ledger-cs0.02-s1337")
+    arm, lam, seed = match["arm"], match["lam"], match["seed"]
+    base, plus, attention = arm.partition("+")
+    arch, flags = ("vanilla", shlex.split(cfg.sgd_flags)) if base == "vanilla-sgd" else (base, [])
+    if arch not in ARCHS:
+        raise LabError(f"run name {name!r}: unknown arm {base!r}; known: {', '.join(ARCHS)}, vanilla-sgd "
+                       f"(each may take +KIND, an attention kind: {', '.join(ATTENTIONS)})")
+    if plus:
+        flags.append(f"--attention={attention}")   # train.py's parser below rejects an unknown kind
+    if lam is not None:
+        if GPTConfig(arch=arch).residual != "ledger":
+            raise LabError(f"run name {name!r}: -cs<lambda> sets the commit sparsity, which only Ledger arms have")
+        flags.append(f"--commit_sparsity={lam}")
+    out_dir = os.path.join(cfg.out_root, name)
+    argv = [cfg.config, f"--arch={arch}", f"--seed={seed}", f"--out_dir={out_dir}", *flags]
+    try:
+        settings, _ = train.parse_overrides(argv, train.TrainConfig, GPTConfig)
+    except train.ConfigError as e:
+        raise LabError(f"{name}: {e}") from None
+    return Run(name, out_dir, argv, train.TrainConfig(**settings).max_iters)
+
+
+def check_progress_so_far(run):
+    """Finished (reused), interrupted (resumed) or new (queued from scratch): read from ckpt.pt."""
+    path = os.path.join(run.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return
+    try:
+        iter_num = train.load_checkpoint(path)["iter_num"]
+    except train.ConfigError as e:
+        raise LabError(f"{run.name}: {e}; move it away to retrain the run") from None
+    if iter_num >= run.max_iters:
+        run.state = "reused"
+    run.resume_from = iter_num
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress: each run's latest step, loss and time left, from the log.jsonl train.py writes
+
+def read_log(path, offset=0):
+    """The records appended to a log.jsonl after byte `offset`. A line still being written is
+    skipped; it is read whole at the next update."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+def status_text(run, now):
+    """One run's line: its state, or its last logged step with loss, val loss and time left."""
+    if run.state == "queued":
+        return "queued" + (f", resumes at iter {run.resume_from}" if run.resume_from is not None else "")
+    if run.state == "reused":
+        return f"trained before (iter {run.resume_from}/{run.max_iters}): reused"
+    if run.state == "failed":
+        return f"failed (exit {run.process.returncode}); see {os.path.join(run.out_dir, 'train.log')}"
+    records = read_log(os.path.join(run.out_dir, "log.jsonl"), run.log_offset)
+    steps = [r for r in records if "ms_per_iter" in r]
+    evals = [r for r in records if "val_loss" in r]
+    if not steps:
+        where = f"resuming at iter {run.resume_from}" if run.resume_from is not None else "starting"
+        return where + (f", val loss {evals[-1]['val_loss']:.4f}" if evals else "")
+    last, width = steps[-1], len(str(run.max_iters))
+    text = f"iter {last['iter']:>{width}}/{run.max_iters}  loss {last['loss']:.4f}"
+    if evals:
+        text += f"  val {evals[-1]['val_loss']:.4f}"
+    if run.state == "done":
+        return text + f"  done in {train.duration(run.ended - run.started)}"
+    # The mean over this launch's records: the intervals that hold an evaluation count too, so the
+    # estimate includes the evaluations still to come (train.py's own line leaves them out).
+    ms_per_iter = np.mean([r["ms_per_iter"] for r in steps])
+    return text + f"  {train.duration((run.max_iters - last['iter']) * ms_per_iter / 1000)} left"
+
+
+class Progress:
+    """Every run's line. On a terminal the block is redrawn in place every refresh; elsewhere (a
+    log file, a pipe) a run's line is printed again only when it changed."""
+
+    def __init__(self, runs, out=None):
+        self.runs, self.out, self.t0 = runs, out or sys.stdout, time.time()
+        self.in_place = self.out.isatty()
+        self.width = max(len(r.name) for r in runs)
+        self.shown, self.drawn = {}, 0
+
+    def erase(self):
+        if self.in_place and self.drawn:
+            self.out.write(f"\x1b[{self.drawn}F\x1b[J")   # up over the block, clear to the end
+            self.drawn = 0
+
+    def event(self, text):
+        """A line that stays: a run starting or ending."""
+        self.erase()
+        print(text, file=self.out, flush=True)
+
+    def update(self):
+        now = time.time()
+        lines = {r.name: f"{r.name:<{self.width}}  {status_text(r, now)}" for r in self.runs}
+        clock = f"[{train.duration(now - self.t0):>6}]"
+        if self.in_place:
+            self.erase()
+            counts = {s: sum(r.state == s for r in self.runs) for s in ("running", "queued")}
+            block = [f"{clock} {counts['running']} training, {counts['queued']} queued", *lines.values()]
+            self.out.write("\n".join(block) + "\n")
+            self.drawn = len(block)
+        else:
+            for name, line in lines.items():
+                if self.shown.get(name) != line:
+                    self.out.write(f"{clock} {line}\n")
+            self.shown = lines
+        self.out.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the runs `jobs` at a time
+
+def start(run):
+    os.makedirs(run.out_dir, exist_ok=True)
+    log = os.path.join(run.out_dir, "log.jsonl")
+    run.log_offset = os.path.getsize(log) if os.path.exists(log) else 0
+    init = "scratch" if run.resume_from is None else "resume"
+    with open(os.path.join(run.out_dir, "train.log"), "a") as out:   # the child keeps its own handle
+        run.process = subprocess.Popen([sys.executable, TRAIN_PY, *run.argv, f"--init_from={init}"],
+                                       stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run.state, run.started = "running", time.time()
+    return f"=== training {run.name} ({init}" + (f" from iter {run.resume_from}" if init == "resume" else "") \
+        + f") -> {run.out_dir}"
+
+
+def tail(path, n):
+    with open(path, errors="replace") as f:
+        return f.read().splitlines()[-n:]
+
+
+def stop_signal(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM stops the lab as Ctrl-C does: every run saves, then it exits
+
+
+def train_runs(runs, cfg):
+    """Start the queued runs `jobs` at a time and show the progress of all until they end. After a
+    failure no new run starts; the running ones finish."""
+    progress = Progress(runs)
+    queue = [r for r in runs if r.state == "queued"]
+    running, failed, last_update = [], [], 0.0
+    previous = signal.signal(signal.SIGTERM, stop_signal)
+    try:
+        while running or (queue and not failed):
+            while queue and len(running) < cfg.jobs and not failed:
+                running.append(queue.pop(0))
+                progress.event(start(running[-1]))
+            for run in [r for r in running if r.process.poll() is not None]:
+                running.remove(run)
+                run.ended = time.time()
+                train_log = os.path.join(run.out_dir, "train.log")
+                if run.process.returncode == 0:
+                    run.state = "done"
+                    progress.event(f"    {run.name}: {' '.join(tail(train_log, 1))}")
+                else:
+                    run.state = "failed"
+                    failed.append(run)
+                    progress.event("\n".join([f"    {run.name} failed (exit {run.process.returncode}); "
+                                              f"the end of {train_log}:", *tail(train_log, 5)]))
+            if time.time() - last_update >= cfg.refresh_s:
+                progress.update()
+                last_update = time.time()
+            if running:
+                time.sleep(POLL_S)
+        progress.update()   # the final state of every run, reused ones included
+    except KeyboardInterrupt:
+        progress.event(f"stopping: {len(running)} running runs save a checkpoint first (run the same command "
+                       f"again to resume them)")
+        for run in running:
+            if run.process.poll() is None:
+                run.process.send_signal(signal.SIGTERM)   # train.py saves ckpt.pt and exits
+        for run in running:
+            run.process.wait()
+        raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if failed:
+        raise RunFailed(f"{', '.join(r.name for r in failed)} failed; "
+                        f"{len(queue)} runs not started; fix it and run the same command again")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep report: C's numbers against the commit sparsity lambda, a band over seeds, vanilla's
+# band beside them as the reference
+
+def ledger_value(key):
+    return lambda m, s: (m.get("ledger_streams") or {}).get(key)
+
+
+SWEEP_METRICS = [   # (key, title, value from a run's metrics m and its decoded stream s, log scale, vanilla has it)
+    ("pos0_ratio", "ratio at position 0 (dominant dim / median dim)", lambda m, s: s["peak_pos0_ratio"], True, True),
+    ("concentration", "start-token concentration", lambda m, s: s["start_token_concentration_peak"], True, True),
+    ("concentration_normalized", "start-token concentration, per-token normalised",
+     lambda m, s: s["normalized"]["start_token_concentration_peak"], True, True),
+    ("carries_D_dim", "C's dominant dim is D's (fraction of seeds)", ledger_value("C_carries_D_dim"), False, False),
+    ("zero_delta", "Δ val loss, dominant dim zeroed at position 0",
+     lambda m, s: (m.get("interventions") or {}).get("zero_delta"), False, True),
+    ("commit_gate", "mean commit gate", ledger_value("commit_gate_mean"), False, False),
+    ("norm_pos0", "‖C‖ at position 0, last sublayer",
+     lambda m, s: s["mean_norm_pos0_per_sublayer"][-1], True, True),
+    ("norm_later", "‖C‖ at positions 1..T-1, last sublayer",
+     lambda m, s: s["mean_norm_later_per_sublayer"][-1], True, True),
+]
+
+
+def spread(values):
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def sweep_summary(metrics):
+    """Per lambda (and for vanilla), mean, min and max over seeds of every SWEEP_METRICS number."""
+    ledger, vanilla = {}, []
+    for m in metrics:
+        if m["decoded_stream"] == "C":
+            ledger.setdefault(float(m["model_config"]["commit_sparsity"]), []).append(m)
+        # the reference is plain vanilla: SGD, or another attention kind, is another arm
+        elif m["arch"] == "vanilla" and m.get("optimizer", "adamw") == "adamw" and m.get("attention", "softmax") == "softmax":
+            vanilla.append(m)
+    if not ledger:
+        raise LabError("--sweep draws Ledger's numbers against the commit sparsity, but no Ledger run was measured")
+
+    def summarize(runs, ledger_only=True):
+        return {key: spread(get(m, m["streams"][m["decoded_stream"]]) for m in runs)
+                for key, _, get, _, for_vanilla in SWEEP_METRICS if ledger_only or for_vanilla}
+
+    return {"lambdas": sorted(ledger),
+            "ledger": {lam: {"runs": [os.path.basename(m["run_dir"]) for m in ledger[lam]], **summarize(ledger[lam])}
+                       for lam in sorted(ledger)},
+            "vanilla": {"runs": [os.path.basename(m["run_dir"]) for m in vanilla], **summarize(vanilla, False)}
+            if vanilla else None}
+
+
+def sweep_table(summary):
+    def cell(key, stats):
+        if stats is None:
+            return "—"
+        if key == "carries_D_dim":
+            return f"{round(stats['mean'] * stats['n'])} of {stats['n']}"
+        spec = ".3f" if max(abs(stats["min"]), abs(stats["max"])) < 10 else ".0f"
+        return f"{stats['mean']:{spec}} [{stats['min']:{spec}}, {stats['max']:{spec}}]"
+
+    keys = [key for key, *_ in SWEEP_METRICS]
+    rows = [[f"{lam:g}", str(len(s["runs"])), *(cell(k, s[k]) for k in keys)] for lam, s in summary["ledger"].items()]
+    if summary["vanilla"]:
+        v = summary["vanilla"]
+        rows.append(["vanilla (h)", str(len(v["runs"])), *(cell(k, v.get(k)) for k in keys)])
+    return measure.markdown_table(["commit sparsity λ", "runs", *(title for _, title, *_ in SWEEP_METRICS)], rows)
+
+
+def plot_sweep(summary, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lams = summary["lambdas"]
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    for ax, (key, title, _, log, _) in zip(axes.flat, SWEEP_METRICS):
+        stats = [summary["ledger"][lam][key] for lam in lams]
+        have = [(lam, s) for lam, s in zip(lams, stats) if s is not None]
+        if have:
+            x = [lam for lam, _ in have]
+            ax.fill_between(x, [s["min"] for _, s in have], [s["max"] for _, s in have], alpha=0.25,
+                            label="Ledger C, min-max over seeds")
+            ax.plot(x, [s["mean"] for _, s in have], marker="o", label="Ledger C, mean")
+        v = (summary["vanilla"] or {}).get(key)
+        if v is not None:
+            ax.axhspan(v["min"], v["max"], color="grey", alpha=0.2, label="vanilla h, min-max")
+            ax.axhline(v["mean"], color="grey", linestyle="--", label="vanilla h, mean")
+        positive = [s["min"] for _, s in have] + ([v["min"]] if v else [])
+        if log and positive and min(positive) > 0:
+            ax.set_yscale("log")
+            measure.readable_log_axis(ax)
+        # lambda = 0 belongs on the axis: linear near 0, logarithmic from the smallest lambda > 0 on
+        nonzero = [lam for lam in lams if lam > 0]
+        if nonzero:
+            ax.set_xscale("symlog", linthresh=min(nonzero))
+        ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
+        if key == "carries_D_dim":
+            ax.set_ylim(-0.05, 1.05)
+        ax.set(title=title, xlabel="commit sparsity λ")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def sweep_report(metrics, out_dir):
+    """sweep.json, sweep.md and sweep.png from the measured runs' metrics (metrics.json files)."""
+    summary = sweep_summary(metrics)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(measure.jsonable(summary), f, indent=1, allow_nan=False)
+    plot_sweep(summary, os.path.join(out_dir, "sweep.png"))
+    text = ("# The commit-sparsity dose-response: Ledger's decoded stream C against λ\n\n"
+            + sweep_table(summary)
+            + "\n\nEach cell: mean [min, max] over seeds, at matched loss (summary.md beside this file says which "
+              "checkpoints). Ratio and concentration at the decoded stream's peak sublayer; the norms are mean token "
+              "norms at the last sublayer, the one the head decodes. The vanilla row is the reference band.\n")
+    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+def run_lab(names, cfg):
+    if not names:
+        raise LabError("name at least one run, e.g. vanilla-s1337 ledger-cs0.02-s1337")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise LabError(f"run {', '.join(repeated)} named twice")
+    try:   # checked even when no run uses them, so that a typo never waits for the next vanilla-sgd run
+        train.parse_overrides(shlex.split(cfg.sgd_flags), train.TrainConfig)
+    except train.ConfigError as e:
+        raise LabError(f"--sgd_flags: {e}") from None
+    runs = [plan_run(name, cfg) for name in names]   # every name and setting checked before any run starts
+    measure_dir = cfg.measure_dir or os.path.join(cfg.out_root, "measure")
+    measure_argv = [*(r.out_dir for r in runs), *shlex.split(cfg.measure_flags), f"--out_dir={measure_dir}"]
+    if cfg.measure:
+        try:
+            measure.parse_args(measure_argv)
+        except measure.MeasureError as e:
+            raise LabError(f"--measure_flags: {e}") from None
+    for run in runs:
+        check_progress_so_far(run)
+    train_runs(runs, cfg)
+    if not cfg.measure:
+        return None
+    print(f"=== measuring at matched loss -> {measure_dir}", flush=True)
+    results = measure.main(measure_argv)
+    if cfg.sweep:
+        metrics = []
+        for m in results:
+            with open(os.path.join(m["out_dir"], "metrics.json")) as f:
+                metrics.append(json.load(f))
+        sweep_report(metrics, measure_dir)
+        print(f"sweep: {os.path.join(measure_dir, 'sweep.md')}, sweep.png and sweep.json beside it")
+    return results
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if train.wants_help(argv):
+        print(train.help_text(__doc__, LabConfig))
+        return None
+    try:
+        (settings,) = train.parse_overrides([a for a in argv if a.startswith("--")], LabConfig)
+        return run_lab([a for a in argv if not a.startswith("--")], LabConfig(**settings))
+    except (LabError, train.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

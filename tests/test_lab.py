@@ -1,0 +1,201 @@
+"""lab.py: run names say how a run is trained, a finished run is reused and an interrupted one
+resumed, the progress lines read train.py's log, and the sweep's table and figure come from the
+measured metrics."""
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import lab
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Run names
+
+def test_a_run_name_gives_the_arm_seed_commit_sparsity_and_folder():
+    cfg = lab.LabConfig(out_root="runs")
+    run = lab.plan_run("ledger-cs0.005-s1338", cfg)
+    assert run.out_dir == os.path.join("runs", "ledger-cs0.005-s1338") and run.max_iters == 2000
+    assert run.argv == ["config/lab.py", "--arch=ledger", "--seed=1338", f"--out_dir={run.out_dir}",
+                        "--commit_sparsity=0.005"]
+    assert lab.plan_run("ledger-hs-s7", cfg).argv[1:3] == ["--arch=ledger-hs", "--seed=7"]
+    assert "--commit_sparsity=0" in lab.plan_run("ledger-cs0-s1", cfg).argv
+    sgd = lab.plan_run("vanilla-sgd-s1337", cfg).argv
+    assert sgd[1] == "--arch=vanilla" and "--optimizer=sgd" in sgd and "--weight_decay=0" in sgd
+    assert lab.plan_run("vanilla-s1337", dataclasses.replace(cfg, config="config/cpu_demo.py")).max_iters == 4000
+    # the positive controls: ARCH+KIND is ARCH with that attention kind
+    assert lab.plan_run("vanilla+gated-s1337", cfg).argv[1:] == [
+        "--arch=vanilla", "--seed=1337", f"--out_dir={os.path.join('runs', 'vanilla+gated-s1337')}", "--attention=gated"]
+    assert "--attention=attn_bias" in lab.plan_run("ledger+attn_bias-cs0.1-s2", cfg).argv
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ledger"], "expected <arm>-s<seed> or <arm>-cs<lambda>-s<seed>"),
+    (["mamba-s1"], "unknown arm 'mamba'"),
+    (["vanilla+linear-s1"], "unknown attention 'linear'"),
+    (["vanilla-cs0.1-s1"], "only Ledger arms have"),
+    (["ledger-s1", "ledger-s1"], "named twice"),
+    (["ledger-s1", "--jobs=0"], "jobs=0: must be >= 1"),
+    (["ledger-s1", "--sgd_flags=--optimiser=sgd"], "--sgd_flags: unknown setting 'optimiser'"),   # checked though unused
+    (["vanilla-sgd-s1", "--sgd_flags=--optimiser=sgd"], "did you mean 'optimizer'"),
+    (["ledger-s1", "--measure_flags=--num_window=3"], "--measure_flags: unknown setting 'num_window'"),
+    ([], "name at least one run"),
+])
+def test_a_bad_name_or_setting_is_one_line_before_any_run_starts(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stopped:
+        lab.main([*argv, f"--out_root={tmp_path / 'runs'}"])
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2 and captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and message in captured.err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_every_setting_with_its_meaning():
+    shown = subprocess.run([sys.executable, "lab.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stderr == ""
+    comments = dict(train.documented_fields(lab.LabConfig))
+    for f in dataclasses.fields(lab.LabConfig):
+        [line] = [ln for ln in shown.stdout.splitlines() if ln.startswith(f"  --{f.name}=")]
+        assert line.endswith(comments[f.name]), line
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress, from a fake log.jsonl
+
+def append_records(path, records, torn=""):
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records) + torn)
+
+
+def test_the_status_line_gives_step_loss_and_time_left_from_this_launchs_log_records(tmp_path):
+    log = tmp_path / "log.jsonl"
+    append_records(log, [{"iter": 1500, "loss": 9.0, "ms_per_iter": 1.0}])     # an earlier launch of the run
+    run = lab.Run("vanilla-s1337", str(tmp_path), [], 2000, state="running", resume_from=250,
+                  log_offset=log.stat().st_size)
+    assert lab.status_text(run, 0) == "resuming at iter 250"
+    append_records(log, [{"iter": 250, "train_loss": 4.2, "val_loss": 4.1, "lr": 0.01},
+                         {"iter": 300, "loss": 3.5, "lr": 0.01, "ms_per_iter": 100.0, "tokens_per_s": 1.0},
+                         {"iter": 500, "loss": 3.1234, "lr": 0.01, "ms_per_iter": 140.0, "tokens_per_s": 1.0}],
+                   torn='{"iter": 550, "lo')                                   # being written as it is read
+    # (2000 - 500) iterations at the mean 120 ms of this launch's records
+    assert lab.status_text(run, 0) == "iter  500/2000  loss 3.1234  val 4.1000  3m00s left"
+    run.state, run.started, run.ended = "done", 0.0, 125.0
+    assert lab.status_text(run, 0) == "iter  500/2000  loss 3.1234  val 4.1000  done in 2m05s"
+    assert lab.status_text(lab.Run("x", str(tmp_path / "none"), [], 10, resume_from=4), 0) == "queued, resumes at iter 4"
+
+
+def test_progress_in_a_log_file_prints_a_runs_line_only_when_it_changed(tmp_path):
+    runs = [lab.Run(name, str(tmp_path / name), [], 100, state="running") for name in ("vanilla-s1", "ledger-cs0.3-s1")]
+    for r in runs:
+        os.makedirs(r.out_dir)
+    out = io.StringIO()
+    progress = lab.Progress(runs, out)
+    progress.update()
+    append_records(os.path.join(runs[1].out_dir, "log.jsonl"), [{"iter": 10, "loss": 2.5, "ms_per_iter": 50.0}])
+    progress.update()
+    progress.update()
+    lines = out.getvalue().splitlines()
+    assert [ln.split("] ", 1)[1] for ln in lines] == ["vanilla-s1       starting", "ledger-cs0.3-s1  starting",
+                                                       "ledger-cs0.3-s1  iter  10/100  loss 2.5000  4s left"]
+
+
+def test_progress_on_a_terminal_redraws_the_block_in_place(tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    run = lab.Run("vanilla-s1", str(tmp_path), [], 100, state="running")
+    out = Terminal()
+    progress = lab.Progress([run], out)
+    progress.update()
+    append_records(tmp_path / "log.jsonl", [{"iter": 20, "loss": 2.0, "ms_per_iter": 100.0}])
+    progress.update()
+    first, second = out.getvalue().split("\x1b[2F\x1b[J")   # up over the two lines drawn, then clear
+    assert first.endswith("1 training, 0 queued\nvanilla-s1  starting\n")
+    assert second.endswith("vanilla-s1  iter  20/100  loss 2.0000  8s left\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep report, from planted metrics
+
+def planted(name, lam, pos0, zero, carries=None, gate=None, optimizer="adamw"):
+    ledger = lam is not None
+    stream = {"peak_pos0_ratio": pos0, "start_token_concentration_peak": 10 * pos0,
+              "normalized": {"start_token_concentration_peak": pos0 / 10},
+              "mean_norm_pos0_per_sublayer": [0.0, 2 * pos0], "mean_norm_later_per_sublayer": [0.0, 1.0]}
+    return {"arch": "ledger" if ledger else "vanilla", "optimizer": optimizer, "run_dir": f"out/lab/{name}",
+            "decoded_stream": "C" if ledger else "h", "model_config": {"commit_sparsity": lam or 0.0},
+            "streams": {"C" if ledger else "h": stream}, "interventions": {"zero_delta": zero},
+            "ledger_streams": {"C_carries_D_dim": carries, "commit_gate_mean": gate} if ledger else None}
+
+
+def test_the_sweep_gives_mean_min_and_max_over_seeds_per_lambda_and_vanillas_band(tmp_path):
+    metrics = [planted("ledger-cs0-s1", 0.0, 20.0, 0.5, True, 0.4), planted("ledger-cs0-s2", 0.0, 40.0, None, False, 0.2),
+               planted("ledger-cs0.3-s1", 0.3, 60.0, 0.1, True, 0.01),
+               planted("vanilla-s1", None, 30.0, 0.2), planted("vanilla-s2", None, 50.0, 0.4),
+               planted("vanilla-sgd-s1", None, 1.0, 0.0, optimizer="sgd")]   # not the reference
+    summary = lab.sweep_report(metrics, str(tmp_path))
+    assert summary["lambdas"] == [0.0, 0.3]
+    zero = summary["ledger"][0.0]
+    assert zero["runs"] == ["ledger-cs0-s1", "ledger-cs0-s2"]
+    assert zero["pos0_ratio"] == {"mean": 30.0, "min": 20.0, "max": 40.0, "n": 2}
+    assert zero["zero_delta"] == {"mean": 0.5, "min": 0.5, "max": 0.5, "n": 1}     # a skipped intervention drops out
+    assert zero["carries_D_dim"]["mean"] == 0.5 and zero["commit_gate"]["mean"] == pytest.approx(0.3)
+    assert zero["norm_pos0"] == {"mean": 60.0, "min": 40.0, "max": 80.0, "n": 2}
+    vanilla = summary["vanilla"]
+    assert vanilla["runs"] == ["vanilla-s1", "vanilla-s2"] and vanilla["pos0_ratio"]["mean"] == 40.0
+    assert "commit_gate" not in vanilla and "carries_D_dim" not in vanilla
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| 0 | 2 | 30 [20, 40] | 300 [200, 400] | 3.000 [2.000, 4.000] | 1 of 2 | 0.500 [0.500, 0.500] |" in table
+    assert "| vanilla (h) | 2 | 40 [30, 50] |" in table and "| 0.3 | 1 | 60 [60, 60] |" in table
+    assert json.loads((tmp_path / "sweep.json").read_text())["ledger"]["0.3"]["commit_gate"]["max"] == 0.01
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    with pytest.raises(lab.LabError, match="no Ledger run"):
+        lab.sweep_summary(metrics[3:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration: tiny runs through the real train.py and measure.py
+
+@pytest.mark.slow
+def test_sweep_runs_are_named_by_lambda_and_seed_a_finished_run_is_reused_and_an_interrupted_one_resumed(
+        char_data, tmp_path, capsys):
+    data_root, dataset = char_data
+    config = tmp_path / "tiny.py"
+    config.write_text(f'dataset = "{dataset}"\ndata_root = "{data_root}"\ndevice = "cpu"\nn_layer = 1\nn_head = 2\n'
+                      f'n_embd = 16\nblock_size = 16\ngate_rank = 4\nbatch_size = 4\nmax_iters = 6\nwarmup_iters = 1\n'
+                      f'learning_rate = 3e-3\neval_interval = 3\neval_iters = 1\nlog_interval = 1\nckpt_interval = 3\n')
+    root, sweep = tmp_path / "lab", tmp_path / "sweep"
+    interrupted = root / "ledger-cs0.005-s2"   # stopped at iter 3 of 6
+    train.main([str(config), "--arch=ledger", "--commit_sparsity=0.005", "--seed=2", f"--out_dir={interrupted}",
+                "--max_iters=3"])
+    argv = ["vanilla-s1", "ledger-cs0.005-s2", f"--out_root={root}", f"--config={config}", "--refresh_s=0.2",
+            f"--measure_dir={sweep}", "--sweep", "--measure_flags=--match_loss=auto --num_windows=4 --batch_size=4 "
+            "--threads=1 --figures=False --quantization=False"]
+    capsys.readouterr()
+    lab.main(argv)
+    out = capsys.readouterr().out
+    assert f"=== training vanilla-s1 (scratch) -> {root / 'vanilla-s1'}" in out
+    assert f"=== training ledger-cs0.005-s2 (resume from iter 3) -> {interrupted}" in out
+    assert "resumed at iter 3" in (interrupted / "train.log").read_text()
+    ledger, vanilla = (train.load_checkpoint(str(root / name / "ckpt.pt")) for name in ("ledger-cs0.005-s2", "vanilla-s1"))
+    assert ledger["iter_num"] == vanilla["iter_num"] == 6
+    assert ledger["model_config"]["commit_sparsity"] == 0.005 and ledger["train_config"]["seed"] == 2
+    assert vanilla["model_config"]["arch"] == "vanilla" and vanilla["train_config"]["seed"] == 1
+    table = (sweep / "sweep.md").read_text()
+    assert "| 0.005 | 1 |" in table and "| vanilla (h) | 1 |" in table and (sweep / "summary.md").exists()
+
+    def state():
+        return {name: (os.path.getmtime(root / name / "ckpt.pt"), (root / name / "train.log").stat().st_size)
+                for name in ("ledger-cs0.005-s2", "vanilla-s1")}
+    before = state()
+    lab.main([*argv, "--measure=False"])
+    out = capsys.readouterr().out
+    assert "=== training" not in out and out.count("trained before (iter 6/6): reused") == 2
+    assert state() == before
