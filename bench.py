@@ -2,7 +2,7 @@
 The training step of every arm, timed side by side in one process (nanoGPT's bench.py, for the arms).
 
     python bench.py config/cpu_demo.py --arms=all,vanilla+attn_bias,vanilla+sigmoid,vanilla+gated \\
-        --vocab_size=65                                               # as `make bench`: CPU, eager, ~1.5 min
+        --vocab_size=65                                               # as `make bench`: CPU, eager, ~1 min
     python bench.py config/paper_160m.py --arms=vanilla,ledger --batch_size=24 \\
         --gradient_accumulation_steps=1                               # as `make bench-gpu`: bf16, compiled
     python bench.py --help                                            # every setting
@@ -191,18 +191,18 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-# `make bench BENCH_ARGS=--threads=1` on a 2-core Intel Xeon VM while another training job ran (noisy):
-# bench: cpu, float32, eager, 1 threads | 4 layers x 128 wide, vocab 65 | 1 x 8 x 128 tokens per step | 7 rounds x ...
-#   vanilla: warm-up 0.4 s
+# `make bench` on the idle 2-core Intel Xeon VM (commit eb348a5, 1 min 2 s):
+# bench: cpu, float32, eager, 2 threads | 4 layers x 128 wide, vocab 65 | 1 x 8 x 128 tokens per step | 7 rounds ...
+#   vanilla: warm-up 0.3 s
 #   ...
 # arm                tokens/s     ms/step (min-max) x vanilla  FLOPs x params x peak GiB    MFU
-# vanilla               8,145   125.7 (120.2-141.0)      1.00     1.00     1.00        -      -
-# suppress              7,061   145.0 (125.1-164.1)      1.15     1.00     1.00        -      -
-# ledger                4,779   214.3 (189.8-273.8)      1.70     1.09     1.10        -      -
-# ledger-hs             4,703   217.7 (197.9-323.2)      1.73     1.09     1.10        -      -
-# delta                 5,764   177.6 (143.0-266.3)      1.41     1.05     1.06        -      -
-# hc2                   6,551   156.3 (144.6-247.9)      1.24     1.00     1.00        -      -
-# vanilla+attn_bias     7,511   136.3 (116.4-181.0)      1.08     1.00     1.00        -      -
-# vanilla+sigmoid       6,669   153.5 (127.2-163.4)      1.22     1.00     1.00        -      -
-# vanilla+gated         7,634   134.1 (122.2-141.5)      1.07     1.07     1.08        -      -
+# vanilla              14,146      72.4 (71.9-75.3)      1.00     1.00     1.00        -      -
+# suppress             12,058      84.9 (79.1-85.8)      1.17     1.00     1.00        -      -
+# ledger                7,601   134.7 (112.7-143.6)      1.86     1.09     1.10        -      -
+# ledger-hs             7,643   134.0 (116.7-136.0)      1.85     1.09     1.10        -      -
+# delta                 8,551   119.7 (113.8-126.7)      1.65     1.42     1.48        -      -
+# hc2                  10,220    100.2 (91.4-103.6)      1.38     1.00     1.00        -      -
+# vanilla+attn_bias    12,913      79.3 (76.4-87.0)      1.10     1.00     1.00        -      -
+# vanilla+sigmoid      11,296      90.7 (87.2-97.2)      1.25     1.00     1.00        -      -
+# vanilla+gated        12,564      81.5 (79.3-93.9)      1.13     1.07     1.08        -      -
 # wrote out/bench.json
