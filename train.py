@@ -445,11 +445,13 @@ def main(argv=None):
         if ckpt.get("optimizer") is None:
             raise ConfigError(f"{cfg.out_dir}/ckpt.pt has no optimizer state (a kept snapshot?); resume needs "
                               f"the ckpt.pt that training writes")
-        # The optimizer state must fit the optimizer being built: same kind, same parameter groups.
-        # Checkpoints from before decay_norms_and_biases existed were trained without it.
-        for key, before in (("optimizer", "adamw"), ("decay_norms_and_biases", False)):
+        # The optimizer state must fit the optimizer being built: same kind, same parameter groups
+        # (checkpoints from before decay_norms_and_biases existed were trained without it), and the
+        # same betas and decay, which load_state_dict would otherwise silently restore over the flags.
+        for key, before in (("optimizer", "adamw"), ("decay_norms_and_biases", False), ("beta1", None),
+                            ("beta2", None), ("weight_decay", None)):
             trained = ckpt["train_config"].get(key, before)
-            if trained != getattr(cfg, key):
+            if trained is not None and trained != getattr(cfg, key):
                 raise ConfigError(f"{cfg.out_dir}/ckpt.pt was trained with --{key}={trained}; "
                                   f"resume with the same")
         # compared with the saved config as built, so that a setting newer than the checkpoint

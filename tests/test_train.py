@@ -107,6 +107,10 @@ def test_resume_refuses_an_optimizer_built_another_way(char_data, tmp_path):
     train.main(args(char_data, tmp_path, "--max_iters=2", "--eval_interval=2", "--decay_norms_and_biases=False"))
     with pytest.raises(train.ConfigError, match="trained with --decay_norms_and_biases=False; resume with the same"):
         train.main(args(char_data, tmp_path, "--max_iters=4", "--init_from=resume"))
+    # torch would restore the saved beta2 over the flag without a word: refused instead
+    with pytest.raises(train.ConfigError, match="trained with --beta2=0.999; resume with the same"):
+        train.main(args(char_data, tmp_path, "--max_iters=4", "--init_from=resume", "--decay_norms_and_biases=False",
+                        "--beta2=0.95"))
     train.main(args(char_data, tmp_path, "--max_iters=4", "--init_from=resume", "--decay_norms_and_biases=False"))
     assert load(tmp_path)["iter_num"] == 4
 
