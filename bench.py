@@ -40,7 +40,7 @@ class BenchConfig:
     rounds: int = 3                  # the arms take turns once per round
     warmup: int = 2                  # untimed steps per arm first (compilation happens here)
     threads: int = 0                 # CPU threads (torch.set_num_threads); 0: torch's default
-    out_json: str = "out/bench.json"  # where the numbers of every arm are written
+    out_json: str = "out/bench.json"  # where the numbers of every arm are written; the table goes beside it (.md)
     profile: bool = False            # then profile `steps` steps of each arm and print its top ops
 
     # Checked by train.parse_overrides as each setting is read
@@ -97,10 +97,11 @@ def main(argv=None):
     device, device_type, ptdtype, autocast = train.setup_device(cfg)
     sync = torch.cuda.synchronize if device_type == "cuda" else lambda: None
     tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * mc.block_size
-    print(f"bench: {device}, {cfg.dtype}, {'compiled' if cfg.compile else 'eager'}, {torch.get_num_threads()} threads"
-          f" | {mc.n_layer} layers x {mc.n_embd} wide, vocab {mc.vocab_size} | {cfg.gradient_accumulation_steps} x "
-          f"{cfg.batch_size} x {mc.block_size} tokens per step | {bench.rounds} rounds x {bench.steps} steps per arm, "
-          f"after {bench.warmup} warm-up steps", flush=True)
+    title = (f"bench: {device}, {cfg.dtype}, {'compiled' if cfg.compile else 'eager'}, {torch.get_num_threads()} "
+             f"threads | {mc.n_layer} layers x {mc.n_embd} wide, vocab {mc.vocab_size} | "
+             f"{cfg.gradient_accumulation_steps} x {cfg.batch_size} x {mc.block_size} tokens per step | "
+             f"{bench.rounds} rounds x {bench.steps} steps per arm, after {bench.warmup} warm-up steps")
+    print(title, flush=True)
 
     runs = {}
     for arm in configs:
@@ -147,8 +148,9 @@ def main(argv=None):
     peak, (base_params, base_flops) = train.peak_flops(device), costs(mc)
     base_ms = statistics.median(runs[base]["ms"]) if base in runs else None
     results, width = {}, max(10, *map(len, runs))
-    print(f"{'arm':{width}s} {'tokens/s':>9s} {'ms/step (min-max)':>21s} {'x vanilla':>9s} {'FLOPs x':>8s} "
-          f"{'params x':>8s} {'peak GiB':>8s} {'MFU':>6s}")
+    table = [f"{'arm':{width}s} {'tokens/s':>9s} {'ms/step (min-max)':>21s} {'x vanilla':>9s} {'FLOPs x':>8s} "
+             f"{'params x':>8s} {'peak GiB':>8s} {'MFU':>6s}"]
+    print(table[0])
     for arm, run in runs.items():
         (params, flops), ms = costs(configs[arm]), statistics.median(run["ms"])
         r = results[arm] = {
@@ -160,15 +162,20 @@ def main(argv=None):
             "mfu": flops * tokens_per_step / (ms / 1000) / peak if peak else None, "warmup_s": run["warmup_s"]}
         spread = f"{ms:.1f} ({min(run['ms']):.1f}-{max(run['ms']):.1f})"
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] else "-"
-        print(f"{arm:{width}s} {r['tokens_per_s']:9,.0f} {spread:>21s} {cell(r['ratio_to_vanilla'], '9.2f')} "
-              f"{r['flop_ratio']:8.2f} {r['param_ratio']:8.2f} {cell(r['peak_memory_gib'], '8.1f')} {mfu:>6s}")
+        table.append(f"{arm:{width}s} {r['tokens_per_s']:9,.0f} {spread:>21s} {cell(r['ratio_to_vanilla'], '9.2f')} "
+                     f"{r['flop_ratio']:8.2f} {r['param_ratio']:8.2f} {cell(r['peak_memory_gib'], '8.1f')} {mfu:>6s}")
+        print(table[-1])
     os.makedirs(os.path.dirname(bench.out_json) or ".", exist_ok=True)
     with open(bench.out_json, "w") as f:
         gpu = torch.cuda.get_device_name(device) if device_type == "cuda" else None
         json.dump({"device": device, "gpu": gpu, "dtype": cfg.dtype, "compile": cfg.compile,
                    "threads": torch.get_num_threads(), "tokens_per_step": tokens_per_step, "bench": asdict(bench),
                    "train": asdict(cfg), "model": asdict(mc), "arms": results}, f, indent=1)
-    print(f"wrote {bench.out_json}")
+    out_md = os.path.splitext(bench.out_json)[0] + ".md"  # the table with its provenance: a results file
+    with open(out_md, "w") as f:
+        f.write(train.results_header("bench.py", argv) +
+                f"\n{title}\n\n```\n" + "\n".join(table) + "\n```\n")
+    print(f"wrote {bench.out_json} and {out_md}")
 
     if bench.profile:  # where each arm's step spends its time
         activities = [torch.profiler.ProfilerActivity.CPU] + \
@@ -205,4 +212,4 @@ if __name__ == "__main__":
 # vanilla+attn_bias    12,913      79.3 (76.4-87.0)      1.10     1.00     1.00        -      -
 # vanilla+sigmoid      11,296      90.7 (87.2-97.2)      1.25     1.00     1.00        -      -
 # vanilla+gated        12,564      81.5 (79.3-93.9)      1.13     1.07     1.08        -      -
-# wrote out/bench.json
+# wrote out/bench.json and out/bench.md

@@ -13,6 +13,8 @@ it is the name of its folder under --out_root:
                               vanilla-sgd is vanilla trained with SGD (--sgd_flags), and an arm
                               ARCH+KIND (vanilla+gated) is ARCH with that attention kind
     <arm>-cs<lambda>-s<seed>  a Ledger arm trained with commit_sparsity = lambda
+    <arm>[-cs<lambda>]-nopos0-s<seed>
+                              the same, with position 0's target left out of the training loss
 
 A run whose ckpt.pt has reached max_iters is reused as it is. One whose ckpt.pt is short of it (an
 interrupted run) resumes with --init_from=resume, and any other starts from scratch. Each run trains
@@ -77,7 +79,7 @@ class RunFailed(Exception):
 # ----------------------------------------------------------------------------------------------
 # Run names: what each run is, and what is left to do for it
 
-RUN_NAME = re.compile(r"(?P<arm>[a-z0-9_+-]+?)(?:-cs(?P<lam>\d+(?:\.\d+)?))?-s(?P<seed>\d+)")
+RUN_NAME = re.compile(r"(?P<arm>[a-z0-9_+-]+?)(?:-cs(?P<lam>\d+(?:\.\d+)?))?(?P<nopos0>-nopos0)?-s(?P<seed>\d+)")
 
 
 @dataclass
@@ -98,7 +100,7 @@ def plan_run(name, cfg):
     """The Run a name stands for, its settings checked by train.py's own parser."""
     match = RUN_NAME.fullmatch(name)
     if not match:
-        raise LabError(f"run name {name!r}: expected <arm>-s<seed> or <arm>-cs<lambda>-s<seed>, "
+        raise LabError(f"run name {name!r}: expected <arm>[-cs<lambda>][-nopos0]-s<seed>, "
                        f"e.g. ledger-cs0.02-s1337")
     arm, lam, seed = match["arm"], match["lam"], match["seed"]
     base, plus, attention = arm.partition("+")
@@ -112,6 +114,8 @@ def plan_run(name, cfg):
         if GPTConfig(arch=arch).residual != "ledger":
             raise LabError(f"run name {name!r}: -cs<lambda> sets the commit sparsity, which only Ledger arms have")
         flags.append(f"--commit_sparsity={lam}")
+    if match["nopos0"]:  # what grows the lab's outlier: position 0's own prediction, or the sink?
+        flags.append("--train_position0=False")
     out_dir = os.path.join(cfg.out_root, name)
     argv = [cfg.config, f"--arch={arch}", f"--seed={seed}", f"--out_dir={out_dir}", *flags]
     try:

@@ -23,7 +23,10 @@ import json
 import math
 import operator
 import os
+import platform
+import shlex
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -67,6 +70,7 @@ class TrainConfig:
     batch_size: int = 24             # sequences per micro-batch, per process
     align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: on for bigram_backcopy
     gradient_accumulation_steps: int = 1  # micro-steps per iteration across ALL processes
+    train_position0: bool = True     # False: leave position 0's target out of the training loss (the lab's test of what grows its outlier)
     # optimizer: AdamW (or SGD with momentum), warmup then cosine; the defaults are the released code's
     optimizer: str = "adamw"         # adamw, or sgd (momentum beta1): Guo et al. find no outlier with SGD
     learning_rate: float = 3e-4      # the peak, reached at the end of warmup
@@ -377,6 +381,46 @@ def duration(seconds):
     return f"{s}s"
 
 
+def provenance():
+    """Where a result comes from: the commit, the CPU (or GPU), the threads, torch and the date.
+    Floating-point sums run in another order on another CPU or thread count, and over thousands of
+    steps that moves a lab's numbers as much as a seed does, so every results file names these."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+            return done.stdout.strip() if done.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit, changes = git("rev-parse", "--short=10", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"commit": (commit + (" with uncommitted changes" if changes else "")) if commit else "unknown (no git)",
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores",
+            "threads": torch.get_num_threads(), "torch": str(torch.__version__),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def results_header(script, argv, trained=None):
+    """The provenance header of a results file (summary.md, bench.md, ...): the command that wrote
+    it and where it ran, and for measured runs where each was trained. docs/results/ holds copies of
+    such files, so a number in the docs always names its command, machine and code."""
+    p = provenance()
+    lines = [f"> Written by `python {shlex.join([script, *argv])}` on {p['date']}, at commit {p['commit']},",
+             f"> on {p['device']} ({p['threads']} threads), torch {p['torch']}."]
+    for run, starts in (trained or {}).items():
+        where = "; then ".join(f"at commit {s['commit']} on {s['device']} ({s['threads']} threads) from step "
+                               f"{s['from_iter']}, {s['date']}" for s in starts) or "no record (trained before checkpoints kept one)"
+        lines.append(f"> {run} was trained {where}.")
+    return "\n".join(lines) + "\n"
+
+
 def save_checkpoint(path, payload):
     """Write to a temp file, flush it to disk, then rename: a crash mid-save leaves the old file."""
     tmp = path + ".tmp"
@@ -494,6 +538,9 @@ def main(argv=None):
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"]["torch"])
     start_iter = iter_num
+    # one record per start: a resumed run may go on at another commit or on another machine
+    trained_by = (ckpt.get("trained_by", []) if ckpt else []) + [
+        {**provenance(), "processes": world, "from_iter": iter_num}] if master else []
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     if cfg.compile:
         model = torch.compile(model)
@@ -562,6 +609,7 @@ def main(argv=None):
             "val_loss": val_loss,
             "dataset_meta": meta,
             "rng": {"torch": torch.get_rng_state()},
+            "trained_by": trained_by,
         }
         save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), payload)
         if snapshot:  # kept for measurement, not for resuming: the optimizer state would triple it
@@ -598,6 +646,8 @@ def main(argv=None):
             for micro in range(local_accum):
                 x, y = get_batch(data_dir, meta, "train", [cfg.seed, TRAIN_STREAM, iter_num, rank * local_accum + micro],
                                  cfg.batch_size, model_config.block_size, device, cfg.align_windows)
+                if not cfg.train_position0:  # the first token, predicted from <bos> alone (ignore_index -1)
+                    y[:, 0] = -1
                 # DDP averages gradients over processes; sync only on the last micro-step.
                 sync = not ddp or micro == local_accum - 1
                 with nullcontext() if sync else model.no_sync():

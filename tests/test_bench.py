@@ -3,6 +3,7 @@ and of arms with another attention kind, prints the table and writes the JSON.""
 import json
 
 import pytest
+import torch
 
 import bench
 import ledger
@@ -37,6 +38,10 @@ def test_a_short_run_of_every_arm_prints_the_table_and_writes_json(tmp_path, cap
     assert arms["vanilla"]["ratio_to_vanilla"] == 1.0 and arms["vanilla"]["flop_ratio"] == 1.0
     assert arms["ledger"]["param_ratio"] > 1.0 and arms["ledger"]["flop_ratio"] > 1.0
     assert arms["suppress"]["params"] == arms["vanilla"]["params"] + 2 * 2 * 16  # q and k norm gains
+    # the same table, with its provenance header, is a results file beside the json
+    md = (tmp_path / "bench.md").read_text()
+    assert md.startswith("> Written by `python bench.py ") and f"torch {torch.__version__}" in md
+    assert lines[header] in md and lines[header + 1] in md
 
 
 def test_an_arm_with_another_attention_kind_is_timed_beside_vanilla(tmp_path, capsys):

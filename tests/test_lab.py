@@ -34,10 +34,14 @@ def test_a_run_name_gives_the_arm_seed_commit_sparsity_and_folder():
     assert lab.plan_run("vanilla+gated-s1337", cfg).argv[1:] == [
         "--arch=vanilla", "--seed=1337", f"--out_dir={os.path.join('runs', 'vanilla+gated-s1337')}", "--attention=gated"]
     assert "--attention=attn_bias" in lab.plan_run("ledger+attn_bias-cs0.1-s2", cfg).argv
+    # the driver test: position 0's target left out of the training loss
+    assert lab.plan_run("vanilla-nopos0-s3", cfg).argv[1:] == [
+        "--arch=vanilla", "--seed=3", f"--out_dir={os.path.join('runs', 'vanilla-nopos0-s3')}", "--train_position0=False"]
+    assert lab.plan_run("ledger-cs0-nopos0-s3", cfg).argv[-2:] == ["--commit_sparsity=0", "--train_position0=False"]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["ledger"], "expected <arm>-s<seed> or <arm>-cs<lambda>-s<seed>"),
+    (["ledger"], "expected <arm>[-cs<lambda>][-nopos0]-s<seed>"),
     (["mamba-s1"], "unknown arm 'mamba'"),
     (["vanilla+linear-s1"], "unknown attention 'linear'"),
     (["vanilla-cs0.1-s1"], "only Ledger arms have"),

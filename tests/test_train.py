@@ -57,6 +57,23 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(char_data, tmp_path):
     # the kept snapshot holds its own val loss, for matched-loss measurement
     snapshot = load(split, "ckpt_000010.pt")
     assert snapshot["iter_num"] == 10 and snapshot["val_loss"] > 0
+    # and each start of the run is recorded, so a results file can say where it was trained
+    starts = b["trained_by"]
+    assert [s["from_iter"] for s in starts] == [0, 10] and snapshot["trained_by"] == starts[:1]
+    assert starts[0]["commit"] and starts[0]["torch"] == torch.__version__ and starts[0]["threads"] >= 1
+    assert [s["from_iter"] for s in a["trained_by"]] == [0]
+
+
+@pytest.mark.parametrize("train_position0", [True, False])
+def test_train_position0_false_leaves_only_position_0s_target_out_of_the_loss(char_data, tmp_path, monkeypatch,
+                                                                               train_position0):
+    seen, loss_of = [], train.training_loss
+    monkeypatch.setattr(train, "training_loss", lambda model, x, y, *rest: seen.append(y.clone()) or
+                        loss_of(model, x, y, *rest))
+    train.main(args(char_data, tmp_path, "--max_iters=3", "--eval_interval=3", f"--train_position0={train_position0}"))
+    assert len(seen) == 3
+    for y in seen:
+        assert bool((y[:, 0] == -1).all()) is not train_position0 and bool((y[:, 1:] >= 0).all())
 
 
 def test_checkpoints_are_self_describing_and_safe_to_load(char_data, tmp_path):
