@@ -138,7 +138,7 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class AttentionWeights:
-    """What one attention layer did with its input u, spelled out (SDPA keeps it hidden): measure.py
+    """What one attention layer did with its input u, spelled out (SDPA keeps it hidden): metrics.py
     reads attention sinks, value drains and gates from it. CausalSelfAttention.attention_weights
     computes it with the same pieces forward uses, and a test checks that it reproduces forward."""
     weights: torch.Tensor                       # (B, H, T, T): query t's weight on position s <= t
@@ -477,7 +477,7 @@ class Sublayer(nn.Module):
 # A stream hook sees every sublayer's output streams: hook(index, kind, streams) where index is the
 # sublayer (0 .. 2*n_layer-1), kind is 'attn' or 'mlp' and streams maps names ('h'; 'D', 'C';
 # 'h0', 'h1') to (B, T, n_embd) tensors. It may return a dict replacing some streams (used by
-# measure.py's interventions), or None. Nothing is stored, so memory does not grow with depth.
+# metrics.py's interventions), or None. Nothing is stored, so memory does not grow with depth.
 StreamHook = Callable[[int, str, dict], Optional[dict]]
 
 

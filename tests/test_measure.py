@@ -1,6 +1,6 @@
-"""measure.py: the metrics give known answers on constructed tensors, memory does not grow with the
-number of batches, and every arm's tiny trained checkpoint is measured end to end (in process and
-through the CLI), deterministically, with one-line errors for bad inputs."""
+"""metrics.py and measure.py: the metrics give known answers on constructed tensors, memory does not
+grow with the number of batches, and every arm's tiny trained checkpoint is measured end to end (in
+process and through the CLI), deterministically, with one-line errors for bad inputs."""
 import json
 import math
 import os
@@ -14,9 +14,9 @@ import torch
 import measure
 from ledger import ARCHS, ATTENTIONS, GPT, CausalSelfAttention, GPTConfig
 from train import CHECKPOINT_FORMAT as CKPT_FORMAT
-from measure import (Data, DominantDimProfile, ExtremeTokenStats, MeasureError, StreamStats,
-                     collect_extreme_tokens, fake_quantize_weights, parse_args, position0_hook,
-                     select_checkpoint, top_token_report, window_starts)
+from measure import Data, MeasureError, parse_args, select_checkpoint, window_starts
+from metrics import (DominantDimProfile, ExtremeTokenStats, StreamStats, collect_extreme_tokens,
+                     fake_quantize_weights, position0_hook, top_token_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--num_windows=6", "--batch_size=4", "--seq_len=32", "--threads=1"]

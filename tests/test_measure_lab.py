@@ -1,6 +1,6 @@
-"""measure.py's numbers for the lab's answer: the headline metrics after per-token normalisation on
-planted tensors, Ledger's stream report, and --trajectory, whose every row is the measurement the
-same snapshot gets on its own."""
+"""metrics.py's and measure.py's numbers for the lab's answer: the headline metrics after per-token
+normalisation on planted tensors, Ledger's stream report, and --trajectory, whose every row is the
+measurement the same snapshot gets on its own."""
 import json
 import os
 import subprocess
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import measure
-from measure import StreamStats
+import metrics
+from metrics import StreamStats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--num_windows=6", "--batch_size=4", "--seq_len=32", "--threads=1", "--quantization=False"]
@@ -85,9 +86,9 @@ def test_the_ledger_report_reads_gates_norms_and_dims():
                                           n_embd=16, gate_rank=4)).eval()
     x = torch.randint(0, 20, (6, 8))
     batch_fn = lambda: ((x[i:i + 4], None) for i in (0, 4))   # batches of 4 and 2 windows
-    stats, _ = measure.collect_stream_stats(model, lambda: ((b, torch.zeros_like(b)) for b, _ in batch_fn()))
+    stats, _ = metrics.collect_stream_stats(model, lambda: ((b, torch.zeros_like(b)) for b, _ in batch_fn()))
     summaries = {name: st.summarize() for name, st in stats.items()}
-    report = measure.ledger_stream_report(model, batch_fn, summaries)
+    report = metrics.ledger_stream_report(model, batch_fn, summaries)
     with torch.no_grad():
         gates = (4 * model(x[:4])[2] + 2 * model(x[4:])[2]) / 6    # weighted by windows per batch
     assert report["commit_gate_per_sublayer"] == pytest.approx(gates.tolist())
