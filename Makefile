@@ -6,17 +6,23 @@ SEED ?= 1337
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= out/demo-$(SEED)
 LAB_OUT ?= out/lab
-LAB_ARMS ?= vanilla suppress ledger ledger-hs
+# make demo: one seed of the arms that answer the paper's three claims (C rebuilds the outlier;
+# smaller and more concentrated than vanilla's; stronger with more commit sparsity)
+LAB_ARMS ?= vanilla ledger ledger-hs
+# make lab-all: every arm and control, ledger also without its sparsity penalty (ledger-cs0)
+LAB_ALL_ARMS ?= vanilla suppress ledger ledger-cs0 ledger-hs vanilla-sgd vanilla+attn_bias vanilla+sigmoid vanilla+gated
 # arms trained side by side, one thread each: a tiny model uses one core well
 LAB_JOBS ?= 2
-LAB_SEEDS ?= 1337 1338 1339
+LAB_SEEDS ?= 1337 1338 1339 1340 1341
+# the sweep's seeds
+SWEEP_SEEDS ?= 1337 1338 1339
 # the commit-sparsity weights of `make lab-sweep`
 SWEEP_LAMBDAS ?= 0 0.005 0.02 0.1 0.3
 # more lab.py settings (python lab.py --help), e.g. LAB_ARGS="--refresh_s=10"
 LAB_ARGS ?=
 
 
-.PHONY: install demo demo-text demo-text-all demo-arms lab lab-all lab-sweep lab-runs test bench bench-gpu
+.PHONY: install demo demo-text demo-text-all demo-arms lab lab-all lab-sweep lab-runs lab-trajectory results test bench bench-gpu
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
@@ -48,24 +54,24 @@ demo-arms:
 	$(PYTHON) measure.py $(addprefix $(DEMO_OUT)/,$(DEMO_ARMS)) --match_loss=auto --out_dir=$(DEMO_OUT) || exit 1; \
 	echo "demo done in $$(( $$(date +%s) - start )) s; table in $(DEMO_OUT)/summary.md, figures in $(DEMO_OUT)/<arm>/"
 
-# The laptop lab: Bigram-Backcopy sequences that open on <bos> (Guo et al. 2024), the four arms of
-# the paper trained two at a time into out/lab/<arm>-s<seed>, then measured at matched loss.
-# `make lab-all` adds two more seeds and a vanilla run with SGD per seed, reusing finished runs.
+# The laptop lab: Bigram-Backcopy sequences that open on <bos> (Guo et al. 2024), the arms trained
+# two at a time into out/lab/<arm>-s<seed>, then measured at matched loss (docs/lab.md).
+# `make lab-all` trains LAB_ALL_ARMS at every seed of LAB_SEEDS, reusing finished runs.
 lab: install
 	@$(MAKE) --no-print-directory lab-runs LAB_RUNS="$(foreach a,$(LAB_ARMS),$(a)-s$(SEED))" \
 	  LAB_MEASURE=$(LAB_OUT)/measure-s$(SEED)
 
 lab-all: install
 	@$(MAKE) --no-print-directory lab-runs LAB_MEASURE=$(LAB_OUT)/measure-all \
-	  LAB_RUNS="$(foreach s,$(LAB_SEEDS),$(foreach a,$(LAB_ARMS) vanilla-sgd,$(a)-s$(s)))"
+	  LAB_RUNS="$(foreach s,$(LAB_SEEDS),$(foreach a,$(LAB_ALL_ARMS),$(a)-s$(s)))"
 
 # The commit-sparsity dose-response: Ledger at each lambda of SWEEP_LAMBDAS and vanilla, for every seed of
-# LAB_SEEDS, into out/lab/ledger-cs<lambda>-s<seed> and out/lab/vanilla-s<seed> (the runs `make lab-all`
+# SWEEP_SEEDS, into out/lab/ledger-cs<lambda>-s<seed> and out/lab/vanilla-s<seed> (the runs `make lab-all`
 # already trained are reused), measured together at matched loss into out/lab/sweep, where sweep.png
 # and sweep.md give C's numbers against lambda: a min-max band over seeds, vanilla's band beside it.
 lab-sweep: install
 	@$(MAKE) --no-print-directory lab-runs LAB_MEASURE=$(LAB_OUT)/sweep LAB_ARGS="--sweep $(LAB_ARGS)" \
-	  LAB_RUNS="$(foreach s,$(LAB_SEEDS),vanilla-s$(s) $(foreach l,$(SWEEP_LAMBDAS),ledger-cs$(l)-s$(s)))"
+	  LAB_RUNS="$(foreach s,$(SWEEP_SEEDS),vanilla-s$(s) $(foreach l,$(SWEEP_LAMBDAS),ledger-cs$(l)-s$(s)))"
 
 # LAB_RUNS names run folders <arm>-s<seed> or <arm>-cs<lambda>-s<seed> (the arm vanilla-sgd is vanilla
 # trained with SGD; an arm ARCH+KIND, e.g. vanilla+gated, is ARCH with that attention kind: the
@@ -78,6 +84,26 @@ lab-runs:
 	$(PYTHON) lab.py $(LAB_RUNS) --out_root=$(LAB_OUT) --jobs=$(LAB_JOBS) --measure_dir=$(LAB_MEASURE) $(LAB_ARGS) \
 	  || exit 1; \
 	echo "lab done in $$(( $$(date +%s) - start )) s; table in $(LAB_MEASURE)/summary.md, figures beside it"
+
+# Every kept snapshot (every 250 steps) of make demo's runs, measured as one checkpoint would be:
+# trajectory.png, .md and .json, the headline numbers against training step, runs side by side.
+lab-trajectory: install
+	$(PYTHON) measure.py $(foreach a,$(LAB_ARMS),$(LAB_OUT)/$(a)-s$(SEED)) --trajectory --num_windows=512 \
+	  --batch_size=128 --threads=$(LAB_JOBS) --out_dir=$(LAB_OUT)/trajectory-s$(SEED)
+
+# Copy what the commands wrote into docs/results/. Each file already starts with its provenance
+# header (the command, date, commit, CPU and torch that wrote it), so a table in the docs is always
+# one a command printed; a source not written yet is skipped with a line saying so.
+RESULTS = $(LAB_OUT)/measure-s$(SEED)/summary.md:lab-s$(SEED).md \
+  $(LAB_OUT)/measure-all/summary.md:lab-seeds.md \
+  $(LAB_OUT)/sweep/sweep.md:sweep.md $(LAB_OUT)/sweep/sweep.png:sweep.png \
+  $(LAB_OUT)/trajectory-s$(SEED)/trajectory.md:trajectory-s$(SEED).md \
+  $(LAB_OUT)/trajectory-s$(SEED)/trajectory.png:trajectory-s$(SEED).png \
+  $(DEMO_OUT)/summary.md:text-demo-s$(SEED).md out/bench.md:bench-cpu.md out/bench-gpu.md:bench-gpu.md
+results:
+	@mkdir -p docs/results; for pair in $(RESULTS); do src=$${pair%%:*}; dst=docs/results/$${pair##*:}; \
+	  if [ -f $$src ]; then cp $$src $$dst && echo "$$src -> $$dst"; else echo "skipped $$src (not written yet)"; fi; \
+	done
 
 test: install
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest

@@ -400,14 +400,16 @@ def plot_sweep(summary, path):
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
 
-def sweep_report(metrics, out_dir):
+def sweep_report(metrics, out_dir, command=()):
     """sweep.json, sweep.md and sweep.png from the measured runs' metrics (metrics.json files)."""
     summary = sweep_summary(metrics)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump(measure.jsonable(summary), f, indent=1, allow_nan=False)
     plot_sweep(summary, os.path.join(out_dir, "sweep.png"))
-    text = ("# The commit-sparsity dose-response: Ledger's decoded stream C against λ\n\n"
+    trained = {os.path.basename(m["run_dir"]): m.get("trained_by", []) for m in metrics}
+    text = (train.results_header("lab.py", command, trained)
+            + "\n# The commit-sparsity dose-response: Ledger's decoded stream C against λ\n\n"
             + sweep_table(summary)
             + "\n\nEach cell: mean [min, max] over seeds, at matched loss (summary.md beside this file says which "
               "checkpoints). Ratio and concentration at the decoded stream's peak sublayer; the norms are mean token "
@@ -421,7 +423,7 @@ def sweep_report(metrics, out_dir):
 # ----------------------------------------------------------------------------------------------
 # Main
 
-def run_lab(names, cfg):
+def run_lab(names, cfg, command=()):
     if not names:
         raise LabError("name at least one run, e.g. vanilla-s1337 ledger-cs0.02-s1337")
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -451,7 +453,7 @@ def run_lab(names, cfg):
         for m in results:
             with open(os.path.join(m["out_dir"], "metrics.json")) as f:
                 metrics.append(json.load(f))
-        sweep_report(metrics, measure_dir)
+        sweep_report(metrics, measure_dir, command)
         print(f"sweep: {os.path.join(measure_dir, 'sweep.md')}, sweep.png and sweep.json beside it")
     return results
 
@@ -463,7 +465,7 @@ def main(argv=None):
         return None
     try:
         (settings,) = train.parse_overrides([a for a in argv if a.startswith("--")], LabConfig)
-        return run_lab([a for a in argv if not a.startswith("--")], LabConfig(**settings))
+        return run_lab([a for a in argv if not a.startswith("--")], LabConfig(**settings), argv)
     except (LabError, train.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -516,14 +516,38 @@ def checkpoint_choice(results):
                "at unequal steps, so neither the released code's comparison nor a matched-loss one."))
 
 
+def trained_as(m):
+    """What tells runs of one arm apart, seed aside: 'ledger', 'ledger, commit sparsity 0',
+    'vanilla + sgd', 'vanilla, no position-0 loss'. Runs that share it are seeds of one experiment."""
+    arch = m["arch"]
+    label = arm_name(arch, m.get("attention", "softmax"))
+    sparsity = m["model_config"].get("commit_sparsity")
+    if sparsity is not None and sparsity != GPTConfig(arch=arch).commit_sparsity:   # None: the arm's default
+        label += f", commit sparsity {sparsity:g}"
+    if m.get("optimizer", "adamw") != "adamw":
+        label += f" + {m['optimizer']}"
+    if not m.get("train_position0", True):
+        label += ", no position-0 loss"
+    return label
+
+
+# The lab's verdicts, counted over seeds ("k of 5"): a claim one seed can flip is never a verdict.
+VERDICTS = {
+    "start-token specific": lambda m, s: str(((m.get("top_tokens") or {}).get("peak") or {}).get(
+        "verdict", "")).startswith("start-token specific"),
+    ">= 30x and >= 10x": lambda m, s: s["peak_pos0_ratio"] >= 30 and s["start_token_concentration_peak"] >= 10,
+    "sink > 0.5": lambda m, s: m["extreme_tokens"]["sink_max"] > 0.5,
+    "C carries D's dim": lambda m, s: (m.get("ledger_streams") or {}).get("C_carries_D_dim"),
+}
+
+
 def across_seeds_table(results):
-    """One row per arm measured more than once (seeds): mean [min, max] of the headline numbers, so
-    that a claim about an arm rests on every run of it, not on the best one."""
-    by_arch = {}   # an arm trained with another attention kind or optimizer is another row
+    """One row per experiment measured more than once (seeds): mean [min, max] of the headline
+    numbers, and how many runs meet each verdict, so that a claim about an arm rests on every run
+    of it, not on the best one."""
+    by_arch = {}
     for m in results:
-        arm = arm_name(m["arch"], m.get("attention", "softmax"))
-        by_arch.setdefault(arm + ("" if m.get("optimizer", "adamw") == "adamw" else f" + {m['optimizer']}"),
-                           []).append(m)
+        by_arch.setdefault(trained_as(m), []).append(m)
     columns = {
         "val loss": lambda m, s: m["measured_val_loss"],
         "pos-0 ratio (peak)": lambda m, s: s["peak_pos0_ratio"],
@@ -542,10 +566,14 @@ def across_seeds_table(results):
         for get in columns.values():
             values = [get(m, m["streams"][m["decoded_stream"]]) for m in runs]
             values = [v for v in values if v is not None]
-            spec = ".3f" if max(map(abs, values), default=0) < 10 else ".0f"
+            largest = max(map(abs, values), default=0)
+            spec = ".3f" if largest < 10 else ".1f" if largest < 1000 else ".0f"
             row.append(f"{np.mean(values):{spec}} [{min(values):{spec}}, {max(values):{spec}}]" if values else "—")
+        for verdict in VERDICTS.values():
+            held = [verdict(m, m["streams"][m["decoded_stream"]]) for m in runs]
+            row.append("—" if all(h is None for h in held) else f"{sum(bool(h) for h in held)} of {len(runs)}")
         rows.append(row)
-    return markdown_table(["arm", "runs", *columns], rows) if rows else ""
+    return markdown_table(["arm", "runs", *columns, *VERDICTS], rows) if rows else ""
 
 
 def notes(m):
@@ -688,6 +716,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
         "iter_num": ckpt.get("iter_num"), "val_loss_recorded": ckpt.get("val_loss"), "selection": selection,
         "dataset": os.path.basename(data.data_dir), "data_dir": data.data_dir,
         "train_seed": train_cfg.get("seed"), "optimizer": train_cfg.get("optimizer", "adamw"),
+        "train_position0": train_cfg.get("train_position0", True), "trained_by": ckpt.get("trained_by", []),
         "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device, "align_windows": align},
         "model_config": ckpt["model_config"], "sublayer_names": names,
         "measured_val_loss": baseline, "decoded_stream": decoded, "streams": summaries,
@@ -702,7 +731,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     return metrics
 
 
-def run(paths, cfg):
+def run(paths, cfg, command=()):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     target = cfg.match_loss
@@ -758,7 +787,9 @@ def run(paths, cfg):
     seeds = across_seeds_table(results)
     windows = ("windows opening on the start token" if results[0]["settings"]["align_windows"]
                else "windows at random offsets")
-    text = (f"# Residual-stream structure ({cfg.split} split, {cfg.num_windows} {windows} of "
+    trained = {os.path.basename(m["run_dir"]): m["trained_by"] for m in results}
+    text = (train.results_header("measure.py", command, trained) + "\n"
+            f"# Residual-stream structure ({cfg.split} split, {cfg.num_windows} {windows} of "
             f"{results[0]['settings']['seq_len']} tokens, seed {cfg.seed})\n\n{checkpoint_choice(results)}\n\n"
             f"{summary_table(results)}\n\n"
             + (f"Across runs of the same arm, mean [min, max], decoded stream:\n\n{seeds}\n\n" if seeds else "")
@@ -782,7 +813,7 @@ def main(argv=None):
         return []
     try:
         paths, cfg = parse_args(argv)
-        return run_trajectory(paths, cfg) if cfg.trajectory else run(paths, cfg)
+        return run_trajectory(paths, cfg, argv) if cfg.trajectory else run(paths, cfg, argv)
     except MeasureError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
@@ -887,7 +918,7 @@ def plot_trajectory(trajectories, path):
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
 
-def run_trajectory(paths, cfg):
+def run_trajectory(paths, cfg, command=()):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if cfg.match_loss is not None:
@@ -921,13 +952,16 @@ def run_trajectory(paths, cfg):
             rows.append(trajectory_row(m))
             print(f"{ckpt_path}: iter {m['iter_num']} measured in {m['timing']['seconds']:.1f} s -> {out_dir}")
         arch = snapshots[-1][1]["model_config"]["arch"]
-        trajectories[name] = {"run_dir": os.path.abspath(run_dir), "arch": arch, "rows": rows}
+        trajectories[name] = {"run_dir": os.path.abspath(run_dir), "arch": arch, "rows": rows,
+                              "trained_by": snapshots[-1][1].get("trained_by", [])}
     os.makedirs(out_root, exist_ok=True)
     with open(os.path.join(out_root, "trajectory.json"), "w") as f:
         json.dump(jsonable({"settings": dataclasses.asdict(cfg), "runs": trajectories}), f, indent=1, allow_nan=False)
     if cfg.figures:
         plot_trajectory(trajectories, os.path.join(out_root, "trajectory.png"))
-    text = (f"# Trajectory: every kept snapshot ({cfg.split} split, {cfg.num_windows} windows, seed {cfg.seed})\n\n"
+    trained = {name: t["trained_by"] for name, t in trajectories.items()}
+    text = (train.results_header("measure.py", command, trained) + "\n"
+            f"# Trajectory: every kept snapshot ({cfg.split} split, {cfg.num_windows} windows, seed {cfg.seed})\n\n"
             f"{trajectory_table(trajectories)}\n\nEach row is what measure.py gives that snapshot on its own "
             f"(its metrics.json: <run>/<snapshot>/ in this folder); decoded stream, at its peak sublayer. Concentration: the dominant "
             f"dim's mean |x| at position 0 over positions 1..T-1 (released: over all positions; normalised: after "

@@ -97,7 +97,8 @@ def parse_args(argv=None):
                    help="rebuild even if a complete output exists")
     bb = p.add_argument_group("--dataset=bigram_backcopy (synthetic; see 'Bigram-Backcopy' in the source)")
     bb.add_argument("--bb_vocab", type=int, default=64, help="ordinary tokens (plus one <bos>)")
-    bb.add_argument("--bb_triggers", type=int, default=3, help="trigger tokens: the next token copies the one before")
+    bb.add_argument("--bb_triggers", type=int, default=1,
+                    help="trigger tokens: the next token copies the one before (the lab: 1, its strongest outlier)")
     bb.add_argument("--bb_seq_len", type=int, default=16, help="tokens per sequence after its <bos>")
     bb.add_argument("--bb_bigram", default="dirichlet", help="dirichlet (random rows) | shakespeare (char bigrams of the plays)")
     bb.add_argument("--bb_alpha", type=float, default=0.3, help="dirichlet: row concentration, smaller is more peaked")

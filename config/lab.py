@@ -1,8 +1,9 @@
 # The laptop lab: a start-token massive activation grown on 2 CPU cores, on Guo et al.'s (2024)
 # synthetic Bigram-Backcopy task (prepare_data.py --dataset=bigram_backcopy). Every window opens
-# on <bos> (align_windows resolves to True for this dataset). Use with any arm:
+# on <bos> (align_windows resolves to True for this dataset), with one trigger token (prepare_data's
+# default --bb_triggers=1: 3 grew a weaker, seed-dependent outlier; docs/lab.md). Use with any arm:
 #   python train.py config/lab.py --arch=ledger --out_dir=out/lab/ledger
-# README.md, "The laptop lab", says what it shows and lists every setting tried to find this one.
+# docs/lab.md says what it shows and lists every setting tried to find this one.
 dataset = "bigram_backcopy"
 n_layer = 3
 n_head = 1               # one head per layer: dormant except after a trigger, so it parks on <bos>

@@ -424,22 +424,30 @@ def test_fake_quantization_rounds_linear_weights_per_output_channel_only():
             assert torch.equal(w4, w), name                                 # embeddings, norms, biases
 
 
-def test_the_across_seeds_table_gives_mean_min_and_max_of_every_run_of_an_arm():
-    def run(arch, loss, pos0, zero):
-        stream = {"peak_pos0_ratio": pos0, "start_token_concentration_peak": 1.0, "residual_peak": {"max": 2.0},
+def test_the_across_seeds_table_gives_mean_min_and_max_and_counts_each_verdict_over_runs():
+    def run(arch, loss, pos0, zero, conc=1.0, verdict="start-token specific: ...", sparsity=None):
+        stream = {"peak_pos0_ratio": pos0, "start_token_concentration_peak": conc, "residual_peak": {"max": 2.0},
                   "released_definitions": {"start_token_concentration": pos0 / 10}}
         return {"arch": arch, "measured_val_loss": loss, "decoded_stream": "h", "streams": {"h": stream},
+                "model_config": {"arch": arch, "commit_sparsity": sparsity}, "top_tokens": {"peak": {"verdict": verdict}},
                 "extreme_tokens": {"sink_max": 0.5}, "interventions": {"zero_delta": zero, "mean_delta": 0.0}}
-    table = measure.across_seeds_table([run("vanilla", 1.0, 20.0, 0.1), run("vanilla", 2.0, 40.0, 0.3),
+    table = measure.across_seeds_table([run("vanilla", 1.0, 20.0, 0.1), run("vanilla", 2.0, 40.0, 0.3, conc=12.0),
                                         run("ledger", 1.5, 5.0, 0.0)])
     rows = [line for line in table.splitlines() if line.startswith("| vanilla")]
-    assert rows == ["| vanilla | 2 | 1.500 [1.000, 2.000] | 30 [20, 40] | 1.000 [1.000, 1.000] | 3.000 [2.000, 4.000] "
+    assert rows == ["| vanilla | 2 | 1.500 [1.000, 2.000] | 30.0 [20.0, 40.0] | 6.5 [1.0, 12.0] | 3.000 [2.000, 4.000] "
                     "| 2.000 [2.000, 2.000] "
-                    "| 0.500 [0.500, 0.500] | 0.200 [0.100, 0.300] | 0.000 [0.000, 0.000] |"]
+                    "| 0.500 [0.500, 0.500] | 0.200 [0.100, 0.300] | 0.000 [0.000, 0.000] "
+                    "| 2 of 2 | 1 of 2 | 0 of 2 | — |"]   # specific, >= 30x and >= 10x, sink > 0.5, C carries D's
     assert "| ledger" not in table          # one run is no spread
     sgd = [dict(run("vanilla", 3.0, 10.0, 0.0), optimizer="sgd") for _ in range(2)]
     assert "| vanilla + sgd | 2 | 3.000" in measure.across_seeds_table(sgd + [run("vanilla", 1.0, 20.0, 0.1)])
     assert measure.across_seeds_table([run("ledger", 1.5, 5.0, 0.0)]) == ""
+    # runs trained another way are other experiments, not seeds of the arm
+    other = [run("ledger", 1.5, 5.0, 0.0, sparsity=0.02), run("ledger", 1.5, 5.0, 0.0, sparsity=0.0),
+             dict(run("ledger", 1.5, 5.0, 0.0, sparsity=0.02), train_position0=False)]
+    assert measure.across_seeds_table(other) == ""
+    assert "| ledger, commit sparsity 0 | 2 |" in measure.across_seeds_table(other + [other[1]])
+    assert "| ledger, no position-0 loss | 2 |" in measure.across_seeds_table(other + [other[2]])
 
 
 NOTE_STREAM = {"sun_massive_count_total": 0, "dominant_dim": 7, "peak_ratio": 3.0, "max_abs_per_sublayer": [50.0],
