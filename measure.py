@@ -636,6 +636,12 @@ def notes(m):
                      f"{e['gate_pos0_at_later_min']:.2f} at position 0; the sink head {head}'s gate is "
                      f"{e['gate_later_at_sink_max']:.2f} later (a closed gate is this kind's no-op, as a sink is "
                      f"softmax's).")
+    shift = (m.get("ledger_streams") or {}).get("loss_change_commit_logits_shifted")
+    if shift:
+        ls = m["ledger_streams"]
+        lines.append(f"{label}: mean commit gate {ls['commit_gate_mean']:.4f}, ‖C‖ / ‖D‖ {ls['C_over_D_norm_final']:.3f}; "
+                     f"every commit logit shifted by -2 changes the val loss by {shift['-2']:+.4f}, by +2 by "
+                     f"{shift['+2']:+.4f} (small gates scale C by ~e^shift, which the final RMSNorm divides out).")
     if m["selection"]["distance"] is not None:
         lines.append(f"{label}: iter {m['iter_num']} picked to match val loss {m['selection']['match_loss']:.4f}: "
                      f"recorded {m['val_loss_recorded']:.4f}, {m['selection']['distance']:.4f} away.")
@@ -696,7 +702,8 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     lap("interventions_s")
     quantization = run_quantization(model, batch_fn, baseline) if cfg.quantization else None
     lap("quantization_s")
-    ledger_streams = ledger_stream_report(model, batch_fn, summaries) if model.config.residual == "ledger" else None
+    ledger_streams = (ledger_stream_report(model, batch_fn, summaries, baseline)
+                      if model.config.residual == "ledger" else None)
     lap("ledger_streams_s")
 
     os.makedirs(out_dir, exist_ok=True)

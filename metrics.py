@@ -620,10 +620,36 @@ def mean_commit_gates(model, batch_iter):
     return (total / count).tolist()
 
 
-def ledger_stream_report(model, batch_fn, summaries):
+# Why the commit gates close. While lam (how much C feeds each sublayer's input) stays near 0, only
+# the final RMSNorm reads C, and it divides out C's scale. A small gate is ~exp(its logit), so one
+# shift of every commit logit scales all of C by ~e^shift: if that costs no loss, the sparsity
+# penalty buys closed gates for free. Open gates (no penalty) are not in that regime, and a shift
+# changes how much each sublayer contributes, which should cost loss.
+COMMIT_SHIFTS = (-2.0, 2.0)
+
+
+@torch.no_grad()
+def commit_shift_cost(model, batch_fn, baseline):
+    """{shift: val loss change} with the bias of every commit gate moved by shift."""
+    biases = [m.commit_gate.bias for m in model.modules() if hasattr(m, "commit_gate")]
+    kept = [b.clone() for b in biases]
+    cost = {}
+    for shift in COMMIT_SHIFTS:
+        for b in biases:
+            b.add_(shift)
+        try:
+            cost[f"{shift:+g}"] = mean_loss(model, batch_fn()) - baseline
+        finally:
+            for b, k in zip(biases, kept):
+                b.copy_(k)
+    return cost
+
+
+def ledger_stream_report(model, batch_fn, summaries, baseline):
     """Beside C's outlier, the numbers that say what C is: the commit gates (how much of D reaches
     C), ||C|| / ||D|| at the last sublayer (mean token norms), ||C|| at position 0 and elsewhere,
-    and whether C's dominant dimension is D's (C inherits D's outlier rather than building one)."""
+    whether C's dominant dimension is D's (C inherits D's outlier rather than building one), and
+    what shifting every commit gate costs (commit_shift_cost)."""
     gates = mean_commit_gates(model, batch_fn())
     C, D = summaries["C"], summaries["D"]
     return {
@@ -633,4 +659,5 @@ def ledger_stream_report(model, batch_fn, summaries):
         "C_norm_later_final": C["mean_norm_later_per_sublayer"][-1],
         "C_dominant_dim": C["dominant_dim"], "D_dominant_dim": D["dominant_dim"],
         "C_carries_D_dim": C["dominant_dim"] == D["dominant_dim"],
+        "loss_change_commit_logits_shifted": commit_shift_cost(model, batch_fn, baseline),
     }

@@ -1,6 +1,7 @@
 """metrics.py's and measure.py's numbers for the lab's answer: the headline metrics after per-token
 normalisation on planted tensors, Ledger's stream report, and --trajectory, whose every row is the
 measurement the same snapshot gets on its own."""
+import copy
 import json
 import os
 import subprocess
@@ -85,10 +86,10 @@ def test_the_ledger_report_reads_gates_norms_and_dims():
     model = measure.GPT(measure.GPTConfig(arch="ledger", vocab_size=20, block_size=8, n_layer=2, n_head=2,
                                           n_embd=16, gate_rank=4)).eval()
     x = torch.randint(0, 20, (6, 8))
-    batch_fn = lambda: ((x[i:i + 4], None) for i in (0, 4))   # batches of 4 and 2 windows
-    stats, _ = metrics.collect_stream_stats(model, lambda: ((b, torch.zeros_like(b)) for b, _ in batch_fn()))
+    batch_fn = lambda: ((x[i:i + 4], torch.zeros_like(x[i:i + 4])) for i in (0, 4))   # batches of 4 and 2 windows
+    stats, _ = metrics.collect_stream_stats(model, batch_fn)
     summaries = {name: st.summarize() for name, st in stats.items()}
-    report = metrics.ledger_stream_report(model, batch_fn, summaries)
+    report = metrics.ledger_stream_report(model, batch_fn, summaries, metrics.mean_loss(model, batch_fn()))
     with torch.no_grad():
         gates = (4 * model(x[:4])[2] + 2 * model(x[4:])[2]) / 6    # weighted by windows per batch
     assert report["commit_gate_per_sublayer"] == pytest.approx(gates.tolist())
@@ -96,6 +97,27 @@ def test_the_ledger_report_reads_gates_norms_and_dims():
     C, D = summaries["C"], summaries["D"]
     assert report["C_over_D_norm_final"] == pytest.approx(C["mean_norm_per_sublayer"][-1] / D["mean_norm_per_sublayer"][-1])
     assert report["C_carries_D_dim"] == (C["dominant_dim"] == D["dominant_dim"])
+    assert set(report["loss_change_commit_logits_shifted"]) == {"-2", "+2"}
+
+
+def test_the_commit_shift_moves_every_commit_gate_by_the_shift_and_puts_it_back():
+    torch.manual_seed(0)
+    model = measure.GPT(measure.GPTConfig(arch="ledger", vocab_size=20, block_size=8, n_layer=2, n_head=2,
+                                          n_embd=16, gate_rank=4)).eval()
+    x = torch.randint(0, 20, (4, 8))
+    batch_fn = lambda: iter([(x, torch.roll(x, -1, 1))])
+    commit_biases = lambda: [m.commit_gate.bias.item() for m in model.modules() if hasattr(m, "commit_gate")]
+    before, biases = metrics.mean_loss(model, batch_fn()), commit_biases()
+    cost = metrics.commit_shift_cost(model, batch_fn, before)
+    assert len(biases) == 4 and commit_biases() == biases                # put back exactly
+    for shift in metrics.COMMIT_SHIFTS:
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            for m in shifted.modules():
+                if hasattr(m, "commit_gate"):
+                    m.commit_gate.bias.add_(shift)
+        assert cost[f"{shift:+g}"] == metrics.mean_loss(shifted, batch_fn()) - before
+        assert cost[f"{shift:+g}"] != 0.0      # gates at sigmoid(bias), open at init: a shift changes C's mix
 
 
 # ----------------------------------------------------------------------------------------------
