@@ -394,14 +394,16 @@ def provenance():
         except (OSError, subprocess.SubprocessError):
             return None
 
-    commit, changes = git("rev-parse", "--short=10", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    # only code changes what a command computes: an edited README does not flag a result
+    commit = git("rev-parse", "--short=10", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "config")
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"commit": (commit + (" with uncommitted changes" if changes else "")) if commit else "unknown (no git)",
+    return {"commit": (commit + (" with uncommitted code changes" if changes else "")) if commit else "unknown (no git)",
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores",
             "threads": torch.get_num_threads(), "torch": str(torch.__version__),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -413,11 +415,11 @@ def results_header(script, argv, trained=None):
     such files, so a number in the docs always names its command, machine and code."""
     p = provenance()
     lines = [f"> Written by `python {shlex.join([script, *argv])}` on {p['date']}, at commit {p['commit']},",
-             f"> on {p['device']} ({p['threads']} threads), torch {p['torch']}."]
+             f"> on {p['device']}, torch threads {p['threads']}, torch {p['torch']}."]
     for run, starts in (trained or {}).items():
-        where = "; then ".join(f"at commit {s['commit']} on {s['device']} ({s['threads']} threads) from step "
-                               f"{s['from_iter']}, {s['date']}" for s in starts) or "no record (trained before checkpoints kept one)"
-        lines.append(f"> {run} was trained {where}.")
+        where = "; then ".join(f"trained at commit {s['commit']} on {s['device']}, torch threads {s['threads']}, "
+                               f"from step {s['from_iter']} on {s['date']}" for s in starts)
+        lines.append(f"> {run}: {where or 'no training record (trained before checkpoints kept one)'}.")
     return "\n".join(lines) + "\n"
 
 
