@@ -541,13 +541,38 @@ VERDICTS = {
 }
 
 
+# Settings that say where a run went or how it was watched, not what it learned.
+NOT_THE_EXPERIMENT = {"seed", "out_dir", "init_from", "wandb_log", "wandb_project", "wandb_run_name", "log_interval",
+                      "eval_interval", "eval_iters", "ckpt_interval", "device", "dtype", "compile"}
+
+
+def experiments(results):
+    """{label: runs}, runs grouped as seeds of one experiment when every training and model setting
+    but the seed agrees. Two experiments that trained_as cannot tell apart get their differing
+    settings in the label, e.g. 'vanilla (data_root=data_t1)'."""
+    groups = {}
+    for m in results:
+        settings = {k: v for k, v in (m.get("train_config") or {}).items() if k not in NOT_THE_EXPERIMENT}
+        key = json.dumps({"train": settings, "model": m["model_config"], "as": trained_as(m)}, sort_keys=True,
+                         default=str)
+        groups.setdefault(key, []).append(m)
+    labels = {}
+    for key, runs in groups.items():
+        label, twins = trained_as(runs[0]), [k for k in groups if k != key and trained_as(groups[k][0]) == trained_as(runs[0])]
+        if twins:
+            mine, theirs = json.loads(key), [json.loads(k) for k in twins]
+            differ = [(part, k, v) for part in ("train", "model") for k, v in sorted(mine[part].items())
+                      if any(t[part].get(k) != v for t in theirs)]
+            label += " (" + ", ".join(f"{k}={v}" for _, k, v in differ) + ")"
+        labels[label] = runs
+    return labels
+
+
 def across_seeds_table(results):
     """One row per experiment measured more than once (seeds): mean [min, max] of the headline
     numbers, and how many runs meet each verdict, so that a claim about an arm rests on every run
     of it, not on the best one."""
-    by_arch = {}
-    for m in results:
-        by_arch.setdefault(trained_as(m), []).append(m)
+    by_arch = experiments(results)
     columns = {
         "val loss": lambda m, s: m["measured_val_loss"],
         "pos-0 ratio (peak)": lambda m, s: s["peak_pos0_ratio"],
@@ -724,6 +749,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
         "dataset": os.path.basename(data.data_dir), "data_dir": data.data_dir,
         "train_seed": train_cfg.get("seed"), "optimizer": train_cfg.get("optimizer", "adamw"),
         "train_position0": train_cfg.get("train_position0", True), "trained_by": ckpt.get("trained_by", []),
+        "train_config": train_cfg,
         "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device, "align_windows": align},
         "model_config": ckpt["model_config"], "sublayer_names": names,
         "measured_val_loss": baseline, "decoded_stream": decoded, "streams": summaries,

@@ -448,6 +448,10 @@ def test_the_across_seeds_table_gives_mean_min_and_max_and_counts_each_verdict_o
     assert measure.across_seeds_table(other) == ""
     assert "| ledger, commit sparsity 0 | 2 |" in measure.across_seeds_table(other + [other[1]])
     assert "| ledger, no position-0 loss | 2 |" in measure.across_seeds_table(other + [other[2]])
+    # and runs on other data, or at another setting, are other experiments that say how they differ
+    on = lambda root, seed: dict(run("vanilla", 1.0, 20.0, 0.1), train_config={"data_root": root, "seed": seed})
+    table = measure.across_seeds_table([on("data", 1), on("data", 2), on("data_t1", 1), on("data_t1", 2)])
+    assert "| vanilla (data_root=data) | 2 |" in table and "| vanilla (data_root=data_t1) | 2 |" in table
 
 
 NOTE_STREAM = {"sun_massive_count_total": 0, "dominant_dim": 7, "peak_ratio": 3.0, "max_abs_per_sublayer": [50.0],
