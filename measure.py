@@ -546,24 +546,28 @@ NOT_THE_EXPERIMENT = {"seed", "out_dir", "init_from", "wandb_log", "wandb_projec
                       "eval_interval", "eval_iters", "ckpt_interval", "device", "dtype", "compile"}
 
 
-def experiments(results):
-    """{label: runs}, runs grouped as seeds of one experiment when every training and model setting
-    but the seed agrees. Two experiments that trained_as cannot tell apart get their differing
-    settings in the label, e.g. 'vanilla (data_root=data_t1)'."""
+def experiments(results, min_runs=2):
+    """{label: runs} for every experiment with at least min_runs runs: runs are seeds of one
+    experiment when every training and model setting but the seed agrees (a setting a checkpoint
+    predates counts as its default, as resume reads it). Experiments that trained_as cannot tell
+    apart get the settings they differ in, e.g. 'vanilla (data_root=data_t1)'."""
+    defaults = {"train": dataclasses.asdict(train.TrainConfig()), "model": {}}
     groups = {}
     for m in results:
-        settings = {k: v for k, v in (m.get("train_config") or {}).items() if k not in NOT_THE_EXPERIMENT}
-        key = json.dumps({"train": settings, "model": m["model_config"], "as": trained_as(m)}, sort_keys=True,
-                         default=str)
+        settings = {k: v for k, v in {**defaults["train"], **(m.get("train_config") or {})}.items()
+                    if k not in NOT_THE_EXPERIMENT}
+        model = {**dataclasses.asdict(GPTConfig(arch=m["arch"])), **m["model_config"]}
+        key = json.dumps({"train": settings, "model": model, "as": trained_as(m)}, sort_keys=True, default=str)
         groups.setdefault(key, []).append(m)
+    groups = {k: runs for k, runs in groups.items() if len(runs) >= min_runs}
     labels = {}
     for key, runs in groups.items():
-        label, twins = trained_as(runs[0]), [k for k in groups if k != key and trained_as(groups[k][0]) == trained_as(runs[0])]
+        label = trained_as(runs[0])
+        twins = [json.loads(k) for k in groups if k != key and json.loads(k)["as"] == label]
         if twins:
-            mine, theirs = json.loads(key), [json.loads(k) for k in twins]
-            differ = [(part, k, v) for part in ("train", "model") for k, v in sorted(mine[part].items())
-                      if any(t[part].get(k) != v for t in theirs)]
-            label += " (" + ", ".join(f"{k}={v}" for _, k, v in differ) + ")"
+            mine = json.loads(key)
+            label += " (" + ", ".join(f"{k}={v}" for part in ("train", "model") for k, v in sorted(mine[part].items())
+                                      if any(t[part].get(k) != v for t in twins)) + ")"
         labels[label] = runs
     return labels
 
@@ -585,8 +589,6 @@ def across_seeds_table(results):
     }
     rows = []
     for arch, runs in by_arch.items():
-        if len(runs) < 2:
-            continue
         row = [arch, str(len(runs))]
         for get in columns.values():
             values = [get(m, m["streams"][m["decoded_stream"]]) for m in runs]
