@@ -9,8 +9,10 @@ LAB_OUT ?= out/lab
 # make demo: one seed of the arms that answer the paper's three claims (C rebuilds the outlier;
 # smaller and more concentrated than vanilla's; stronger with more commit sparsity)
 LAB_ARMS ?= vanilla ledger ledger-hs
-# make lab-all: every arm and control, ledger also without its sparsity penalty (ledger-cs0)
-LAB_ALL_ARMS ?= vanilla suppress ledger ledger-cs0 ledger-hs vanilla-sgd vanilla+attn_bias vanilla+sigmoid vanilla+gated
+# make lab-all: every arm and control, ledger also without its sparsity penalty (ledger-cs0), and vanilla
+# without position 0's target in the loss (vanilla-nopos0: what grows the lab's outlier)
+LAB_ALL_ARMS ?= vanilla suppress ledger ledger-cs0 ledger-hs vanilla-sgd vanilla+attn_bias vanilla+sigmoid vanilla+gated \
+  vanilla-nopos0
 # arms trained side by side, one thread each: a tiny model uses one core well
 LAB_JOBS ?= 2
 LAB_SEEDS ?= 1337 1338 1339 1340 1341
@@ -18,6 +20,8 @@ LAB_SEEDS ?= 1337 1338 1339 1340 1341
 SWEEP_SEEDS ?= 1337 1338 1339
 # the commit-sparsity weights of `make lab-sweep`
 SWEEP_LAMBDAS ?= 0 0.005 0.02 0.1 0.3
+# measure.py's settings for the lab's runs: matched loss, as lab.py measures by default
+LAB_MEASURE_FLAGS ?= --match_loss=auto --num_windows=512 --batch_size=128 --threads=2
 # more lab.py settings (python lab.py --help), e.g. LAB_ARGS="--refresh_s=10"
 LAB_ARGS ?=
 
@@ -61,8 +65,11 @@ lab: install
 	@$(MAKE) --no-print-directory lab-runs LAB_RUNS="$(foreach a,$(LAB_ARMS),$(a)-s$(SEED))" \
 	  LAB_MEASURE=$(LAB_OUT)/measure-s$(SEED)
 
+# Measured at the final checkpoints (equal steps, as the released code measures): vanilla-nopos0 is
+# not trained on position 0's target, so no loss is one that every run reaches for the same reason.
 lab-all: install
 	@$(MAKE) --no-print-directory lab-runs LAB_MEASURE=$(LAB_OUT)/measure-all \
+	  LAB_MEASURE_FLAGS="--num_windows=512 --batch_size=128 --threads=$(LAB_JOBS)" \
 	  LAB_RUNS="$(foreach s,$(LAB_SEEDS),$(foreach a,$(LAB_ALL_ARMS),$(a)-s$(s)))"
 
 # The commit-sparsity dose-response: Ledger at each lambda of SWEEP_LAMBDAS and vanilla, for every seed of
@@ -73,15 +80,16 @@ lab-sweep: install
 	@$(MAKE) --no-print-directory lab-runs LAB_MEASURE=$(LAB_OUT)/sweep LAB_ARGS="--sweep $(LAB_ARGS)" \
 	  LAB_RUNS="$(foreach s,$(SWEEP_SEEDS),vanilla-s$(s) $(foreach l,$(SWEEP_LAMBDAS),ledger-cs$(l)-s$(s)))"
 
-# LAB_RUNS names run folders <arm>-s<seed> or <arm>-cs<lambda>-s<seed> (the arm vanilla-sgd is vanilla
+# LAB_RUNS names run folders <arm>[-cs<lambda>][-nopos0]-s<seed> (the arm vanilla-sgd is vanilla
 # trained with SGD; an arm ARCH+KIND, e.g. vanilla+gated, is ARCH with that attention kind: the
 # positive controls, `make lab LAB_ARMS="vanilla vanilla+attn_bias vanilla+sigmoid vanilla+gated"`). lab.py trains them LAB_JOBS at a time, one thread each, with every run's step, loss
 # and time left on the terminal; a finished run is reused and an interrupted one resumed. Then measure.py
-# measures them all at matched loss.
+# measures them all with LAB_MEASURE_FLAGS.
 lab-runs:
 	@start=$$(date +%s); \
 	$(PYTHON) prepare_data.py --dataset=bigram_backcopy || exit 1; \
-	$(PYTHON) lab.py $(LAB_RUNS) --out_root=$(LAB_OUT) --jobs=$(LAB_JOBS) --measure_dir=$(LAB_MEASURE) $(LAB_ARGS) \
+	$(PYTHON) lab.py $(LAB_RUNS) --out_root=$(LAB_OUT) --jobs=$(LAB_JOBS) --measure_dir=$(LAB_MEASURE) \
+	  --measure_flags="$(LAB_MEASURE_FLAGS)" $(LAB_ARGS) \
 	  || exit 1; \
 	echo "lab done in $$(( $$(date +%s) - start )) s; table in $(LAB_MEASURE)/summary.md, figures beside it"
 
@@ -96,6 +104,8 @@ lab-trajectory: install
 # one a command printed; a source not written yet is skipped with a line saying so.
 RESULTS = $(LAB_OUT)/measure-s$(SEED)/summary.md:lab-s$(SEED).md \
   $(LAB_OUT)/measure-all/summary.md:lab-seeds.md \
+  $(LAB_OUT)/measure-all/vanilla-s$(SEED)/h_dims.png:lab-vanilla-h_dims.png \
+  $(LAB_OUT)/measure-all/vanilla-nopos0-s$(SEED)/h_dims.png:lab-vanilla-nopos0-h_dims.png \
   $(LAB_OUT)/sweep/sweep.md:sweep.md $(LAB_OUT)/sweep/sweep.png:sweep.png \
   $(LAB_OUT)/trajectory-s$(SEED)/trajectory.md:trajectory-s$(SEED).md \
   $(LAB_OUT)/trajectory-s$(SEED)/trajectory.png:trajectory-s$(SEED).png \

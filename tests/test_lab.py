@@ -5,12 +5,14 @@ import dataclasses
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 import lab
+import measure
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,3 +205,19 @@ def test_sweep_runs_are_named_by_lambda_and_seed_a_finished_run_is_reused_and_an
     out = capsys.readouterr().out
     assert "=== training" not in out and out.count("trained before (iter 6/6): reused") == 2
     assert state() == before
+
+
+@pytest.mark.parametrize("target", ["lab", "lab-all", "lab-sweep"])
+def test_every_make_target_of_the_lab_names_runs_and_settings_lab_py_accepts(target):
+    # make -n prints the commands without running them; every run name and setting must parse
+    done = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, check=True)
+    line = next(line for line in done.stdout.replace("\\\n", " ").splitlines() if " lab.py " in line)
+    argv = shlex.split(line[line.index(" lab.py ") + len(" lab.py "):].split(" || ")[0].rstrip(" \\"))
+    names = [a for a in argv if not a.startswith("--")]
+    (settings,) = train.parse_overrides([a for a in argv if a.startswith("--")], lab.LabConfig)
+    cfg = lab.LabConfig(**settings)
+    runs = [lab.plan_run(name, cfg) for name in names]
+    assert len(runs) == len(set(names)) > 0
+    measure.parse_args([r.out_dir for r in runs] + shlex.split(cfg.measure_flags))
+    if target == "lab-all":   # five seeds of every arm, and measured at equal steps: no loss is matched
+        assert len(names) == 5 * 10 and "--match_loss" not in cfg.measure_flags
