@@ -1,0 +1,147 @@
+"""The README and docs/ cannot drift from the code or from what the commands printed.
+
+- A code link names what it points at, [`LedgerResidual.forward`](ledger.py#L410-L418), and its line
+  range must be exactly that function's or class's lines: moving the code fails this test, which
+  prints the range the link should now have.
+- Every relative link resolves: the file exists, and a #heading anchor names a heading of it.
+- Every file in docs/results/ is a file a command wrote, and starts with its provenance header
+  (train.results_header: the command, the date, the commit, the machine, torch).
+- A results table copied into the README sits between `<!-- results: docs/results/FILE.md -->` and
+  `<!-- end results -->`, and every one of its lines is a line of that file.
+"""
+import ast
+import glob
+import os
+import re
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "**", "*.md"),
+                                                                           recursive=True))
+LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
+CODE_LINK = re.compile(r"^`([\w.]+)`$")
+
+
+def links(doc):
+    with open(os.path.join(REPO, doc)) as f:
+        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)  # code blocks hold no links
+    return [(m.group(1), m.group(2)) for m in LINK.finditer(text)]
+
+
+def definitions(path):
+    """{'Class.method': (first line, last line)} for every def and class in a Python file."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    spans = {}
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                spans[name] = (child.lineno, child.end_lineno)
+                visit(child, name + ".")
+    visit(tree, "")
+    return spans
+
+
+def github_anchor(heading):
+    """The id GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(md_path):
+    with open(md_path) as f:
+        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    return {github_anchor(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def code_links():
+    for doc in DOCS:
+        for text, target in links(doc):
+            path, _, anchor = target.partition("#")
+            if path.endswith(".py") and anchor.startswith("L"):
+                yield doc, text, path, anchor
+
+
+def code_link_error(doc_dir, text, path, anchor):
+    """Why the link [text](path#anchor) of a doc in doc_dir is wrong, or None when it is right."""
+    name = CODE_LINK.match(text)
+    if not name:
+        return f"the link [{text}]({path}#{anchor}) must name its target as [`Class.method`]"
+    lines = re.fullmatch(r"L(\d+)(?:-L(\d+))?", anchor)
+    if not lines:
+        return f"{path}#{anchor} is not a line anchor (#L12 or #L12-L30)"
+    first, last = int(lines.group(1)), int(lines.group(2) or lines.group(1))
+    spans, qualified = definitions(os.path.normpath(os.path.join(doc_dir, path))), name.group(1)
+    if qualified not in spans:
+        return f"{path} defines no {qualified}"
+    if (first, last) != spans[qualified]:
+        want = spans[qualified]
+        return (f"[`{qualified}`]({path}#{anchor}) points at lines {first}-{last}, but {qualified} is at lines "
+                f"{want[0]}-{want[1]}: use #L{want[0]}-L{want[1]}")
+    return None
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_code_link_holds_exactly_the_function_it_names(doc):
+    found = [link for link in code_links() if link[0] == doc]
+    errors = [code_link_error(os.path.join(REPO, os.path.dirname(doc)), *link[1:]) for link in found]
+    assert not any(errors), f"{doc}: " + "; ".join(e for e in errors if e)
+    if doc == "README.md":
+        assert len(found) >= 6, "the README's Ledger equations link to their code"
+
+
+def test_a_moved_function_fails_the_link_check(tmp_path):
+    (tmp_path / "code.py").write_text("def first():\n    return 1\n\n\ndef second():\n    return 2\n")
+    assert code_link_error(tmp_path, "`second`", "code.py", "L5-L6") is None
+    (tmp_path / "code.py").write_text("\n\ndef first():\n    return 1\n\n\ndef second():\n    return 2\n")
+    assert "use #L7-L8" in code_link_error(tmp_path, "`second`", "code.py", "L5-L6")
+    assert "defines no third" in code_link_error(tmp_path, "`third`", "code.py", "L5-L6")
+    assert "must name its target" in code_link_error(tmp_path, "the second function", "code.py", "L5-L6")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_relative_link_resolves(doc):
+    for text, target in links(doc):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = os.path.normpath(os.path.join(REPO, os.path.dirname(doc), path)) if path else \
+            os.path.join(REPO, doc)
+        assert os.path.exists(resolved), f"{doc}: [{text}]({target}) points at a missing file"
+        if anchor and resolved.endswith(".md"):
+            assert anchor in anchors(resolved), f"{doc}: [{text}]({target}): no heading #{anchor} in {path or doc}"
+
+
+RESULTS = sorted(glob.glob(os.path.join(REPO, "docs", "results", "*.md")))
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=os.path.basename)
+def test_every_results_file_starts_with_its_provenance_header(path):
+    with open(path) as f:
+        head = f.read(2000)
+    assert head.startswith("> Written by `python "), f"{path} was not written by a command (no provenance header)"
+    assert re.search(r"at commit \w+", head) and " torch " in head and re.search(r"\d{4}-\d\d-\d\d", head), head
+
+
+def copied_blocks(doc):
+    with open(os.path.join(REPO, doc)) as f:
+        text = f.read()
+    return re.findall(r"<!-- results: (\S+) -->\n(.*?)<!-- end results -->", text, flags=re.S)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_results_copied_into_a_doc_are_lines_of_their_results_file(doc):
+    for source, block in copied_blocks(doc):
+        with open(os.path.join(REPO, source)) as f:
+            lines = set(f.read().splitlines())
+        for line in block.strip().splitlines():
+            assert line in lines, f"{doc}: a line copied from {source} is not in it (re-copy it): {line[:120]}"
+
+
+def test_the_readme_has_a_copied_headline_table_and_stays_short():
+    assert copied_blocks("README.md"), "the README's headline table is copied from a docs/results file"
+    with open(os.path.join(REPO, "README.md")) as f:
+        assert len(f.read().splitlines()) <= 260, "the README is read in five minutes: move detail to docs/"
