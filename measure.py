@@ -526,7 +526,7 @@ def trained_as(m):
         label += f", commit sparsity {sparsity:g}"
     if m.get("optimizer", "adamw") != "adamw":
         label += f" + {m['optimizer']}"
-    if not m.get("train_position0", True):
+    if not (m.get("train_config") or {}).get("train_position0", True):
         label += ", no position-0 loss"
     return label
 
@@ -551,22 +551,22 @@ def experiments(results, min_runs=2):
     experiment when every training and model setting but the seed agrees (a setting a checkpoint
     predates counts as its default, as resume reads it). Experiments that trained_as cannot tell
     apart get the settings they differ in, e.g. 'vanilla (data_root=data_t1)'."""
-    defaults = {"train": dataclasses.asdict(train.TrainConfig()), "model": {}}
-    groups = {}
+    train_defaults = dataclasses.asdict(train.TrainConfig())
+    groups = {}   # json key -> (the settings it stands for, runs)
     for m in results:
-        settings = {k: v for k, v in {**defaults["train"], **(m.get("train_config") or {})}.items()
-                    if k not in NOT_THE_EXPERIMENT}
-        model = {**dataclasses.asdict(GPTConfig(arch=m["arch"])), **m["model_config"]}
-        key = json.dumps({"train": settings, "model": model, "as": trained_as(m)}, sort_keys=True, default=str)
-        groups.setdefault(key, []).append(m)
-    groups = {k: runs for k, runs in groups.items() if len(runs) >= min_runs}
+        settings = {"as": trained_as(m),
+                    "train": {k: v for k, v in {**train_defaults, **(m.get("train_config") or {})}.items()
+                              if k not in NOT_THE_EXPERIMENT},
+                    "model": {**dataclasses.asdict(GPTConfig(arch=m["arch"])), **m["model_config"]}}
+        key = json.dumps(settings, sort_keys=True, default=str)
+        groups.setdefault(key, (settings, []))[1].append(m)
+    kept = [(settings, runs) for settings, runs in groups.values() if len(runs) >= min_runs]
     labels = {}
-    for key, runs in groups.items():
-        label = trained_as(runs[0])
-        twins = [json.loads(k) for k in groups if k != key and json.loads(k)["as"] == label]
+    for settings, runs in kept:
+        label = settings["as"]
+        twins = [other for other, _ in kept if other is not settings and other["as"] == label]
         if twins:
-            mine = json.loads(key)
-            label += " (" + ", ".join(f"{k}={v}" for part in ("train", "model") for k, v in sorted(mine[part].items())
+            label += " (" + ", ".join(f"{k}={v}" for part in ("train", "model") for k, v in sorted(settings[part].items())
                                       if any(t[part].get(k) != v for t in twins)) + ")"
         labels[label] = runs
     return labels
@@ -750,7 +750,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
         "iter_num": ckpt.get("iter_num"), "val_loss_recorded": ckpt.get("val_loss"), "selection": selection,
         "dataset": os.path.basename(data.data_dir), "data_dir": data.data_dir,
         "train_seed": train_cfg.get("seed"), "optimizer": train_cfg.get("optimizer", "adamw"),
-        "train_position0": train_cfg.get("train_position0", True), "trained_by": ckpt.get("trained_by", []),
+        "trained_by": ckpt.get("trained_by", []),
         "train_config": train_cfg,
         "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device, "align_windows": align},
         "model_config": ckpt["model_config"], "sublayer_names": names,

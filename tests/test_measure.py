@@ -444,7 +444,7 @@ def test_the_across_seeds_table_gives_mean_min_and_max_and_counts_each_verdict_o
     assert measure.across_seeds_table([run("ledger", 1.5, 5.0, 0.0)]) == ""
     # runs trained another way are other experiments, not seeds of the arm
     other = [run("ledger", 1.5, 5.0, 0.0, sparsity=0.02), run("ledger", 1.5, 5.0, 0.0, sparsity=0.0),
-             dict(run("ledger", 1.5, 5.0, 0.0, sparsity=0.02), train_position0=False)]
+             dict(run("ledger", 1.5, 5.0, 0.0, sparsity=0.02), train_config={"train_position0": False})]
     assert measure.across_seeds_table(other) == ""
     assert "| ledger, commit sparsity 0 | 2 |" in measure.across_seeds_table(other + [other[1]])
     assert "| ledger, no position-0 loss | 2 |" in measure.across_seeds_table(other + [other[2]])
