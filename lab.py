@@ -12,7 +12,8 @@ it is the name of its folder under --out_root:
     <arm>-s<seed>             an arm of ledger.py trained with --config and that seed; the arm
                               vanilla-sgd is vanilla trained with SGD (--sgd_flags), and an arm
                               ARCH+KIND (vanilla+gated) is ARCH with that attention kind
-    <arm>-cs<lambda>-s<seed>  a Ledger arm trained with commit_sparsity = lambda
+    <arm>-cs<lambda>-s<seed>  a Ledger arm trained with commit_sparsity = lambda; at an arm's own
+                              lambda it is that arm's run (ledger-cs0.02 is ledger, -cs0.3 ledger-hs)
     <arm>[-cs<lambda>]-nopos0-s<seed>
                               the same, with position 0's target left out of the training loss
 
@@ -113,6 +114,9 @@ def plan_run(name, cfg):
     if lam is not None:
         if GPTConfig(arch=arch).residual != "ledger":
             raise LabError(f"run name {name!r}: -cs<lambda> sets the commit sparsity, which only Ledger arms have")
+        own = next((a for a in ("ledger", "ledger-hs") if GPTConfig(arch=a).commit_sparsity == float(lam)), None)
+        if own:   # ledger-cs0.02 is ledger, and ledger-cs0.3 is ledger-hs: one run, trained once, under the arm's name
+            return plan_run(f"{own}{arm[len(base):]}{match['nopos0'] or ''}-s{seed}", cfg)
         flags.append(f"--commit_sparsity={lam}")
     if match["nopos0"]:  # what grows the lab's outlier: position 0's own prediction, or the sink?
         flags.append("--train_position0=False")
@@ -330,6 +334,8 @@ def sweep_summary(metrics):
     """Per lambda (and for vanilla), mean, min and max over seeds of every SWEEP_METRICS number."""
     ledger, vanilla = {}, []
     for m in metrics:
+        if not (m.get("train_config") or {}).get("train_position0", True):
+            continue   # trained without position 0's target: another experiment, not a point of the curve
         if m["decoded_stream"] == "C":
             ledger.setdefault(float(m["model_config"]["commit_sparsity"]), []).append(m)
         # the reference is plain vanilla: SGD, or another attention kind, is another arm
@@ -433,7 +439,13 @@ def run_lab(names, cfg, command=()):
         train.parse_overrides(shlex.split(cfg.sgd_flags), train.TrainConfig)
     except train.ConfigError as e:
         raise LabError(f"--sgd_flags: {e}") from None
-    runs = [plan_run(name, cfg) for name in names]   # every name and setting checked before any run starts
+    runs = {}
+    for name in names:   # every name and setting checked before any run starts
+        run = plan_run(name, cfg)
+        if run.name != name:
+            print(f"{name} is {run.name}: that lambda is the arm's own commit sparsity")
+        runs.setdefault(run.name, run)
+    runs = list(runs.values())
     measure_dir = cfg.measure_dir or os.path.join(cfg.out_root, "measure")
     measure_argv = [*(r.out_dir for r in runs), *shlex.split(cfg.measure_flags), f"--out_dir={measure_dir}"]
     if cfg.measure:

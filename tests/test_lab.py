@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import lab
 import measure
@@ -40,6 +41,25 @@ def test_a_run_name_gives_the_arm_seed_commit_sparsity_and_folder():
     assert lab.plan_run("vanilla-nopos0-s3", cfg).argv[1:] == [
         "--arch=vanilla", "--seed=3", f"--out_dir={os.path.join('runs', 'vanilla-nopos0-s3')}", "--train_position0=False"]
     assert lab.plan_run("ledger-cs0-nopos0-s3", cfg).argv[-2:] == ["--commit_sparsity=0", "--train_position0=False"]
+    # an arm's own lambda is that arm's run, so the sweep reuses what lab-all trained
+    for name, arm_run in [("ledger-cs0.02-s1", "ledger-s1"), ("ledger-cs0.3-s1", "ledger-hs-s1"),
+                          ("ledger-hs-cs0.020-s1", "ledger-s1"), ("ledger-cs0.3-nopos0-s2", "ledger-hs-nopos0-s2"),
+                          ("ledger+gated-cs0.3-s2", "ledger-hs+gated-s2")]:
+        assert lab.plan_run(name, cfg) == lab.plan_run(arm_run, cfg) and lab.plan_run(name, cfg).name == arm_run
+
+
+def test_ledger_hs_trains_exactly_as_ledger_at_its_lambda(char_data, tmp_path):
+    # what makes ledger-cs0.3 and ledger-hs one run: the arm's name changes nothing but the default lambda
+    data_root, dataset = char_data
+    common = [f"--dataset={dataset}", f"--data_root={data_root}", "--device=cpu", "--n_layer=1", "--n_head=2",
+              "--n_embd=16", "--block_size=16", "--gate_rank=4", "--batch_size=4", "--max_iters=4",
+              "--warmup_iters=1", "--learning_rate=3e-2", "--eval_interval=4", "--eval_iters=1", "--ckpt_interval=0"]
+    train.main([*common, "--arch=ledger-hs", f"--out_dir={tmp_path / 'hs'}"])
+    train.main([*common, "--arch=ledger", "--commit_sparsity=0.3", f"--out_dir={tmp_path / 'cs'}"])
+    hs, cs = (train.load_checkpoint(str(tmp_path / name / "ckpt.pt")) for name in ("hs", "cs"))
+    assert hs["model_config"]["commit_sparsity"] == cs["model_config"]["commit_sparsity"] == 0.3
+    assert hs["model"].keys() == cs["model"].keys()
+    assert all(torch.equal(hs["model"][k], cs["model"][k]) for k in hs["model"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -145,7 +165,8 @@ def test_the_sweep_gives_mean_min_and_max_over_seeds_per_lambda_and_vanillas_ban
     metrics = [planted("ledger-cs0-s1", 0.0, 20.0, 0.5, True, 0.4), planted("ledger-cs0-s2", 0.0, 40.0, None, False, 0.2),
                planted("ledger-cs0.3-s1", 0.3, 60.0, 0.1, True, 0.01),
                planted("vanilla-s1", None, 30.0, 0.2), planted("vanilla-s2", None, 50.0, 0.4),
-               planted("vanilla-sgd-s1", None, 1.0, 0.0, optimizer="sgd")]   # not the reference
+               planted("vanilla-sgd-s1", None, 1.0, 0.0, optimizer="sgd"),   # not the reference
+               {**planted("ledger-cs0-nopos0-s1", 0.0, 1.0, 0.0), "train_config": {"train_position0": False}}]  # nor a point
     summary = lab.sweep_report(metrics, str(tmp_path))
     assert summary["lambdas"] == [0.0, 0.3]
     zero = summary["ledger"][0.0]
@@ -221,3 +242,14 @@ def test_every_make_target_of_the_lab_names_runs_and_settings_lab_py_accepts(tar
     measure.parse_args([r.out_dir for r in runs] + shlex.split(cfg.measure_flags))
     if target == "lab-all":   # five seeds of every arm, and measured at equal steps: no loss is matched
         assert len(names) == 5 * 10 and "--match_loss" not in cfg.measure_flags
+
+
+def test_the_sweep_trains_no_run_that_lab_all_trains_again():
+    def planned(target):
+        done = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, check=True)
+        line = next(line for line in done.stdout.replace("\\\n", " ").splitlines() if " lab.py " in line)
+        names = [a for a in shlex.split(line.split(" lab.py ", 1)[1].split(" || ")[0]) if not a.startswith("-")]
+        return {lab.plan_run(name, lab.LabConfig()).name for name in names}
+    sweep, every_arm = planned("lab-sweep"), planned("lab-all")
+    assert {"ledger-s1337", "ledger-hs-s1339", "ledger-cs0-s1338", "vanilla-s1337"} <= sweep & every_arm
+    assert len(sweep - every_arm) == 6   # only lambda 0.005 and 0.1, three seeds each, are the sweep's own
