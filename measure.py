@@ -906,12 +906,12 @@ def trajectory_table(trajectories):
             rows.append([name, str(r["iter"]), fmt(r["val_loss_recorded"]), f"{r['decoded_stream']} {r['dominant_dim']}",
                          ratio(r["pos0_ratio"]), ratio(r["concentration"]), f"{r['concentration_released']:.2f}x",
                          ratio(r["concentration_normalized"]), fmt(r["sink_max"], ".2f"), ratio(r["residual_peak"]),
-                         fmt(r["zero_delta"], "+.3f"), " ".join(f"{g:.2f}" for g in gates) if gates else "—",
-                         fmt(r["C_over_D_norm_final"], ".2f"),
+                         fmt(r["zero_delta"], "+.3f"), fmt(r["commit_gate_mean"], ".4f"),
+                         " ".join(f"{g:.4f}" for g in gates) if gates else "—", fmt(r["C_over_D_norm_final"], ".4f"),
                          "—" if r["C_carries_D_dim"] is None else ("yes" if r["C_carries_D_dim"] else "no")])
     return markdown_table(["run", "iter", "val loss", "decoded, dom dim", "pos-0 ratio", "start-token conc.",
                            "conc., released", "conc., normalised", "sink max", "residual peak",
-                           "Δloss, dim zeroed at pos 0", "commit gate per sublayer", "‖C‖ / ‖D‖ (last)",
+                           "Δloss, dim zeroed at pos 0", "mean commit gate", "commit gate per sublayer", "‖C‖ / ‖D‖ (last)",
                            "C's dom dim is D's"], rows)
 
 

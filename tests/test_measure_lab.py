@@ -157,6 +157,7 @@ def test_the_trajectory_has_one_row_per_snapshot_matching_each_snapshots_own_mea
     assert [r["iter"] for r in saved["runs"]["ledger-run"]["rows"]] == [10, 20, 30]
     table = (out / "trajectory.md").read_text()
     assert sum(line.startswith("| ledger-run |") for line in table.splitlines()) == 3
+    assert f"| {rows[-1]['commit_gate_mean']:.4f} | " in table   # closed gates (~0.001) need more than 2 decimals
     assert (out / "trajectory.png").exists() and (out / "ckpt_000020" / "metrics.json").exists()
 
 
