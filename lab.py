@@ -29,6 +29,7 @@ run names, the reuse rules and the sweep's figure are code that tests should run
 Read top to bottom: config, run names, progress, training, the sweep report, main.
 """
 import json
+import math
 import os
 import re
 import shlex
@@ -355,14 +356,22 @@ def sweep_summary(metrics):
             if vanilla else None}
 
 
+def significant(x, digits=3):
+    """x to `digits` significant digits, in plain notation: the gates span 0.3 to 0.0003 across λ,
+    the concentrations 1 to 10^5, and a fixed number of decimals shows one end of them as 0."""
+    x = float(f"{x:.{digits}g}")   # round first, so that 99.95 reads 100, not 100.0
+    if x == 0 or abs(x) >= 10 ** (digits - 1):
+        return f"{x:.0f}"
+    return f"{x:.{digits - 1 - math.floor(math.log10(abs(x)))}f}"
+
+
 def sweep_table(summary):
     def cell(key, stats):
         if stats is None:
             return "—"
         if key == "carries_D_dim":
             return f"{round(stats['mean'] * stats['n'])} of {stats['n']}"
-        spec = ".3f" if max(abs(stats["min"]), abs(stats["max"])) < 10 else ".0f"
-        return f"{stats['mean']:{spec}} [{stats['min']:{spec}}, {stats['max']:{spec}}]"
+        return f"{significant(stats['mean'])} [{significant(stats['min'])}, {significant(stats['max'])}]"
 
     keys = [key for key, *_ in SWEEP_METRICS]
     rows = [[f"{lam:g}", str(len(s["runs"])), *(cell(k, s[k]) for k in keys)] for lam, s in summary["ledger"].items()]

@@ -179,8 +179,9 @@ def test_the_sweep_gives_mean_min_and_max_over_seeds_per_lambda_and_vanillas_ban
     assert vanilla["runs"] == ["vanilla-s1", "vanilla-s2"] and vanilla["pos0_ratio"]["mean"] == 40.0
     assert "commit_gate" not in vanilla and "carries_D_dim" not in vanilla
     table = (tmp_path / "sweep.md").read_text()
-    assert "| 0 | 2 | 30 [20, 40] | 300 [200, 400] | 3.000 [2.000, 4.000] | 1 of 2 | 0.500 [0.500, 0.500] |" in table
-    assert "| vanilla (h) | 2 | 40 [30, 50] |" in table and "| 0.3 | 1 | 60 [60, 60] |" in table
+    assert "| 0 | 2 | 30.0 [20.0, 40.0] | 300 [200, 400] | 3.00 [2.00, 4.00] | 1 of 2 | 0.500 [0.500, 0.500] |" in table
+    assert "| vanilla (h) | 2 | 40.0 [30.0, 50.0] |" in table and "| 0.3 | 1 | 60.0 [60.0, 60.0] |" in table
+    assert "| 0.0100 [0.0100, 0.0100] |" in table   # a closed gate keeps its significant digits
     assert json.loads((tmp_path / "sweep.json").read_text())["ledger"]["0.3"]["commit_gate"]["max"] == 0.01
     assert (tmp_path / "sweep.png").stat().st_size > 0
     with pytest.raises(lab.LabError, match="no Ledger run"):
