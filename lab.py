@@ -316,7 +316,7 @@ SWEEP_METRICS = [   # (key, title, value from a run's metrics m and its decoded 
     ("carries_D_dim", "C's dominant dim is D's (fraction of seeds)", ledger_value("C_carries_D_dim"), False, False),
     ("zero_delta", "Δ val loss, dominant dim zeroed at position 0",
      lambda m, s: (m.get("interventions") or {}).get("zero_delta"), False, True),
-    ("commit_gate", "mean commit gate", ledger_value("commit_gate_mean"), False, False),
+    ("commit_gate", "mean commit gate", ledger_value("commit_gate_mean"), True, False),   # 0.3 to 0.0003 over lambda
     ("norm_pos0", "‖C‖ at position 0, last sublayer",
      lambda m, s: s["mean_norm_pos0_per_sublayer"][-1], True, True),
     ("norm_later", "‖C‖ at positions 1..T-1, last sublayer",
