@@ -581,6 +581,9 @@ def across_seeds_table(results):
         "val loss": lambda m, s: m["measured_val_loss"],
         "pos-0 ratio (peak)": lambda m, s: s["peak_pos0_ratio"],
         "start-token conc. (peak)": lambda m, s: s["start_token_concentration_peak"],
+        # what the RMSNorm before the head or the next sublayer reads: the footing on which vanilla's h
+        # and Ledger's nearly empty C compare (docs/metrics.md)
+        "start-token conc., normalised (peak)": lambda m, s: s["normalized"]["start_token_concentration_peak"],
         "start-token conc. (released)": lambda m, s: s["released_definitions"]["start_token_concentration"],
         "residual peak": lambda m, s: s["residual_peak"]["max"],
         "sink max": lambda m, s: m["extreme_tokens"]["sink_max"],

@@ -427,6 +427,7 @@ def test_fake_quantization_rounds_linear_weights_per_output_channel_only():
 def test_the_across_seeds_table_gives_mean_min_and_max_and_counts_each_verdict_over_runs():
     def run(arch, loss, pos0, zero, conc=1.0, verdict="start-token specific: ...", sparsity=None):
         stream = {"peak_pos0_ratio": pos0, "start_token_concentration_peak": conc, "residual_peak": {"max": 2.0},
+                  "normalized": {"start_token_concentration_peak": conc / 2},
                   "released_definitions": {"start_token_concentration": pos0 / 10}}
         return {"arch": arch, "measured_val_loss": loss, "decoded_stream": "h", "streams": {"h": stream},
                 "model_config": {"arch": arch, "commit_sparsity": sparsity}, "top_tokens": {"peak": {"verdict": verdict}},
@@ -434,7 +435,7 @@ def test_the_across_seeds_table_gives_mean_min_and_max_and_counts_each_verdict_o
     table = measure.across_seeds_table([run("vanilla", 1.0, 20.0, 0.1), run("vanilla", 2.0, 40.0, 0.3, conc=12.0),
                                         run("ledger", 1.5, 5.0, 0.0)])
     rows = [line for line in table.splitlines() if line.startswith("| vanilla")]
-    assert rows == ["| vanilla | 2 | 1.500 [1.000, 2.000] | 30.0 [20.0, 40.0] | 6.5 [1.0, 12.0] | 3.000 [2.000, 4.000] "
+    assert rows == ["| vanilla | 2 | 1.500 [1.000, 2.000] | 30.0 [20.0, 40.0] | 6.5 [1.0, 12.0] | 3.250 [0.500, 6.000] | 3.000 [2.000, 4.000] "
                     "| 2.000 [2.000, 2.000] "
                     "| 0.500 [0.500, 0.500] | 0.200 [0.100, 0.300] | 0.000 [0.000, 0.000] "
                     "| 2 of 2 | 1 of 2 | 0 of 2 | — |"]   # specific, >= 30x and >= 10x, sink > 0.5, C carries D's
