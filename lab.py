@@ -335,12 +335,14 @@ def sweep_summary(metrics):
     """Per lambda (and for vanilla), mean, min and max over seeds of every SWEEP_METRICS number."""
     ledger, vanilla = {}, []
     for m in metrics:
-        if not (m.get("train_config") or {}).get("train_position0", True):
-            continue   # trained without position 0's target: another experiment, not a point of the curve
+        # the curve and its reference are the arms as trained by default: SGD, another attention kind or a
+        # loss without position 0's target is another experiment, not a point of it
+        if (m.get("optimizer", "adamw") != "adamw" or m.get("attention", "softmax") != "softmax"
+                or not (m.get("train_config") or {}).get("train_position0", True)):
+            continue
         if m["decoded_stream"] == "C":
             ledger.setdefault(float(m["model_config"]["commit_sparsity"]), []).append(m)
-        # the reference is plain vanilla: SGD, or another attention kind, is another arm
-        elif m["arch"] == "vanilla" and m.get("optimizer", "adamw") == "adamw" and m.get("attention", "softmax") == "softmax":
+        elif m["arch"] == "vanilla":
             vanilla.append(m)
     if not ledger:
         raise LabError("--sweep draws Ledger's numbers against the commit sparsity, but no Ledger run was measured")

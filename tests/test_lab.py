@@ -166,7 +166,8 @@ def test_the_sweep_gives_mean_min_and_max_over_seeds_per_lambda_and_vanillas_ban
                planted("ledger-cs0.3-s1", 0.3, 60.0, 0.1, True, 0.01),
                planted("vanilla-s1", None, 30.0, 0.2), planted("vanilla-s2", None, 50.0, 0.4),
                planted("vanilla-sgd-s1", None, 1.0, 0.0, optimizer="sgd"),   # not the reference
-               {**planted("ledger-cs0-nopos0-s1", 0.0, 1.0, 0.0), "train_config": {"train_position0": False}}]  # nor a point
+               {**planted("ledger-cs0-nopos0-s1", 0.0, 1.0, 0.0), "train_config": {"train_position0": False}},  # nor a point
+               {**planted("ledger+gated-cs0-s1", 0.0, 1.0, 0.0), "attention": "gated"}]                           # nor this
     summary = lab.sweep_report(metrics, str(tmp_path))
     assert summary["lambdas"] == [0.0, 0.3]
     zero = summary["ledger"][0.0]
