@@ -533,8 +533,9 @@ def trained_as(m):
 
 # The lab's verdicts, counted over seeds ("k of 5"): a claim one seed can flip is never a verdict.
 VERDICTS = {
-    "start-token specific": lambda m, s: str(((m.get("top_tokens") or {}).get("peak") or {}).get(
-        "verdict", "")).startswith("start-token specific"),
+    # the verdict at the peak sublayer; a run whose peak is the last sublayer stores it once, as "last"
+    "start-token specific": lambda m, s: str((lambda t: (t.get("peak") or t.get("last") or {}).get("verdict", ""))(
+        m.get("top_tokens") or {})).startswith("start-token specific"),
     ">= 30x and >= 10x": lambda m, s: s["peak_pos0_ratio"] >= 30 and s["start_token_concentration_peak"] >= 10,
     "sink > 0.5": lambda m, s: m["extreme_tokens"]["sink_max"] > 0.5,
     "C carries D's dim": lambda m, s: (m.get("ledger_streams") or {}).get("C_carries_D_dim"),

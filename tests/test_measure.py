@@ -440,6 +440,10 @@ def test_the_across_seeds_table_gives_mean_min_and_max_and_counts_each_verdict_o
                     "| 0.500 [0.500, 0.500] | 0.200 [0.100, 0.300] | 0.000 [0.000, 0.000] "
                     "| 2 of 2 | 1 of 2 | 0 of 2 | — |"]   # specific, >= 30x and >= 10x, sink > 0.5, C carries D's
     assert "| ledger" not in table          # one run is no spread
+    # a run whose peak sublayer is its last stores the verdict once, under "last": it still counts
+    peak_is_last = [dict(run("vanilla", 1.0, 20.0, 0.1), top_tokens={"last": {"verdict": v}})
+                    for v in ("start-token specific: ...", "not start-token specific: 't1' carries it")]
+    assert "| 1 of 2 | 0 of 2 | 0 of 2 | — |" in measure.across_seeds_table(peak_is_last)
     sgd = [dict(run("vanilla", 3.0, 10.0, 0.0), optimizer="sgd") for _ in range(2)]
     assert "| vanilla + sgd | 2 | 3.000" in measure.across_seeds_table(sgd + [run("vanilla", 1.0, 20.0, 0.1)])
     assert measure.across_seeds_table([run("ledger", 1.5, 5.0, 0.0)]) == ""
