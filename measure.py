@@ -531,11 +531,15 @@ def trained_as(m):
     return label
 
 
+def peak_verdict(m):
+    """The top-token verdict at the peak sublayer; a run whose peak is its last sublayer stores it once, as "last"."""
+    top = m.get("top_tokens") or {}
+    return (top.get("peak") or top.get("last") or {}).get("verdict", "")
+
+
 # The lab's verdicts, counted over seeds ("k of 5"): a claim one seed can flip is never a verdict.
 VERDICTS = {
-    # the verdict at the peak sublayer; a run whose peak is the last sublayer stores it once, as "last"
-    "start-token specific": lambda m, s: str((lambda t: (t.get("peak") or t.get("last") or {}).get("verdict", ""))(
-        m.get("top_tokens") or {})).startswith("start-token specific"),
+    "start-token specific": lambda m, s: peak_verdict(m).startswith("start-token specific"),
     ">= 30x and >= 10x": lambda m, s: s["peak_pos0_ratio"] >= 30 and s["start_token_concentration_peak"] >= 10,
     "sink > 0.5": lambda m, s: m["extreme_tokens"]["sink_max"] > 0.5,
     "C carries D's dim": lambda m, s: (m.get("ledger_streams") or {}).get("C_carries_D_dim"),
@@ -721,11 +725,12 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     extreme_tokens = extreme.summarize()
     last, peak = len(names) - 1, summaries[decoded]["peak_sublayer"]
     profiles = collect_dominant_profiles(model, batch_fn, stats, seq_len, sorted({last, peak}))
-    top_tokens = {where: top_token_report(profiles[decoded], stats[decoded], i, names[i], data.decode,
-                                          cfg.top_tokens, cfg.min_token_count)
-                  for where, i in (("last", last), ("peak", peak))}
-    if peak == last:
-        top_tokens.pop("peak")
+    def report(i):
+        return top_token_report(profiles[decoded], stats[decoded], i, names[i], data.decode, cfg.top_tokens,
+                                cfg.min_token_count)
+    top_tokens = {"last": report(last)}   # a peak at the last sublayer is reported once, as "last"
+    if peak != last:
+        top_tokens["peak"] = report(peak)
     lap("dominant_profile_s")
     interventions = None
     if cfg.interventions:
