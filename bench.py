@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import cli
+import rundir
 import train
 from ledger import ARCHS, ATTENTIONS, GPT, GPTConfig, arm_name
 from prepare_data import DataError, load_meta
@@ -43,7 +45,7 @@ class BenchConfig:
     out_json: str = "out/bench.json"  # where the numbers of every arm are written; the table goes beside it (.md)
     profile: bool = False            # then profile `steps` steps of each arm and print its top ops
 
-    # Checked by train.parse_overrides as each setting is read
+    # Checked by cli.parse_overrides as each setting is read
     LIMITS = {"steps": ">= 1", "rounds": ">= 1", "warmup": ">= 0", "threads": ">= 0"}
 
 
@@ -66,12 +68,12 @@ def arm_configs(arms, model_overrides):
     def named(spec):
         arch, plus, attention = spec.partition("+")
         if arch not in ARCHS or (plus and attention not in ATTENTIONS):
-            raise train.ConfigError(f"--arms takes 'all' or ARCH[+ATTENTION] with ARCH one of {','.join(ARCHS)} "
+            raise cli.ConfigError(f"--arms takes 'all' or ARCH[+ATTENTION] with ARCH one of {','.join(ARCHS)} "
                                     f"and ATTENTION one of {','.join(ATTENTIONS)}; got {spec!r}")
         try:
             config = GPTConfig(**{**model_overrides, "arch": arch, **({"attention": attention} if plus else {})})
         except ValueError as e:  # heads that do not divide the width, ...
-            raise train.ConfigError(str(e)) from None
+            raise cli.ConfigError(str(e)) from None
         return arm_name(config.arch, config.attention), config
 
     specs = [arm for spec in arms.split(",") for arm in (ARCHS if spec == "all" else [spec])]
@@ -80,12 +82,12 @@ def arm_configs(arms, model_overrides):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if train.wants_help(argv):
-        print(train.help_text(__doc__, BenchConfig, train.TrainConfig, GPTConfig))
+    if cli.wants_help(argv):
+        print(cli.help_text(__doc__, BenchConfig, rundir.TrainConfig, GPTConfig))
         return {}
-    bench_overrides, train_overrides, model_overrides = train.parse_overrides(
-        argv, BenchConfig, train.TrainConfig, GPTConfig)
-    bench, cfg = BenchConfig(**bench_overrides), train.TrainConfig(**train_overrides)
+    bench_overrides, train_overrides, model_overrides = cli.parse_overrides(
+        argv, BenchConfig, rundir.TrainConfig, GPTConfig)
+    bench, cfg = BenchConfig(**bench_overrides), rundir.TrainConfig(**train_overrides)
     if "vocab_size" not in model_overrides:
         try:
             model_overrides["vocab_size"] = load_meta(os.path.join(cfg.data_root, cfg.dataset))["vocab_size"]
@@ -173,7 +175,7 @@ def main(argv=None):
                    "train": asdict(cfg), "model": asdict(mc), "arms": results}, f, indent=1)
     out_md = os.path.splitext(bench.out_json)[0] + ".md"  # the table with its provenance: a results file
     with open(out_md, "w") as f:
-        f.write(train.results_header("bench.py", argv) +
+        f.write(cli.results_header("bench.py", argv) +
                 f"\n{title}\n\n```\n" + "\n".join(table) + "\n```\n")
     print(f"wrote {bench.out_json} and {out_md}")
 
@@ -192,11 +194,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (train.ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_main(main, DataError)
 
 # `make bench` on the idle 2-core Intel Xeon VM (commit eb348a5, 1 min 2 s):
 # bench: cpu, float32, eager, 2 threads | 4 layers x 128 wide, vocab 65 | 1 x 8 x 128 tokens per step | 7 rounds ...

@@ -42,8 +42,9 @@ from typing import Optional
 
 import numpy as np
 
+import cli
 import measure
-import train
+import rundir
 from ledger import ARCHS, ATTENTIONS, GPTConfig
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
@@ -124,10 +125,10 @@ def plan_run(name, cfg):
     out_dir = os.path.join(cfg.out_root, name)
     argv = [cfg.config, f"--arch={arch}", f"--seed={seed}", f"--out_dir={out_dir}", *flags]
     try:
-        settings, _ = train.parse_overrides(argv, train.TrainConfig, GPTConfig)
-    except train.ConfigError as e:
+        settings, _ = cli.parse_overrides(argv, rundir.TrainConfig, GPTConfig)
+    except cli.ConfigError as e:
         raise LabError(f"{name}: {e}") from None
-    return Run(name, out_dir, argv, train.TrainConfig(**settings).max_iters)
+    return Run(name, out_dir, argv, rundir.TrainConfig(**settings).max_iters)
 
 
 def check_progress_so_far(run):
@@ -136,8 +137,8 @@ def check_progress_so_far(run):
     if not os.path.exists(path):
         return
     try:
-        iter_num = train.load_checkpoint(path)["iter_num"]
-    except train.ConfigError as e:
+        iter_num = rundir.load_checkpoint(path)["iter_num"]
+    except cli.ConfigError as e:
         raise LabError(f"{run.name}: {e}; move it away to retrain the run") from None
     if iter_num >= run.max_iters:
         run.state = "reused"
@@ -184,11 +185,11 @@ def status_text(run, now):
     if evals:
         text += f"  val {evals[-1]['val_loss']:.4f}"
     if run.state == "done":
-        return text + f"  done in {train.duration(run.ended - run.started)}"
+        return text + f"  done in {cli.duration(run.ended - run.started)}"
     # The mean over this launch's records: the intervals that hold an evaluation count too, so the
     # estimate includes the evaluations still to come (train.py's own line leaves them out).
     ms_per_iter = np.mean([r["ms_per_iter"] for r in steps])
-    return text + f"  {train.duration((run.max_iters - last['iter']) * ms_per_iter / 1000)} left"
+    return text + f"  {cli.duration((run.max_iters - last['iter']) * ms_per_iter / 1000)} left"
 
 
 class Progress:
@@ -214,7 +215,7 @@ class Progress:
     def update(self):
         now = time.time()
         lines = {r.name: f"{r.name:<{self.width}}  {status_text(r, now)}" for r in self.runs}
-        clock = f"[{train.duration(now - self.t0):>6}]"
+        clock = f"[{cli.duration(now - self.t0):>6}]"
         if self.in_place:
             self.erase()
             counts = {s: sum(r.state == s for r in self.runs) for s in ("running", "queued")}
@@ -425,7 +426,7 @@ def sweep_report(metrics, out_dir, command=()):
         json.dump(measure.jsonable(summary), f, indent=1, allow_nan=False)
     plot_sweep(summary, os.path.join(out_dir, "sweep.png"))
     trained = {os.path.basename(m["run_dir"]): m.get("trained_by", []) for m in metrics}
-    text = (train.results_header("lab.py", command, trained)
+    text = (cli.results_header("lab.py", command, trained)
             + "\n# The commit-sparsity dose-response: Ledger's decoded stream C against λ\n\n"
             + sweep_table(summary)
             + "\n\nEach cell: mean [min, max] over seeds, at matched loss (summary.md beside this file says which "
@@ -447,8 +448,8 @@ def run_lab(names, cfg, command=()):
     if repeated:
         raise LabError(f"run {', '.join(repeated)} named twice")
     try:   # checked even when no run uses them, so that a typo never waits for the next vanilla-sgd run
-        train.parse_overrides(shlex.split(cfg.sgd_flags), train.TrainConfig)
-    except train.ConfigError as e:
+        cli.parse_overrides(shlex.split(cfg.sgd_flags), rundir.TrainConfig)
+    except cli.ConfigError as e:
         raise LabError(f"--sgd_flags: {e}") from None
     runs = {}
     for name in names:   # every name and setting checked before any run starts
@@ -483,13 +484,13 @@ def run_lab(names, cfg, command=()):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if train.wants_help(argv):
-        print(train.help_text(__doc__, LabConfig))
+    if cli.wants_help(argv):
+        print(cli.help_text(__doc__, LabConfig))
         return None
     try:
-        (settings,) = train.parse_overrides([a for a in argv if a.startswith("--")], LabConfig)
+        (settings,) = cli.parse_overrides([a for a in argv if a.startswith("--")], LabConfig)
         return run_lab([a for a in argv if not a.startswith("--")], LabConfig(**settings), argv)
-    except (LabError, train.ConfigError) as e:
+    except (LabError, cli.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except RunFailed as e:

@@ -40,7 +40,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-import train
+import rundir
+from cli import ConfigError, help_text, parse_overrides, results_header, wants_help
 from ledger import ARCHS, GPT, GPTConfig, arm_name
 from metrics import (NORM_FRACTION, SUN_ABS, SUN_REL, collect_dominant_profiles, collect_extreme_tokens,
                      collect_stream_stats, ledger_stream_report, run_interventions, run_quantization,
@@ -73,7 +74,7 @@ class MeasureConfig:
     top_tokens: int = 8               # tokens listed where the dominant dim is largest off position 0
     min_token_count: int = 5          # ... among tokens seen at least this often
 
-    # Checked by train.parse_overrides as each setting is read: one line, before anything is loaded
+    # Checked by parse_overrides as each setting is read: one line, before anything is loaded
     LIMITS = {"num_windows": ">= 1", "batch_size": ">= 1", "seq_len": ">= 0", "threads": ">= 0",
               "top_tokens": ">= 1", "min_token_count": ">= 1", "split": ("train", "val")}
 
@@ -86,8 +87,8 @@ def parse_args(argv):
     """Split argv into input paths and a MeasureConfig from `--key=value` flags (train.py's parser)."""
     paths = [a for a in argv if not a.startswith("--")]
     try:
-        (settings,) = train.parse_overrides([a for a in argv if a.startswith("--")], MeasureConfig)
-    except train.ConfigError as e:
+        (settings,) = parse_overrides([a for a in argv if a.startswith("--")], MeasureConfig)
+    except ConfigError as e:
         raise MeasureError(str(e)) from None
     cfg = MeasureConfig(**settings)
     if isinstance(cfg.match_loss, str) and cfg.match_loss != "auto":
@@ -101,15 +102,10 @@ def parse_args(argv):
 # Loading: checkpoints, the matched-loss choice, the model, the data windows
 
 def load_checkpoint(path):
-    """train.py's safe loader (weights_only=True, format check), plus: is the arm one we know?"""
     try:
-        ckpt = train.load_checkpoint(path)
-    except train.ConfigError as e:
+        return rundir.load_checkpoint(path)
+    except ConfigError as e:
         raise MeasureError(str(e)) from None
-    arch = ckpt.get("model_config", {}).get("arch")
-    if arch not in ARCHS:
-        raise MeasureError(f"{path} holds unknown arm {arch!r}; known arms: {', '.join(ARCHS)}")
-    return ckpt
 
 
 def checkpoint_names(run_dir):
@@ -151,15 +147,9 @@ def select_checkpoint(run_dir, match_loss=None):
 
 def build_model(ckpt, path, device):
     try:
-        config = GPTConfig(**ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise MeasureError(f"{path}: model_config does not fit ledger.GPTConfig ({e})") from None
-    model = GPT(config)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise MeasureError(f"{path}: weights do not fit the saved config ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval()
+        return rundir.build_model(ckpt, path, device)
+    except ConfigError as e:
+        raise MeasureError(str(e)) from None
 
 
 @dataclass
@@ -556,7 +546,7 @@ def experiments(results, min_runs=2):
     experiment when every training and model setting but the seed agrees (a setting a checkpoint
     predates counts as its default, as resume reads it). Experiments that trained_as cannot tell
     apart get the settings they differ in, e.g. 'vanilla (data_root=data_t1)'."""
-    train_defaults = dataclasses.asdict(train.TrainConfig())
+    train_defaults = dataclasses.asdict(rundir.TrainConfig())
     groups = {}   # json key -> (the settings it stands for, runs)
     for m in results:
         settings = {"as": trained_as(m),
@@ -832,7 +822,7 @@ def run(paths, cfg, command=()):
     windows = ("windows opening on the start token" if results[0]["settings"]["align_windows"]
                else "windows at random offsets")
     trained = {os.path.basename(m["run_dir"]): m["trained_by"] for m in results}
-    text = (train.results_header("measure.py", command, trained) + "\n"
+    text = (results_header("measure.py", command, trained) + "\n"
             f"# Residual-stream structure ({cfg.split} split, {cfg.num_windows} {windows} of "
             f"{results[0]['settings']['seq_len']} tokens, seed {cfg.seed})\n\n{checkpoint_choice(results)}\n\n"
             f"{summary_table(results)}\n\n"
@@ -852,8 +842,8 @@ def run(paths, cfg, command=()):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if train.wants_help(argv):
-        print(train.help_text(__doc__, MeasureConfig))
+    if wants_help(argv):
+        print(help_text(__doc__, MeasureConfig))
         return []
     try:
         paths, cfg = parse_args(argv)
@@ -1004,7 +994,7 @@ def run_trajectory(paths, cfg, command=()):
     if cfg.figures:
         plot_trajectory(trajectories, os.path.join(out_root, "trajectory.png"))
     trained = {name: t["trained_by"] for name, t in trajectories.items()}
-    text = (train.results_header("measure.py", command, trained) + "\n"
+    text = (results_header("measure.py", command, trained) + "\n"
             f"# Trajectory: every kept snapshot ({cfg.split} split, {cfg.num_windows} windows, seed {cfg.seed})\n\n"
             f"{trajectory_table(trajectories)}\n\nEach row is what measure.py gives that snapshot on its own "
             f"(its metrics.json: <run>/<snapshot>/ in this folder); decoded stream, at its peak sublayer. Concentration: the dominant "

@@ -6,32 +6,21 @@ Train any arm of ledger.py on a token dataset from prepare_data.py. One script, 
     python train.py config/cpu_demo.py --arch=ledger           # a laptop CPU, minutes
     torchrun --standalone --nproc_per_node=8 train.py config/paper_160m.py --arch=ledger
 
-Every setting and its default is listed once, below (TrainConfig for the loop, ledger.GPTConfig for
+Every setting and its default is listed once (rundir.TrainConfig for the loop, ledger.GPTConfig for
 the model); `python train.py --help` prints them with their comments. Positional arguments are
 config files (plain Python assignments); `--key=value` overrides come after them. A value outside
 its range (LIMITS) stops the run with one line, before any data or model is touched. The loop is
 identical for every arm: the arms differ only inside the model, plus the commit-sparsity term that
 the paper adds to the loss of the Ledger arms.
 """
-import ast
 import dataclasses
-import difflib
 import functools
-import inspect
-import io
 import json
 import math
-import operator
 import os
-import platform
-import shlex
 import signal
-import subprocess
 import sys
-import textwrap
 import time
-import tokenize
-import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -41,203 +30,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from rundir import CHECKPOINT_FORMAT, TrainConfig, load_checkpoint, save_checkpoint
+from cli import ConfigError, duration, help_text, parse_overrides, provenance, run_main, wants_help
 from ledger import GPT, GPTConfig, arm_name
 from prepare_data import DataError, load_meta, open_split, sequence_starts, start_token
-
-CHECKPOINT_FORMAT = "ledger-residuals-ckpt/1"
-
-
-# ----------------------------------------------------------------------------------------------
-# Config: the defaults are the paper's 160M run (config/paper_160m.py is the full preset), except the
-# dataset: by default, the one a plain `python prepare_data.py` writes, so that the first command
-# after it trains. Each field's comment is its --help text.
-
-@dataclass
-class TrainConfig:
-    # I/O
-    out_dir: str = "out"             # where ckpt.pt, the kept snapshots and log.jsonl go
-    init_from: str = "scratch"       # scratch: a new model; resume: continue from out_dir/ckpt.pt
-    eval_interval: int = 250         # evaluate and write out_dir/ckpt.pt every this many iterations
-    eval_iters: int = 50             # batches per split and evaluation
-    log_interval: int = 10           # print the training loss and speed every this many iterations
-    ckpt_interval: int = 1000        # also keep out_dir/ckpt_<iter>.pt, for matched-loss measurement; 0: never
-    wandb_log: bool = False          # also log to Weights & Biases (pip install wandb)
-    wandb_project: str = "ledger-residuals"  # the Weights & Biases project
-    wandb_run_name: str = ""         # default: the arch
-    # data
-    dataset: str = "shakespeare"     # a folder of data_root written by prepare_data.py (the paper: fineweb_edu)
-    data_root: str = "data"          # where prepare_data.py writes (its --out_root)
-    batch_size: int = 24             # sequences per micro-batch, per process
-    align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: on for bigram_backcopy
-    gradient_accumulation_steps: int = 1  # micro-steps per iteration across ALL processes
-    train_position0: bool = True     # False: leave position 0's target out of the training loss (the lab's test of what grows its outlier)
-    # optimizer: AdamW (or SGD with momentum), warmup then cosine; the defaults are the released code's
-    optimizer: str = "adamw"         # adamw, or sgd (momentum beta1): Guo et al. find no outlier with SGD
-    learning_rate: float = 3e-4      # the peak, reached at the end of warmup
-    min_lr: float = 3e-5             # the cosine decays to this
-    warmup_iters: int = 300          # linear warmup from ~0 to learning_rate
-    lr_decay_iters: int = 0          # 0: decay until max_iters
-    max_iters: int = 14000           # optimizer steps in all
-    weight_decay: float = 0.1        # AdamW's decoupled weight decay (SGD: L2), on matrices and embeddings
-    decay_norms_and_biases: bool = True  # also decay norm gains, biases, gate biases, lam and hc2's mixes (released: every parameter)
-    beta1: float = 0.9               # AdamW's decay of the gradient's running mean
-    beta2: float = 0.999             # AdamW's decay of the squared gradient's running mean (released: torch's default)
-    grad_clip: float = 1.0           # clip the global gradient norm at this; 0: no clipping
-    target_val_loss: float = 0.0     # > 0: stop at the first evaluation at or below it
-    # system
-    seed: int = 1337                 # seeds the initial weights and the order of the batches
-    device: str = "auto"             # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype: str = "auto"              # auto: bf16 where supported, else fp16 on GPU; fp32 on CPU
-    compile: bool = False            # torch.compile the model: faster steps on a GPU, a slow first one
-
-    # Checked as each setting is parsed, so that a bad value is one line before any data or model is
-    # touched, not a traceback from numpy or torch after the model is built.
-    LIMITS = {"eval_interval": ">= 1", "eval_iters": ">= 1", "log_interval": ">= 1", "ckpt_interval": ">= 0",
-              "batch_size": ">= 1", "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0",
-              "min_lr": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_iters": ">= 1",
-              "weight_decay": ">= 0", "beta1": ">= 0 and < 1", "beta2": ">= 0 and < 1", "grad_clip": ">= 0",
-              "target_val_loss": ">= 0", "seed": ">= 0",  # numpy seeds the batches and refuses negative seeds
-              "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-              "optimizer": ("adamw", "sgd")}
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def parse_value(key, value, annotation, text=None):
-    """Check (and where safe, convert) a setting against the type its dataclass field declares.
-    `text` is the raw command-line text, when the value came from `--key=text`."""
-    allowed = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    if value is None and type(None) in typing.get_args(annotation):
-        return None
-    for kind in allowed:
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is str and (isinstance(value, str) or text is not None):
-            return value if isinstance(value, str) else text
-    names = " or ".join(k.__name__ for k in allowed)
-    raise ConfigError(f"{key}={text if text is not None else value!r}: expected {names}")
-
-
-def parse_overrides(argv, *config_types):
-    """Config files and `--key=value` overrides -> one dict of settings per dataclass type.
-
-    A key belongs to the first dataclass that has a field of that name. Unknown keys, values of the
-    wrong type or outside the dataclass's LIMITS, and settings its own __post_init__ rejects raise
-    ConfigError with a one-line message that names the key: every script that parses its settings
-    here gets these checks before it touches any data."""
-    hints = [typing.get_type_hints(t) for t in config_types]
-    known = [k for h in hints for k in h]
-    settings = [{} for _ in config_types]
-
-    def assign(key, value, text=None):
-        for config_type, hint, chosen in zip(config_types, hints, settings):
-            if key in hint:
-                chosen[key] = parse_value(key, value, hint[key], text)
-                check_limit(key, chosen[key], getattr(config_type, "LIMITS", {}).get(key))
-                return
-        close = difflib.get_close_matches(key, known, n=1)
-        raise ConfigError(f"unknown setting '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
-
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:  # a bare --flag means True for a bool setting
-                text = "True"
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare word: a string setting such as --arch=ledger
-            assign(key, value, text)
-        else:
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg!r} not found (settings are --key=value)")
-            namespace = {}
-            exec(open(arg).read(), namespace)
-            for key, value in namespace.items():
-                if not key.startswith("_") and not callable(value) and not isinstance(value, type(os)):
-                    assign(key, value)
-    for config_type, chosen in zip(config_types, settings):
-        try:  # the config's own checks across settings (heads that divide the width, ...), now too
-            config_type(**chosen)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    return settings
-
-
-LIMIT_TESTS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-
-
-def check_limit(key, value, limit):
-    """Raise ConfigError unless `value` meets `limit`: a tuple of the allowed values, or a rule such
-    as '>= 1' or '>= 0 and < 1' (a config's LIMITS; --help shows the same text). None passes."""
-    if limit is None or value is None:
-        return
-    if isinstance(limit, tuple):
-        if value not in limit:
-            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, limit))}")
-    elif not all(LIMIT_TESTS[op](value, float(bound)) for op, bound in map(str.split, limit.split(" and "))):
-        raise ConfigError(f"{key}={value!r}: must be {limit}")
-
-
-def documented_fields(config_type):
-    """The fields of a config dataclass in source order, as (name, comment): the comment after each
-    field, with the comment-only lines indented below it. A comment line of its own at the fields'
-    indent (`# data`) comes as (None, heading). --help is made of these, so it cannot drift."""
-    source = textwrap.dedent(inspect.getsource(config_type))
-    lines = source.splitlines()
-    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
-                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
-    fields = {node.lineno: (node.col_offset, node.target.id)
-              for node in ast.parse(source).body[0].body if isinstance(node, ast.AnnAssign)}
-    indent, last_field = min(col for col, _ in fields.values()), max(fields)
-    rows, previous = [], None   # previous: the line the last field or its comment ended on
-    for number in sorted(set(fields) | set(comments)):
-        column, text = comments.get(number, (None, ""))
-        if number in fields:
-            rows.append((fields[number][1], text))
-            previous = number
-        elif lines[number - 1].lstrip().startswith("#"):
-            if column > indent and previous == number - 1:
-                rows[-1] = (rows[-1][0], f"{rows[-1][1]} {text}")
-                previous = number
-            elif column == indent and number < last_field:
-                rows.append((None, text))
-    return rows
-
-
-def wants_help(argv):
-    return any(arg in ("-h", "--help") for arg in argv)
-
-
-def help_text(doc, *config_types):
-    """--help: the script's docstring, then every setting of each config with its type, default,
-    limit and the comment the source gives it."""
-    def shown(value):
-        return '""' if value == "" else str(value)
-
-    out = [doc.strip(), "", "Settings, as --key=value (type, limit: meaning):"]
-    for config_type in config_types:
-        hints = typing.get_type_hints(config_type)
-        defaults = {f.name: f.default for f in dataclasses.fields(config_type)}
-        limits = getattr(config_type, "LIMITS", {})
-        out += ["", f"{config_type.__name__} ({os.path.basename(inspect.getsourcefile(config_type))}):"]
-        for name, comment in documented_fields(config_type):
-            if name is None:
-                out.append(f"  # {comment}")
-                continue
-            kinds = typing.get_args(hints[name]) or (hints[name],)
-            kind = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
-            limit = limits.get(name)
-            if limit is not None:
-                kind += f", {'|'.join(limit)}" if isinstance(limit, tuple) else f", {limit}"
-            out.append(f"  {f'--{name}={shown(defaults[name])}':<32}  {kind}: {comment}")
-    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,86 +163,6 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def duration(seconds):
-    """A wall time at a glance: 7 -> '7s', 125 -> '2m05s', 3725 -> '1h02m', 200000 -> '2d07h'."""
-    s = int(round(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
-
-
-def provenance():
-    """Where a result comes from: the commit, the CPU (or GPU), the threads, torch and the date.
-    Floating-point sums run in another order on another CPU or thread count, and over thousands of
-    steps that moves a lab's numbers as much as a seed does, so every results file names these."""
-    here = os.path.dirname(os.path.abspath(__file__))
-
-    def git(*args):
-        try:
-            done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
-            return done.stdout.strip() if done.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    # only code changes what a command computes: an edited README does not flag a result
-    commit = git("rev-parse", "--short=10", "HEAD")
-    changes = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "config")
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"commit": (commit + (" with uncommitted code changes" if changes else "")) if commit else "unknown (no git)",
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores",
-            "threads": torch.get_num_threads(), "torch": str(torch.__version__),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def results_header(script, argv, trained=None):
-    """The provenance header of a results file (summary.md, bench.md, ...): the command that wrote
-    it and where it ran, and for measured runs where each was trained. docs/results/ holds copies of
-    such files, so a number in the docs always names its command, machine and code."""
-    p = provenance()
-    lines = [f"> Written by `python {shlex.join([script, *argv])}` on {p['date']}, at commit {p['commit']},",
-             f"> on {p['device']}, torch threads {p['threads']}, torch {p['torch']}."]
-    for run, starts in (trained or {}).items():
-        where = "; then ".join(f"trained at commit {s['commit']} on {s['device']}, torch threads {s['threads']}, "
-                               f"from step {s['from_iter']} on {s['date']}" for s in starts)
-        lines.append(f"> {run}: {where or 'no training record (trained before checkpoints kept one)'}.")
-    return "\n".join(lines) + "\n"
-
-
-def save_checkpoint(path, payload):
-    """Write to a temp file, flush it to disk, then rename: a crash mid-save leaves the old file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint written by this script (weights_only: never executes pickled code)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"no checkpoint at {path}; train one first (init_from=scratch)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path} is not a ledger-residuals checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    # torch.compile wraps the model as `_orig_mod`; never let that prefix reach the weights
-    if isinstance(ckpt.get("model"), dict):
-        ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -712,8 +428,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, DataError)

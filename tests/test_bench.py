@@ -62,9 +62,9 @@ def test_an_arm_with_another_attention_kind_is_timed_beside_vanilla(tmp_path, ca
 
 
 def test_bad_arms_fail_clearly():
-    with pytest.raises(bench.train.ConfigError, match="--arms takes"):
+    with pytest.raises(bench.cli.ConfigError, match="--arms takes"):
         bench.main([*TINY, "--arms=vanilla,ledgr"])
-    with pytest.raises(bench.train.ConfigError, match="ATTENTION one of softmax,attn_bias,sigmoid,gated; got 'vanilla"):
+    with pytest.raises(bench.cli.ConfigError, match="ATTENTION one of softmax,attn_bias,sigmoid,gated; got 'vanilla"):
         bench.main([*TINY, "--arms=vanilla+gate"])
-    with pytest.raises(bench.train.ConfigError, match="steps=0: must be >= 1"):
+    with pytest.raises(bench.cli.ConfigError, match="steps=0: must be >= 1"):
         bench.main([*TINY, "--steps=0"])

@@ -5,6 +5,8 @@ import pytest
 
 import measure
 import prepare_data
+import cli
+import rundir
 import train
 from prepare_data import BOS_ID, bigram_backcopy_sequences, process_loss
 
@@ -99,7 +101,7 @@ def test_training_and_evaluation_windows_open_on_bos(bb_data, tmp_path, monkeypa
                 "--eval_interval=3", "--eval_iters=2", "--ckpt_interval=0", "--device=cpu"])
     assert {split for split, _ in seen} == {"train", "val"}
     assert all(first == [BOS_ID] * 4 for _, first in seen)
-    ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = rundir.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["train_config"]["align_windows"] is True    # resolved from the dataset, and recorded
 
     # measurement places its windows as training did
@@ -127,7 +129,7 @@ def test_sgd_is_an_optimizer_choice_and_a_resume_must_keep_it(bb_data, tmp_path,
               "--n_head=1", "--n_embd=16", "--block_size=16", "--batch_size=8", "--eval_interval=20",
               "--eval_iters=2", "--ckpt_interval=0", "--device=cpu", "--learning_rate=0.3", "--warmup_iters=0"]
     train.main([*common, "--optimizer=sgd", "--max_iters=20"])
-    ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = rundir.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert "momentum_buffer" in str(ckpt["optimizer"]["state"][0].keys())
-    with pytest.raises(train.ConfigError, match="optimizer=sgd"):
+    with pytest.raises(cli.ConfigError, match="optimizer=sgd"):
         train.main([*common, "--max_iters=30", "--init_from=resume"])

@@ -14,11 +14,13 @@ import bench
 import ledger
 import measure
 import prepare_data
+import cli
+import rundir
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"train.py": (train.TrainConfig, ledger.GPTConfig), "measure.py": (measure.MeasureConfig,),
-           "bench.py": (bench.BenchConfig, train.TrainConfig, ledger.GPTConfig)}
+CONFIGS = {"train.py": (rundir.TrainConfig, ledger.GPTConfig), "measure.py": (measure.MeasureConfig,),
+           "bench.py": (bench.BenchConfig, rundir.TrainConfig, ledger.GPTConfig)}
 # Small sizes so that the used-by run takes seconds; --arch=ledger --n_layer=12 stay as the README has them.
 TINY = ["--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=2", "--max_iters=4", "--eval_iters=1",
         "--eval_interval=4", "--log_interval=2"]
@@ -57,10 +59,10 @@ def test_the_used_by_commands_work_verbatim_in_a_fresh_folder(tmp_path):
 
 def test_the_default_dataset_is_the_one_prepare_data_writes_by_default():
     defaults = prepare_data.parse_args([])
-    assert train.TrainConfig.dataset == prepare_data.dataset_dir_name(defaults.dataset, defaults.tokenizer)
-    assert train.TrainConfig.data_root == defaults.out_root
+    assert rundir.TrainConfig.dataset == prepare_data.dataset_dir_name(defaults.dataset, defaults.tokenizer)
+    assert rundir.TrainConfig.data_root == defaults.out_root
     for preset in ("paper_160m.py", "paper_290m.py"):   # the paper's runs keep their own dataset
-        settings, _ = train.parse_overrides([os.path.join(REPO, "config", preset)], train.TrainConfig, ledger.GPTConfig)
+        settings, _ = cli.parse_overrides([os.path.join(REPO, "config", preset)], rundir.TrainConfig, ledger.GPTConfig)
         assert settings["dataset"] == "fineweb_edu"
 
 
@@ -73,7 +75,7 @@ def test_help_exits_0_and_lists_every_setting_with_its_meaning(script):
     assert shown.returncode == 0 and shown.stderr == ""
     lines = shown.stdout.splitlines()
     for config_type in CONFIGS[script]:
-        comments = dict(train.documented_fields(config_type))
+        comments = dict(cli.documented_fields(config_type))
         for field in dataclasses.fields(config_type):
             [line] = [ln for ln in lines if ln.startswith(f"  --{field.name}=")]
             assert line.endswith(comments[field.name]), line
@@ -100,8 +102,8 @@ def test_prepare_data_takes_key_value_flags_like_the_other_scripts():
 
 
 def test_every_setting_has_a_comment_to_show_as_help():
-    for config_type in (train.TrainConfig, ledger.GPTConfig, measure.MeasureConfig, bench.BenchConfig):
-        rows = [row for row in train.documented_fields(config_type) if row[0] is not None]
+    for config_type in (rundir.TrainConfig, ledger.GPTConfig, measure.MeasureConfig, bench.BenchConfig):
+        rows = [row for row in cli.documented_fields(config_type) if row[0] is not None]
         assert [name for name, _ in rows] == [f.name for f in dataclasses.fields(config_type)]
         assert [name for name, comment in rows if not comment] == [], config_type.__name__
 
@@ -119,9 +121,9 @@ class Planted:
 
 
 def test_help_is_read_from_the_comments_and_finds_a_field_without_one():
-    assert train.documented_fields(Planted) == [(None, "a heading"), ("documented", "what it means"),
+    assert cli.documented_fields(Planted) == [(None, "a heading"), ("documented", "what it means"),
                                                 ("wrapped", "a long meaning, continued here"), ("bare", "")]
-    text = train.help_text("Planted.", Planted).splitlines()
+    text = cli.help_text("Planted.", Planted).splitlines()
     assert "  --documented=1" + " " * 18 + "  int, >= 1: what it means" in text
     assert "  --wrapped=x" + " " * 21 + "  str, x|y: a long meaning, continued here" in text
 
@@ -249,4 +251,4 @@ def test_progress_lines_give_the_time_left_and_the_end_gives_wall_time_and_token
 
 
 def test_durations_read_at_a_glance():
-    assert [train.duration(s) for s in (0, 7, 125, 3725, 200000)] == ["0s", "7s", "2m05s", "1h02m", "2d07h"]
+    assert [cli.duration(s) for s in (0, 7, 125, 3725, 200000)] == ["0s", "7s", "2m05s", "1h02m", "2d07h"]

@@ -5,7 +5,7 @@
   prints the range the link should now have.
 - Every relative link resolves: the file exists, and a #heading anchor names a heading of it.
 - Every file in docs/results/ is a file a command wrote, and starts with its provenance header
-  (train.results_header: the command, the date, the commit, the machine, torch).
+  (cli.results_header: the command, the date, the commit, the machine, torch).
 - A results table copied into the README sits between `<!-- results: docs/results/FILE.md -->` and
   `<!-- end results -->`, and every one of its lines is a line of that file.
 """

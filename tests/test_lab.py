@@ -14,6 +14,8 @@ import torch
 
 import lab
 import measure
+import cli
+import rundir
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +58,7 @@ def test_ledger_hs_trains_exactly_as_ledger_at_its_lambda(char_data, tmp_path):
               "--warmup_iters=1", "--learning_rate=3e-2", "--eval_interval=4", "--eval_iters=1", "--ckpt_interval=0"]
     train.main([*common, "--arch=ledger-hs", f"--out_dir={tmp_path / 'hs'}"])
     train.main([*common, "--arch=ledger", "--commit_sparsity=0.3", f"--out_dir={tmp_path / 'cs'}"])
-    hs, cs = (train.load_checkpoint(str(tmp_path / name / "ckpt.pt")) for name in ("hs", "cs"))
+    hs, cs = (rundir.load_checkpoint(str(tmp_path / name / "ckpt.pt")) for name in ("hs", "cs"))
     assert hs["model_config"]["commit_sparsity"] == cs["model_config"]["commit_sparsity"] == 0.3
     assert hs["model"].keys() == cs["model"].keys()
     assert all(torch.equal(hs["model"][k], cs["model"][k]) for k in hs["model"])
@@ -86,7 +88,7 @@ def test_a_bad_name_or_setting_is_one_line_before_any_run_starts(tmp_path, capsy
 def test_help_lists_every_setting_with_its_meaning():
     shown = subprocess.run([sys.executable, "lab.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert shown.returncode == 0 and shown.stderr == ""
-    comments = dict(train.documented_fields(lab.LabConfig))
+    comments = dict(cli.documented_fields(lab.LabConfig))
     for f in dataclasses.fields(lab.LabConfig):
         [line] = [ln for ln in shown.stdout.splitlines() if ln.startswith(f"  --{f.name}=")]
         assert line.endswith(comments[f.name]), line
@@ -213,7 +215,7 @@ def test_sweep_runs_are_named_by_lambda_and_seed_a_finished_run_is_reused_and_an
     assert f"=== training vanilla-s1 (scratch) -> {root / 'vanilla-s1'}" in out
     assert f"=== training ledger-cs0.005-s2 (resume from iter 3) -> {interrupted}" in out
     assert "resumed at iter 3" in (interrupted / "train.log").read_text()
-    ledger, vanilla = (train.load_checkpoint(str(root / name / "ckpt.pt")) for name in ("ledger-cs0.005-s2", "vanilla-s1"))
+    ledger, vanilla = (rundir.load_checkpoint(str(root / name / "ckpt.pt")) for name in ("ledger-cs0.005-s2", "vanilla-s1"))
     assert ledger["iter_num"] == vanilla["iter_num"] == 6
     assert ledger["model_config"]["commit_sparsity"] == 0.005 and ledger["train_config"]["seed"] == 2
     assert vanilla["model_config"]["arch"] == "vanilla" and vanilla["train_config"]["seed"] == 1
@@ -237,7 +239,7 @@ def test_every_make_target_of_the_lab_names_runs_and_settings_lab_py_accepts(tar
     line = next(line for line in done.stdout.replace("\\\n", " ").splitlines() if " lab.py " in line)
     argv = shlex.split(line[line.index(" lab.py ") + len(" lab.py "):].split(" || ")[0].rstrip(" \\"))
     names = [a for a in argv if not a.startswith("--")]
-    (settings,) = train.parse_overrides([a for a in argv if a.startswith("--")], lab.LabConfig)
+    (settings,) = cli.parse_overrides([a for a in argv if a.startswith("--")], lab.LabConfig)
     cfg = lab.LabConfig(**settings)
     runs = [lab.plan_run(name, cfg) for name in names]
     assert len(runs) == len(set(names)) > 0

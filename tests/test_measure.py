@@ -13,7 +13,7 @@ import torch
 
 import measure
 from ledger import ARCHS, ATTENTIONS, GPT, CausalSelfAttention, GPTConfig
-from train import CHECKPOINT_FORMAT as CKPT_FORMAT
+from rundir import CHECKPOINT_FORMAT as CKPT_FORMAT
 from measure import Data, MeasureError, parse_args, select_checkpoint, window_starts
 from metrics import (DominantDimProfile, ExtremeTokenStats, StreamStats, collect_extreme_tokens,
                      fake_quantize_weights, position0_hook, top_token_report)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import ledger
+import cli
+import rundir
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +81,7 @@ def test_train_position0_false_leaves_only_position_0s_target_out_of_the_loss(ch
 def test_checkpoints_are_self_describing_and_safe_to_load(char_data, tmp_path):
     train.main(args(char_data, tmp_path, "--arch=ledger-hs", "--max_iters=3", "--eval_interval=3"))
     ckpt = load(tmp_path)  # weights_only=True: no pickled code is needed to read it
-    assert ckpt["format"] == train.CHECKPOINT_FORMAT
+    assert ckpt["format"] == rundir.CHECKPOINT_FORMAT
     assert ckpt["model_config"]["arch"] == "ledger-hs" and ckpt["model_config"]["commit_sparsity"] == 0.3
     assert ckpt["train_config"]["max_iters"] == 3 and ckpt["dataset_meta"]["tokenizer"] == "char"
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
@@ -89,9 +91,9 @@ def test_checkpoints_are_self_describing_and_safe_to_load(char_data, tmp_path):
 
 def optimizer_of(preset, arch="ledger"):
     """The optimizer train.py builds for a preset, on a small model of the preset's arm."""
-    train_settings, model_settings = train.parse_overrides([os.path.join(REPO, preset)], train.TrainConfig,
+    train_settings, model_settings = cli.parse_overrides([os.path.join(REPO, preset)], rundir.TrainConfig,
                                                            ledger.GPTConfig)
-    cfg = train.TrainConfig(**train_settings)
+    cfg = rundir.TrainConfig(**train_settings)
     model = ledger.GPT(ledger.GPTConfig(arch=arch, n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11,
                                         gate_rank=4))
     return model, train.configure_optimizer(model, cfg, "cpu")
@@ -122,10 +124,10 @@ def test_the_small_presets_keep_nanogpts_optimizer(preset):
 
 def test_resume_refuses_an_optimizer_built_another_way(char_data, tmp_path):
     train.main(args(char_data, tmp_path, "--max_iters=2", "--eval_interval=2", "--decay_norms_and_biases=False"))
-    with pytest.raises(train.ConfigError, match="trained with --decay_norms_and_biases=False; resume with the same"):
+    with pytest.raises(cli.ConfigError, match="trained with --decay_norms_and_biases=False; resume with the same"):
         train.main(args(char_data, tmp_path, "--max_iters=4", "--init_from=resume"))
     # torch would restore the saved beta2 over the flag without a word: refused instead
-    with pytest.raises(train.ConfigError, match="trained with --beta2=0.999; resume with the same"):
+    with pytest.raises(cli.ConfigError, match="trained with --beta2=0.999; resume with the same"):
         train.main(args(char_data, tmp_path, "--max_iters=4", "--init_from=resume", "--decay_norms_and_biases=False",
                         "--beta2=0.95"))
     train.main(args(char_data, tmp_path, "--max_iters=4", "--init_from=resume", "--decay_norms_and_biases=False"))
@@ -138,7 +140,7 @@ def test_a_checkpoint_from_before_the_mlp_biases_fails_with_one_line_and_is_kept
     ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not (".fn.up.bias" in k or ".fn.down.bias" in k)}
     torch.save(ckpt, tmp_path / "ckpt.pt")
     before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(train.ConfigError, match="does not fit this code's vanilla model .*Missing key"):
+    with pytest.raises(cli.ConfigError, match="does not fit this code's vanilla model .*Missing key"):
         train.main(args(char_data, tmp_path, "--max_iters=4", "--init_from=resume"))
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
@@ -150,25 +152,26 @@ def test_a_checkpoint_from_before_the_attention_kinds_resumes_as_softmax(char_da
     torch.save(ckpt, tmp_path / "ckpt.pt")
     train.main(args(char_data, tmp_path, "--attention=softmax", "--max_iters=3", "--init_from=resume"))
     assert load(tmp_path)["iter_num"] == 3 and load(tmp_path)["model_config"]["attention"] == "softmax"
-    with pytest.raises(train.ConfigError, match="drop --attention"):
+    with pytest.raises(cli.ConfigError, match="drop --attention"):
         train.main(args(char_data, tmp_path, "--attention=gated", "--max_iters=4", "--init_from=resume"))
 
 
 def test_compiled_model_prefix_never_reaches_the_weights(tmp_path):
     model = ledger.GPT(ledger.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=11))
     prefixed = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
-    train.save_checkpoint(str(tmp_path / "ckpt.pt"), {"format": train.CHECKPOINT_FORMAT, "model": prefixed})
-    assert set(train.load_checkpoint(str(tmp_path / "ckpt.pt"))["model"]) == set(model.state_dict())
+    rundir.save_checkpoint(str(tmp_path / "ckpt.pt"), {"format": rundir.CHECKPOINT_FORMAT, "model": prefixed,
+                                                      "model_config": {"arch": "vanilla"}})
+    assert set(rundir.load_checkpoint(str(tmp_path / "ckpt.pt"))["model"]) == set(model.state_dict())
 
 
 def test_a_corrupt_or_foreign_checkpoint_fails_clearly(char_data, tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(train.ConfigError, match="not a readable checkpoint"):
+    with pytest.raises(cli.ConfigError, match="not a readable checkpoint"):
         train.main(args(char_data, tmp_path, "--init_from=resume", "--max_iters=1"))
     torch.save({"model": {}}, tmp_path / "ckpt.pt")
-    with pytest.raises(train.ConfigError, match="not a ledger-residuals checkpoint"):
+    with pytest.raises(cli.ConfigError, match="not a ledger-residuals checkpoint"):
         train.main(args(char_data, tmp_path, "--init_from=resume", "--max_iters=1"))
-    with pytest.raises(train.ConfigError, match="exists; continue it with --init_from=resume"):
+    with pytest.raises(cli.ConfigError, match="exists; continue it with --init_from=resume"):
         train.main(args(char_data, tmp_path, "--max_iters=1"))  # never overwrite a run by accident
 
 
@@ -204,22 +207,22 @@ def test_unknown_and_ill_typed_flags_fail_with_one_line(char_data, tmp_path):
     assert result.stderr.strip() == "error: unknown setting 'n_layr'; did you mean 'n_layer'?"
     result = run_cli(*args(char_data, tmp_path), "--max_iters=ten")
     assert result.returncode == 2 and result.stderr.strip() == "error: max_iters='ten': expected int"
-    with pytest.raises(train.ConfigError, match="unknown arch 'ledgr'"):
+    with pytest.raises(cli.ConfigError, match="unknown arch 'ledgr'"):
         train.main(args(char_data, tmp_path, "--arch=ledgr"))
-    with pytest.raises(train.ConfigError, match="compile='maybe': expected bool"):
-        train.parse_overrides(["--compile=maybe"], train.TrainConfig)
+    with pytest.raises(cli.ConfigError, match="compile='maybe': expected bool"):
+        cli.parse_overrides(["--compile=maybe"], rundir.TrainConfig)
     assert not os.path.exists(tmp_path / "ckpt.pt")
 
 
 def test_config_files_and_overrides_compose(tmp_path):
     preset = tmp_path / "preset.py"
     preset.write_text("n_layer = 6\nlearning_rate = 1e-3\narch = 'ledger'\ncompile = True\n")
-    train_settings, model_settings = train.parse_overrides([str(preset), "--n_layer=2", "--compile"],
-                                                           train.TrainConfig, ledger.GPTConfig)
+    train_settings, model_settings = cli.parse_overrides([str(preset), "--n_layer=2", "--compile"],
+                                                           rundir.TrainConfig, ledger.GPTConfig)
     assert train_settings == {"learning_rate": 1e-3, "compile": True}
     assert model_settings == {"n_layer": 2, "arch": "ledger"}
-    with pytest.raises(train.ConfigError, match="expected int"):
-        train.parse_overrides(["--n_layer=2.5"], train.TrainConfig, ledger.GPTConfig)
+    with pytest.raises(cli.ConfigError, match="expected int"):
+        cli.parse_overrides(["--n_layer=2.5"], rundir.TrainConfig, ledger.GPTConfig)
 
 
 def start_training(char_data, out_dir, *extra):
