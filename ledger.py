@@ -33,7 +33,9 @@ kinds are positive controls, changes to attention that published work says remov
     sigmoid    sigmoid(q.k / sqrt(d)) on each position <= t, no normalisation    (Gu et al. 2024)
     gated      softmax, its output times sigmoid(W_g u) elementwise              (Qiu et al. 2025)
 
-Read top to bottom: config, building blocks, residual operators, model, the vanilla corner.
+Read top to bottom: config, the residual operators (the paper, in four small classes; Ledger's
+update is `LedgerResidual.forward`), the model, its building blocks and attention kinds, the vanilla
+corner, and last the names and limits the scripts use.
 """
 import math
 from dataclasses import dataclass
@@ -72,10 +74,6 @@ class GPTConfig:
     delta_untied_gates: bool = False  # delta arm: separate erase and write gates (has a vanilla corner)
     hc2_init: str = "released"       # hc2: released (read and output mixes 0.5, 0.5) or zhu (one-hot read, output 1, 1)
 
-    # Checked by train.parse_overrides as each setting is read (see train.TrainConfig.LIMITS)
-    LIMITS = {"vocab_size": ">= 1", "block_size": ">= 1", "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1",
-              "commit_budget": ">= 0", "commit_sparsity": ">= 0"}
-
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
@@ -83,6 +81,7 @@ class GPTConfig:
             raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
         if self.qk_norm is None:
             self.qk_norm = self.arch == "suppress"
         elif self.arch == "suppress" and not self.qk_norm:
@@ -108,206 +107,10 @@ class GPTConfig:
         return {"ledger": "C", "hc2": "h0+h1"}.get(self.residual, "h")
 
 
-def arm_name(arch: str, attention: str = "softmax") -> str:
-    """An arm and its attention kind as one name, 'ledger' or 'vanilla+gated', as bench.py and
-    measure.py print it: the paper's arms keep their names."""
-    return arch if attention == "softmax" else f"{arch}+{attention}"
-
-
 # ----------------------------------------------------------------------------------------------
-# Building blocks, identical in every arm
-
-def linear(fan_in, fan_out, bias=False):
-    """A Linear layer with the GPT-2 init every arm shares: weights ~ N(0, 0.02), biases 0."""
-    layer = nn.Linear(fan_in, fan_out, bias=bias)
-    nn.init.normal_(layer.weight, std=0.02)
-    if bias:
-        nn.init.zeros_(layer.bias)
-    return layer
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-
-
-@dataclass
-class AttentionWeights:
-    """What one attention layer did with its input u, spelled out (SDPA keeps it hidden): metrics.py
-    reads attention sinks, value drains and gates from it. CausalSelfAttention.attention_weights
-    computes it with the same pieces forward uses, and a test checks that it reproduces forward."""
-    weights: torch.Tensor                       # (B, H, T, T): query t's weight on position s <= t
-    values: torch.Tensor                        # (B, H, T, head_dim)
-    sink_weight: Optional[torch.Tensor] = None  # attn_bias: (B, H, T), each query's weight on k'
-    sink_value: Optional[torch.Tensor] = None   # attn_bias: (1, H, 1, head_dim), the value v' it returns
-    gate: Optional[torch.Tensor] = None         # gated: (B, H, T, head_dim), sigmoid(W_g u) per head
-
-
-def visible_keys(T, S, device):
-    """(T, S) bool: which keys each query sees. S = T: positions <= t. S = T + 1: attn_bias's sink
-    key in column 0, which every query sees, then positions <= t."""
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
-
-
-class CausalSelfAttention(nn.Module):
-    """Causal multi-head attention of the kind config.attention names (the module docstring lists
-    them); QK-norm, when on, composes with every kind. forward and attention_weights share heads(),
-    attention_probs(), with_sink() and output_gate(); forward keeps SDPA where a kernel computes the
-    same thing faster."""
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.n_head = config.n_head
-        self.attention = config.attention
-        self.qkv = linear(config.n_embd, 3 * config.n_embd)
-        self.proj = linear(config.n_embd, config.n_embd)
-        head_dim = config.n_embd // config.n_head
-        # QK-norm bounds the attention logits, removing the usual route by which a model builds an
-        # attention sink out of one huge residual dimension; `suppress` tests whether that suffices.
-        self.q_norm = RMSNorm(head_dim) if config.qk_norm else None
-        self.k_norm = RMSNorm(head_dim) if config.qk_norm else None
-        # Parameters of the other kinds are made only for them, and after the shared ones: a softmax
-        # model has the same parameters, draws the same random numbers and computes the same outputs
-        # as before the kinds existed.
-        if config.attention == "attn_bias":
-            # Sun et al. 2024 (arXiv 2402.17762; locuslab/massive-activations, gpt-2/model_attn_bias.py):
-            # one learned key k' and value v' per head, N(0, 0.02), put in front of every sequence.
-            # A head with nothing to do can park its attention on k' (an explicit sink), so the model
-            # no longer needs to build a sink out of a massive activation on the first token.
-            self.sink_key = nn.Parameter(torch.empty(1, config.n_head, 1, head_dim).normal_(std=0.02))
-            self.sink_value = nn.Parameter(torch.empty(1, config.n_head, 1, head_dim).normal_(std=0.02))
-        elif config.attention == "gated":
-            # Qiu et al. 2025 (arXiv 2505.06708; qiuzh20/gated_attention, modeling_qwen3.py): each head's
-            # output is multiplied elementwise by sigmoid(W_g u), so a head can switch itself off
-            # where softmax would have to park its weight on a sink. Their W_g is extra columns of the
-            # query projection; here it is a separate layer, so that qkv keeps vanilla's shape: its
-            # matmul, and hence q, k, v, are then bit for bit vanilla's, and with the gate pinned to
-            # exactly 1 the model is exactly vanilla (tests/test_ledger.py). The bias is what pins it;
-            # it starts at 0, as their bias-free gate does (sigmoid ~ 0.5 at init).
-            self.gate = linear(config.n_embd, config.n_embd, bias=True)
-
-    def heads(self, x):
-        """q, k, v per head, (B, H, T, head_dim); q and k QK-normed when qk_norm is on."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
-
-    def with_sink(self, k, v):
-        """attn_bias: k' and v' in front of the keys and values. Sun et al. concatenate them right before
-        attention, so the 1/sqrt(d) scale applies to q.k' as to every logit, but any processing of the
-        keys (QK-norm here) does not: k' is a free parameter, not a function of the residual stream."""
-        B = k.size(0)
-        sink_key, sink_value = (p.to(k.dtype).expand(B, -1, -1, -1) for p in (self.sink_key, self.sink_value))
-        return torch.cat([sink_key, k], dim=2), torch.cat([sink_value, v], dim=2)
-
-    def attention_probs(self, q, k):
-        """(B, H, T, S) weights of the queries on the S keys they may see (visible_keys)."""
-        T, S = q.size(-2), k.size(-2)
-        logits = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
-        hidden = ~visible_keys(T, S, q.device)
-        if self.attention == "sigmoid":
-            # Gu et al. 2024 (arXiv 2410.10781; sail-sg/Attention-Sink, lit_gpt/model_attn_sim.py with
-            # attention_normalize=False): each weight on its own, sigmoid(q.k / sqrt(d)) times the
-            # causal mask, no bias term and no row normalisation. Weights need not sum to 1, so a head
-            # can attend to nothing at all instead of parking its attention on a sink.
-            return torch.sigmoid(logits).masked_fill(hidden, 0.0)
-        return logits.masked_fill(hidden, float("-inf")).softmax(-1)
-
-    def output_gate(self, x):
-        """gated: sigmoid(W_g u) per head and dimension, (B, H, T, head_dim)."""
-        B, T, C = x.shape
-        return torch.sigmoid(self.gate(x)).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-
-    def attention_weights(self, x) -> AttentionWeights:
-        """The weights, values and per-kind extras forward computes from its input x (= u)."""
-        q, k, v = self.heads(x)
-        if self.attention == "attn_bias":
-            probs = self.attention_probs(q, self.with_sink(k, v)[0])
-            return AttentionWeights(probs[..., 1:], v, sink_weight=probs[..., 0], sink_value=self.sink_value)
-        gate = self.output_gate(x) if self.attention == "gated" else None
-        return AttentionWeights(self.attention_probs(q, k), v, gate=gate)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.heads(x)
-        if self.attention == "sigmoid":   # no fused kernel leaves the weights unnormalised
-            y = self.attention_probs(q, k) @ v
-        elif self.attention == "attn_bias":
-            k, v = self.with_sink(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_keys(T, T + 1, x.device))
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if self.attention == "gated":
-            y = y * self.output_gate(x)
-        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        # Biased, as in the released code (whose attention and LM head are not).
-        self.up = linear(config.n_embd, 4 * config.n_embd, bias=True)
-        self.down = linear(4 * config.n_embd, config.n_embd, bias=True)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
-
-
-class LowRank(nn.Module):
-    """dim -> rank -> dim, or one full dim x dim matrix when rank <= 0 or rank >= dim.
-
-    Ledger's extra maps are low rank so that its parameter count stays close to vanilla's: any
-    difference the experiment measures should come from the factorization, not from capacity.
-    `zero_init` makes the map start as exactly zero (only the output factor is zeroed, so the
-    input factor still receives gradient and the map can grow).
-    """
-
-    def __init__(self, dim, rank, bias=False, zero_init=False):
-        super().__init__()
-        full = rank <= 0 or rank >= dim
-        self.down = None if full else linear(dim, rank)
-        self.up = linear(dim if full else rank, dim, bias=bias)
-        if zero_init:
-            nn.init.zeros_(self.up.weight)
-        if not full:
-            # Keep the (dim, rank) output factor column-major (the transpose of a contiguous
-            # (rank, dim) matrix): same values and state_dict, but CPU BLAS then runs the backward
-            # matmuls of (tokens x rank) @ (rank x dim) in its fast orientation, 2-5x faster at rank 8.
-            self.up.weight = nn.Parameter(self.up.weight.detach().t().contiguous().t())
-
-    @property
-    def first(self) -> nn.Linear:
-        """The layer that reads the input: `down`, or the full matrix."""
-        return self.up if self.down is None else self.down
-
-    def rest(self, h):
-        """The map of x, given h = first(x)."""
-        return h if self.down is None else self.up(h)
-
-    def forward(self, x):
-        return self.rest(self.first(x))
-
-
-def fused_linear(x, layers):
-    """[layer(x) for layer in layers] as one matmul, so that x is read once rather than once per layer.
-    The parameters stay those of the separate layers; the results agree up to float rounding."""
-    weight = torch.cat([layer.weight for layer in layers])
-    bias = torch.cat([layer.weight.new_zeros(layer.out_features) if layer.bias is None else layer.bias
-                      for layer in layers])
-    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Residual operators. Each maps (state, u, y) -> new state, where state is a dict of streams,
-# u = RMSNorm(read(state)) is the sublayer's input and y = sublayer(u) its output.
+# Residual operators: the one place the arms differ. Each maps (state, u, y) to the new state, where
+# state is a dict of streams, u = RMSNorm(read(state)) the sublayer's input and y = sublayer(u) its
+# output. forward also returns the sublayer's mean commit gate (Ledger) or None.
 
 class AddResidual(nn.Module):
     """vanilla / suppress: the single stream h is both scratchpad and answer."""
@@ -319,102 +122,83 @@ class AddResidual(nn.Module):
         return {"h": state["h"] + y}, None
 
 
-class DeltaWrite(nn.Module):
-    """The decoupled delta rule on one stream: erase along a key k, then write a gated update.
-
-        S <- S - beta_e * (k . S) k + beta_w * write(y),   beta = sigmoid(W u), k = W_k u / |W_k u|
-
-    This is Ledger's update of D, with write(y) = y + G(y), and (one tied gate, write(y) = W_g y) the
-    whole residual of the `delta` control. `gates(u)` computes beta_e, beta_w and the key from u;
-    `forward` applies the update.
-
-    Every gate map starts with zero output weights, as in the released code: at step 0 each gate is
-    exactly sigmoid(its bias) for every token, and it learns to depend on u from there.
-    """
-
-    def __init__(self, config: GPTConfig, rank: int, tied_gates=False, write_plus_y=True):
-        super().__init__()
-        d = config.n_embd
-        self.erase_key = LowRank(d, rank)               # W_k: which direction to erase
-        self.write_plus_y = write_plus_y
-        if write_plus_y:
-            self.write_map = LowRank(d, rank, zero_init=True)  # G: starts as 0, so the write starts as y
-        else:
-            # The released delta control writes W_g y with a full W_g that starts as the identity.
-            # Same function at step 0 as y + G(y), but weight decay pulls W_g towards 0, not to I.
-            self.write_map = LowRank(d, 0)
-            nn.init.eye_(self.write_map.up.weight)
-        if tied_gates:
-            # One gate both erases and writes, biased as the released code biases it (-3): at step 0
-            # it erases little and writes only ~5% of y.
-            self.erase_gate = self.write_gate = LowRank(d, rank, bias=True, zero_init=True)
-            nn.init.constant_(self.erase_gate.up.bias, config.erase_bias)
-        else:
-            self.erase_gate = LowRank(d, rank, bias=True, zero_init=True)  # W_e
-            self.write_gate = LowRank(d, rank, bias=True, zero_init=True)  # W_w
-            nn.init.constant_(self.erase_gate.up.bias, config.erase_bias)
-            nn.init.constant_(self.write_gate.up.bias, config.write_bias)
-
-    def gates(self, u, *extra: nn.Linear):
-        """(beta_e, beta_w, W_k u, *[layer(u) for layer in extra]). The input factors of all these
-        maps read u in one matmul; `extra` is Ledger's commit gate."""
-        tied = self.write_gate is self.erase_gate
-        maps = [self.erase_key, self.erase_gate] + ([] if tied else [self.write_gate])
-        h = fused_linear(u, [m.first for m in maps] + list(extra))
-        k = self.erase_key.rest(h[0])
-        erase = torch.sigmoid(self.erase_gate.rest(h[1]))                   # per-dimension erase strength
-        write = erase if tied else torch.sigmoid(self.write_gate.rest(h[2]))  # per-dimension write strength
-        return (erase, write, k, *h[len(maps):])
-
-    def forward(self, S, y, erase, write, k):
-        # k is not normalised: dividing (k . S) k by |k|^2 instead saves passes over (B, T, d) tensors
-        proj = (k * S).sum(-1, keepdim=True) / k.norm(dim=-1, keepdim=True).clamp_min(1e-12).square()
-        update = y + self.write_map(y) if self.write_plus_y else self.write_map(y)
-        return S - erase * proj * k + write * update
-
-
-class DeltaResidual(nn.Module):
-    """delta control: the delta rule on a single stream, no separate commitment. Built as the
-    released `delta_only`: full-rank maps, one gate (erase = write), a write map starting at I."""
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.scratch = DeltaWrite(config, rank=0, tied_gates=not config.delta_untied_gates, write_plus_y=False)
-
-    def read(self, state):
-        return state["h"]
-
-    def forward(self, state, u, y):
-        erase, write, k = self.scratch.gates(u)
-        return {"h": self.scratch(state["h"], y, erase, write, k)}, None
-
-
 class LedgerResidual(nn.Module):
     """Ledger: a scratch stream D that sublayers may erase and rewrite, and an append-only
-    commitment stream C that only ever grows by gated copies of D. The LM head reads only C."""
+    commitment stream C that only ever grows by gated copies of D. The LM head reads only C.
+
+    Every gate map starts with zero output weights, as in the released code: at step 0 each gate is
+    exactly sigmoid(its bias) for every token, and it learns to depend on u from there. G and P start
+    as 0, so D starts as the vanilla h and is committed as it is."""
 
     def __init__(self, config: GPTConfig, commit_bias: float):
         super().__init__()
         d, r = config.n_embd, config.gate_rank
-        self.scratch = DeltaWrite(config, rank=r)       # the D update (erase + write)
-        self.commit_gate = linear(d, 1, bias=True)      # c: one scalar per token, c = sigmoid(bias) at step 0
+        self.erase_key = LowRank(d, r)                                  # W_k: the direction to erase
+        self.write_map = LowRank(d, r, zero_init=True)                  # G
+        self.erase_gate = LowRank(d, r, bias=True, zero_init=True)      # W_e
+        self.write_gate = LowRank(d, r, bias=True, zero_init=True)      # W_w
+        nn.init.constant_(self.erase_gate.up.bias, config.erase_bias)
+        nn.init.constant_(self.write_gate.up.bias, config.write_bias)
+        self.commit_gate = linear(d, 1, bias=True)                      # w_c: one scalar per token
         nn.init.zeros_(self.commit_gate.weight)
         nn.init.constant_(self.commit_gate.bias, commit_bias)
-        self.promote_map = LowRank(d, r, zero_init=True)  # P: starts as 0, so D is committed as is
-        self.read_mix = nn.Parameter(torch.zeros(d))    # lam: how much C nudges the input (init 0)
-        self.commit_budget = config.commit_budget
+        self.promote_map = LowRank(d, r, zero_init=True)                # P
+        self.read_mix = nn.Parameter(torch.zeros(d))                    # lam: how much C nudges the input
+        self.commit_budget = config.commit_budget                       # rho (0 = off)
 
     def read(self, state):
         return state["D"] + self.read_mix * state["C"]
 
     def forward(self, state, u, y):
-        erase, write, k, c = self.scratch.gates(u, self.commit_gate)  # every map that reads u
-        D = self.scratch(state["D"], y, erase, write, k)              # deliberate: erase / write
-        commit = torch.sigmoid(c)                                     # (B, T, 1)
-        C = state["C"] + commit * (D + self.promote_map(D))           # commit: append, never erase
-        if self.commit_budget > 0:                                    # optional: ||C|| <= rho
+        D, C = state["D"], state["C"]
+        erase = torch.sigmoid(self.erase_gate(u))           # beta_e = sigmoid(W_e u), per dimension
+        write = torch.sigmoid(self.write_gate(u))           # beta_w = sigmoid(W_w u), per dimension
+        k = self.erase_key(u)                               # k = W_k u / |W_k u|: the erase direction
+        # (k . D) k / |k|^2 is the erase along the unit key, without a pass to normalise k
+        k_dot_D = (k * D).sum(-1, keepdim=True) / k.norm(dim=-1, keepdim=True).clamp_min(1e-12).square()
+        D = D - erase * k_dot_D * k + write * (y + self.write_map(y))      # deliberate: erase, write
+        commit = torch.sigmoid(self.commit_gate(u))         # c = sigmoid(w_c . u), (B, T, 1)
+        C = C + commit * (D + self.promote_map(D))          # commit: append, never erase
+        if self.commit_budget > 0:                          # optional: ||C|| <= rho
             C = C * (self.commit_budget / C.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
         return {"D": D, "C": C}, commit.mean()
+
+
+class DeltaResidual(nn.Module):
+    """delta control: Ledger's erase-and-write rule on a single stream, no separate commitment.
+
+        h <- h - beta_e * (k . h) k + beta_w * W_g y
+
+    Built as the released `delta_only`: full-rank maps, one gate that both erases and writes
+    (beta_e = beta_w), and a write map W_g that starts as the identity. That is y + G(y) at step 0,
+    but weight decay pulls W_g towards 0, not towards I. delta_untied_gates=True gives it two gates,
+    and so a vanilla corner."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        d = config.n_embd
+        self.erase_key = LowRank(d, 0)
+        self.write_map = LowRank(d, 0)
+        nn.init.eye_(self.write_map.up.weight)
+        self.erase_gate = LowRank(d, 0, bias=True, zero_init=True)
+        nn.init.constant_(self.erase_gate.up.bias, config.erase_bias)
+        if config.delta_untied_gates:
+            self.write_gate = LowRank(d, 0, bias=True, zero_init=True)
+            nn.init.constant_(self.write_gate.up.bias, config.write_bias)
+        else:
+            # at the released bias (-3) the one gate erases little and writes only ~5% of y at step 0
+            self.write_gate = self.erase_gate
+
+    def read(self, state):
+        return state["h"]
+
+    def forward(self, state, u, y):
+        h = state["h"]
+        erase = torch.sigmoid(self.erase_gate(u))
+        write = erase if self.write_gate is self.erase_gate else torch.sigmoid(self.write_gate(u))
+        k = self.erase_key(u)
+        k_dot_h = (k * h).sum(-1, keepdim=True) / k.norm(dim=-1, keepdim=True).clamp_min(1e-12).square()
+        return {"h": h - erase * k_dot_h * k + write * self.write_map(y)}, None
 
 
 class HyperResidual(nn.Module):
@@ -555,6 +339,186 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Building blocks, identical in every arm
+
+def linear(fan_in, fan_out, bias=False):
+    """A Linear layer with the GPT-2 init every arm shares: weights ~ N(0, 0.02), biases 0."""
+    layer = nn.Linear(fan_in, fan_out, bias=bias)
+    nn.init.normal_(layer.weight, std=0.02)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        # Biased, as in the released code (whose attention and LM head are not).
+        self.up = linear(config.n_embd, 4 * config.n_embd, bias=True)
+        self.down = linear(4 * config.n_embd, config.n_embd, bias=True)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class LowRank(nn.Module):
+    """dim -> rank -> dim, or one full dim x dim matrix when rank <= 0 or rank >= dim.
+
+    Ledger's extra maps are low rank so that its parameter count stays close to vanilla's: any
+    difference the experiment measures should come from the factorization, not from capacity.
+    `zero_init` makes the map start as exactly zero (only the output factor is zeroed, so the
+    input factor still receives gradient and the map can grow).
+    """
+
+    def __init__(self, dim, rank, bias=False, zero_init=False):
+        super().__init__()
+        full = rank <= 0 or rank >= dim
+        self.down = None if full else linear(dim, rank)
+        self.up = linear(dim if full else rank, dim, bias=bias)
+        if zero_init:
+            nn.init.zeros_(self.up.weight)
+        if not full:
+            self.up.weight = column_major(self.up.weight)
+
+    def forward(self, x):
+        return self.up(x if self.down is None else self.down(x))
+
+
+@dataclass
+class AttentionWeights:
+    """What one attention layer did with its input u, spelled out (SDPA keeps it hidden): metrics.py
+    reads attention sinks, value drains and gates from it. CausalSelfAttention.attention_weights
+    computes it with the same pieces forward uses, and a test checks that it reproduces forward."""
+    weights: torch.Tensor                       # (B, H, T, T): query t's weight on position s <= t
+    values: torch.Tensor                        # (B, H, T, head_dim)
+    sink_weight: Optional[torch.Tensor] = None  # attn_bias: (B, H, T), each query's weight on k'
+    sink_value: Optional[torch.Tensor] = None   # attn_bias: (1, H, 1, head_dim), the value v' it returns
+    gate: Optional[torch.Tensor] = None         # gated: (B, H, T, head_dim), sigmoid(W_g u) per head
+
+
+def visible_keys(T, S, device):
+    """(T, S) bool: which keys each query sees. S = T: positions <= t. S = T + 1: attn_bias's sink
+    key in column 0, which every query sees, then positions <= t."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention of the kind config.attention names (the module docstring lists
+    them); QK-norm, when on, composes with every kind. forward and attention_weights share heads(),
+    attention_probs(), with_sink() and output_gate(); forward keeps SDPA where a kernel computes the
+    same thing faster."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.attention = config.attention
+        self.qkv = linear(config.n_embd, 3 * config.n_embd)
+        self.proj = linear(config.n_embd, config.n_embd)
+        head_dim = config.n_embd // config.n_head
+        # QK-norm bounds the attention logits, removing the usual route by which a model builds an
+        # attention sink out of one huge residual dimension; `suppress` tests whether that suffices.
+        self.q_norm = RMSNorm(head_dim) if config.qk_norm else None
+        self.k_norm = RMSNorm(head_dim) if config.qk_norm else None
+        # Parameters of the other kinds are made only for them, and after the shared ones: a softmax
+        # model has the same parameters, draws the same random numbers and computes the same outputs
+        # as before the kinds existed.
+        if config.attention == "attn_bias":
+            # Sun et al. 2024 (arXiv 2402.17762; locuslab/massive-activations, gpt-2/model_attn_bias.py):
+            # one learned key k' and value v' per head, N(0, 0.02), put in front of every sequence.
+            # A head with nothing to do can park its attention on k' (an explicit sink), so the model
+            # no longer needs to build a sink out of a massive activation on the first token.
+            self.sink_key = nn.Parameter(torch.empty(1, config.n_head, 1, head_dim).normal_(std=0.02))
+            self.sink_value = nn.Parameter(torch.empty(1, config.n_head, 1, head_dim).normal_(std=0.02))
+        elif config.attention == "gated":
+            # Qiu et al. 2025 (arXiv 2505.06708; qiuzh20/gated_attention, modeling_qwen3.py): each head's
+            # output is multiplied elementwise by sigmoid(W_g u), so a head can switch itself off
+            # where softmax would have to park its weight on a sink. Their W_g is extra columns of the
+            # query projection; here it is a separate layer, so that qkv keeps vanilla's shape: its
+            # matmul, and hence q, k, v, are then bit for bit vanilla's, and with the gate pinned to
+            # exactly 1 the model is exactly vanilla (tests/test_ledger.py). The bias is what pins it;
+            # it starts at 0, as their bias-free gate does (sigmoid ~ 0.5 at init).
+            self.gate = linear(config.n_embd, config.n_embd, bias=True)
+
+    def heads(self, x):
+        """q, k, v per head, (B, H, T, head_dim); q and k QK-normed when qk_norm is on."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def with_sink(self, k, v):
+        """attn_bias: k' and v' in front of the keys and values. Sun et al. concatenate them right before
+        attention, so the 1/sqrt(d) scale applies to q.k' as to every logit, but any processing of the
+        keys (QK-norm here) does not: k' is a free parameter, not a function of the residual stream."""
+        B = k.size(0)
+        sink_key, sink_value = (p.to(k.dtype).expand(B, -1, -1, -1) for p in (self.sink_key, self.sink_value))
+        return torch.cat([sink_key, k], dim=2), torch.cat([sink_value, v], dim=2)
+
+    def attention_probs(self, q, k):
+        """(B, H, T, S) weights of the queries on the S keys they may see (visible_keys)."""
+        T, S = q.size(-2), k.size(-2)
+        logits = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        hidden = ~visible_keys(T, S, q.device)
+        if self.attention == "sigmoid":
+            # Gu et al. 2024 (arXiv 2410.10781; sail-sg/Attention-Sink, lit_gpt/model_attn_sim.py with
+            # attention_normalize=False): each weight on its own, sigmoid(q.k / sqrt(d)) times the
+            # causal mask, no bias term and no row normalisation. Weights need not sum to 1, so a head
+            # can attend to nothing at all instead of parking its attention on a sink.
+            return torch.sigmoid(logits).masked_fill(hidden, 0.0)
+        return logits.masked_fill(hidden, float("-inf")).softmax(-1)
+
+    def output_gate(self, x):
+        """gated: sigmoid(W_g u) per head and dimension, (B, H, T, head_dim)."""
+        B, T, C = x.shape
+        return torch.sigmoid(self.gate(x)).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def attention_weights(self, x) -> AttentionWeights:
+        """The weights, values and per-kind extras forward computes from its input x (= u)."""
+        q, k, v = self.heads(x)
+        if self.attention == "attn_bias":
+            probs = self.attention_probs(q, self.with_sink(k, v)[0])
+            return AttentionWeights(probs[..., 1:], v, sink_weight=probs[..., 0], sink_value=self.sink_value)
+        gate = self.output_gate(x) if self.attention == "gated" else None
+        return AttentionWeights(self.attention_probs(q, k), v, gate=gate)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.heads(x)
+        if self.attention == "sigmoid":   # no fused kernel leaves the weights unnormalised
+            y = self.attention_probs(q, k) @ v
+        elif self.attention == "attn_bias":
+            k, v = self.with_sink(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_keys(T, T + 1, x.device))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.attention == "gated":
+            y = y * self.output_gate(x)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed tricks, each with a test that it computes what the plain form does
+
+def column_major(weight: nn.Parameter) -> nn.Parameter:
+    """The same (dim, rank) matrix stored column-major, as the transpose of a contiguous (rank, dim)
+    one: same values and state_dict, but CPU BLAS then runs the backward matmuls of a low-rank
+    map's (tokens x rank) @ (rank x dim) in its fast orientation, 2-5x faster at rank 8."""
+    return nn.Parameter(weight.detach().t().contiguous().t())
+
+
+# ----------------------------------------------------------------------------------------------
 # The vanilla corner
 
 @torch.no_grad()
@@ -581,13 +545,12 @@ def pin_to_vanilla_corner(model: GPT) -> GPT:
 
     for sub in model.sublayers:
         res = sub.residual
-        scratch = res.scratch
-        set_gate(scratch.erase_gate, -1e4)
-        set_gate(scratch.write_gate, 1e4)
-        if scratch.write_plus_y:
-            scratch.write_map.up.weight.zero_()     # y + 0
+        set_gate(res.erase_gate, -1e4)
+        set_gate(res.write_gate, 1e4)
+        if isinstance(res, DeltaResidual):
+            nn.init.eye_(res.write_map.up.weight)   # I y
         else:
-            nn.init.eye_(scratch.write_map.up.weight)  # I y
+            res.write_map.up.weight.zero_()         # y + 0
         if isinstance(res, LedgerResidual):
             res.commit_gate.weight.zero_()
             res.commit_gate.bias.fill_(-1e4)
@@ -596,3 +559,17 @@ def pin_to_vanilla_corner(model: GPT) -> GPT:
     if cfg.residual == "ledger":
         model.decode_gamma.fill_(1.0)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Names and limits the scripts use
+
+def arm_name(arch: str, attention: str = "softmax") -> str:
+    """An arm and its attention kind as one name, 'ledger' or 'vanilla+gated', as bench.py and
+    measure.py print it: the paper's arms keep their names."""
+    return arch if attention == "softmax" else f"{arch}+{attention}"
+
+
+# Checked by cli.parse_overrides as each setting is read
+GPTConfig.LIMITS = {"vocab_size": ">= 1", "block_size": ">= 1", "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1",
+                    "commit_budget": ">= 0", "commit_sparsity": ">= 0"}

@@ -3,7 +3,10 @@ A training run: its settings (TrainConfig, beside the model's ledger.GPTConfig) 
 leaves in its directory, checkpoints written atomically and loaded safely (weights_only, a format
 check), with the model rebuilt from one. train.py runs it; lab.py plans runs, measure.py reads them.
 """
+import fcntl
 import os
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,7 +15,10 @@ import torch
 from cli import ConfigError
 from ledger import ARCHS, GPT, GPTConfig
 
-CHECKPOINT_FORMAT = "ledger-residuals-ckpt/1"
+CHECKPOINT_FORMAT = "ledger-residuals-ckpt/2"
+# Format 1 held the maps that erase and write D under `<sublayer>.residual.scratch.`; format 2 holds
+# them on the residual itself. Loading renames them, so every checkpoint ever written still loads.
+READABLE_FORMATS = ("ledger-residuals-ckpt/1", CHECKPOINT_FORMAT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,11 +97,13 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         raise ConfigError(f"{path} is not a ledger-residuals checkpoint (format {CHECKPOINT_FORMAT} expected)")
     # torch.compile wraps the model as `_orig_mod`; never let that prefix reach the weights
     if isinstance(ckpt.get("model"), dict):
-        ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+        ckpt["model"] = {k.removeprefix("_orig_mod.").replace(".residual.scratch.", ".residual."): v
+                         for k, v in ckpt["model"].items()}
+    ckpt["format"] = CHECKPOINT_FORMAT
     arch = ckpt.get("model_config", {}).get("arch")
     if arch not in ARCHS:
         raise ConfigError(f"{path} holds unknown arm {arch!r}; known arms: {', '.join(ARCHS)}")
@@ -114,3 +122,31 @@ def build_model(ckpt, path, device="cpu"):
     except RuntimeError as e:
         raise ConfigError(f"{path}: weights do not fit the saved config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per run directory
+
+LOCK_NAME = ".lock"
+
+
+@contextmanager
+def claim_run_dir(out_dir):
+    """Hold out_dir for this process: a second writer (train.py or lab.py) gets one error line and
+    writes nothing. The OS lock dies with its process, so a run that was killed leaves no stale lock."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, LOCK_NAME), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ConfigError(f"{out_dir} is in use by another run ({f.read().strip() or 'holder unknown'}); "
+                              f"wait for it to end, or choose another --out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from rundir import CHECKPOINT_FORMAT, TrainConfig, load_checkpoint, save_checkpoint
+from rundir import CHECKPOINT_FORMAT, TrainConfig, claim_run_dir, load_checkpoint, save_checkpoint
 from cli import ConfigError, duration, help_text, parse_overrides, provenance, run_main, wants_help
 from ledger import GPT, GPTConfig, arm_name
 from prepare_data import DataError, load_meta, open_split, sequence_starts, start_token
@@ -166,18 +166,26 @@ def peak_flops(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# The training run
+# The phases of a run: processes, settings and model, the model and optimizer, evaluation and saving
 
-def main(argv=None):
-    started = time.time()
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv):
-        print(help_text(__doc__, TrainConfig, GPTConfig))
-        return
-    train_overrides, model_overrides = parse_overrides(argv, TrainConfig, GPTConfig)
-    cfg = TrainConfig(**train_overrides)
+@dataclass
+class Processes:
+    """Where this process runs and what share of the work is its own."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world: int
+    device: str
+    device_type: str
+    ptdtype: torch.dtype
+    autocast: object
 
-    # --- processes and devices
+    @property
+    def master(self):   # rank 0 alone evaluates, prints, logs and saves
+        return self.rank == 0
+
+
+def start_processes(cfg: TrainConfig) -> Processes:
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = 0, 0, 1
     if ddp:
@@ -185,43 +193,48 @@ def main(argv=None):
     device, device_type, ptdtype, autocast = setup_device(cfg, local_rank if ddp else None)
     if ddp:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    master = rank == 0
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not "
                           f"divisible by the world size {world}")
-    local_accum = cfg.gradient_accumulation_steps // world
-    if device_type == "cpu" and ptdtype != torch.float32 and master:
+    if device_type == "cpu" and ptdtype != torch.float32 and rank == 0:
         print(f"warning: --dtype={cfg.dtype} is slow on a CPU (most CPUs emulate half-precision matmuls); "
               f"--dtype=float32 is usually faster there", file=sys.stderr, flush=True)
+    return Processes(ddp, rank, local_rank, world, device, device_type, ptdtype, autocast)
 
-    # --- data and model
+
+def resume_checkpoint(cfg: TrainConfig, dataset_given: bool):
+    """out_dir/ckpt.pt, checked against the settings that must not change on resume. Without
+    --dataset, a resumed run goes on with the dataset it was trained on, as it keeps its model."""
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    if ckpt.get("optimizer") is None:
+        raise ConfigError(f"{cfg.out_dir}/ckpt.pt has no optimizer state (a kept snapshot?); resume needs "
+                          f"the ckpt.pt that training writes")
+    # The optimizer state must fit the optimizer being built: same kind, same parameter groups
+    # (a checkpoint without decay_norms_and_biases was trained without it), and the same betas and
+    # decay, which load_state_dict would otherwise silently restore over the flags.
+    for key, before in (("optimizer", "adamw"), ("decay_norms_and_biases", False), ("beta1", None),
+                        ("beta2", None), ("weight_decay", None)):
+        trained = ckpt["train_config"].get(key, before)
+        if trained is not None and trained != getattr(cfg, key):
+            raise ConfigError(f"{cfg.out_dir}/ckpt.pt was trained with --{key}={trained}; resume with the same")
+    if not dataset_given:
+        cfg.dataset = ckpt["train_config"].get("dataset", cfg.dataset)
+    return ckpt
+
+
+def model_config_for(cfg: TrainConfig, meta, ckpt, model_overrides) -> GPTConfig:
+    """The checkpoint's model on resume, else one built from the settings for this dataset's vocab."""
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
-    meta = load_meta(data_dir)
-    if cfg.align_windows is None:  # datasets made of sequences record their <bos>
-        cfg.align_windows = meta.get("bos_id") is not None
-    if cfg.align_windows and start_token(meta) is None:
-        raise ConfigError(f"{data_dir} has no <bos> or EOT token to align windows to; drop --align_windows")
-    ckpt = None
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-        if ckpt.get("optimizer") is None:
-            raise ConfigError(f"{cfg.out_dir}/ckpt.pt has no optimizer state (a kept snapshot?); resume needs "
-                              f"the ckpt.pt that training writes")
-        # The optimizer state must fit the optimizer being built: same kind, same parameter groups
-        # (checkpoints from before decay_norms_and_biases existed were trained without it), and the
-        # same betas and decay, which load_state_dict would otherwise silently restore over the flags.
-        for key, before in (("optimizer", "adamw"), ("decay_norms_and_biases", False), ("beta1", None),
-                            ("beta2", None), ("weight_decay", None)):
-            trained = ckpt["train_config"].get(key, before)
-            if trained is not None and trained != getattr(cfg, key):
-                raise ConfigError(f"{cfg.out_dir}/ckpt.pt was trained with --{key}={trained}; "
-                                  f"resume with the same")
+    if ckpt is not None:
         # compared with the saved config as built, so that a setting newer than the checkpoint
         # (attention) counts as its default
         model_config = GPTConfig(**ckpt["model_config"])
         clash = {k: v for k, v in model_overrides.items() if getattr(model_config, k) != v}
         if clash:
             raise ConfigError(f"resume keeps the checkpoint's model; drop {', '.join('--' + k for k in clash)}")
+        if model_config.vocab_size < meta["vocab_size"]:
+            raise ConfigError(f"checkpoint vocab {model_config.vocab_size} < vocab {meta['vocab_size']} of "
+                              f"{data_dir}; it was trained on --dataset={ckpt['train_config'].get('dataset')}")
     else:
         if os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
             raise ConfigError(f"{cfg.out_dir}/ckpt.pt exists; continue it with --init_from=resume "
@@ -232,22 +245,131 @@ def main(argv=None):
             model_config = GPTConfig(**{**model_overrides, "vocab_size": meta["vocab_size"]})
         except ValueError as e:  # an unknown arch, heads that do not divide the width, ...
             raise ConfigError(str(e)) from None
-    if model_config.vocab_size < meta["vocab_size"]:
-        raise ConfigError(f"checkpoint vocab {model_config.vocab_size} < dataset vocab {meta['vocab_size']}")
     for split in ("train", "val"):  # get_batch's condition, checked now rather than after the model is built
         if meta[f"{split}_tokens"] <= model_config.block_size + 1:
             raise ConfigError(f"block_size={model_config.block_size} is too long for {data_dir}: its {split} "
                               f"split has {meta[f'{split}_tokens']:,} tokens; use --block_size="
                               f"{meta[f'{split}_tokens'] - 2} or less")
+    return model_config
 
+
+@torch.no_grad()
+def evaluate(model, cfg: TrainConfig, model_config, meta, proc: Processes):
+    """Mean loss over eval_iters fixed batches per split; for Ledger, the commit gates."""
+    data_dir = os.path.join(cfg.data_root, cfg.dataset)
+    out = {}
+    for split, stream in EVAL_STREAMS.items():
+        losses, gates = [], []
+        for k in range(cfg.eval_iters):
+            x, y = get_batch(data_dir, meta, split, [cfg.seed, stream, 0, k], cfg.batch_size,
+                             model_config.block_size, proc.device, cfg.align_windows)
+            with proc.autocast:
+                _, loss, commit_gates = model(x, y)
+            losses.append(loss.item())
+            if commit_gates is not None:
+                gates.append(commit_gates.float().cpu())
+        out[f"{split}_loss"] = float(np.mean(losses))
+        if gates and split == "val":
+            out["commit_gates"] = [round(g, 5) for g in torch.stack(gates).mean(0).tolist()]
+    return out
+
+
+def train_step(model, optimizer, scaler, lr, iter_num, cfg: TrainConfig, model_config, meta, proc: Processes,
+               wants_stop):
+    """One iteration: gradient_accumulation_steps micro-batches across all processes, then the update.
+    Returns (the global mean training loss, whether any process wants to stop); on a stop, or a
+    non-finite loss, the model is left as it was."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    data_dir = os.path.join(cfg.data_root, cfg.dataset)
+    local_accum = cfg.gradient_accumulation_steps // proc.world
+    loss_sum = torch.zeros((), device=proc.device)
+    for micro in range(local_accum):
+        x, y = get_batch(data_dir, meta, "train", [cfg.seed, TRAIN_STREAM, iter_num, proc.rank * local_accum + micro],
+                         cfg.batch_size, model_config.block_size, proc.device, cfg.align_windows)
+        if not cfg.train_position0:  # the first token, predicted from <bos> alone (ignore_index -1)
+            y[:, 0] = -1
+        # DDP averages gradients over processes; sync only on the last micro-step.
+        sync = not proc.ddp or micro == local_accum - 1
+        with nullcontext() if sync else model.no_sync():
+            total, loss = training_loss(model, x, y, proc.autocast, model_config.commit_sparsity)
+        scaler.scale(total / local_accum).backward()
+        loss_sum += loss.detach().float()
+    # One small all-reduce per iteration: the global mean loss (to log and to check for NaN),
+    # and whether any process wants to stop (signal, or rank 0 reached the target loss).
+    status = torch.stack([loss_sum, torch.tensor(float(wants_stop), device=proc.device)])
+    if proc.ddp:
+        dist.all_reduce(status)
+    train_loss, stop = status[0].item() / cfg.gradient_accumulation_steps, status[1].item() > 0
+    if not math.isfinite(train_loss):
+        if proc.master:
+            print(f"error: non-finite loss ({train_loss}) at iter {iter_num}; stopped before the update, "
+                  f"{cfg.out_dir}/ckpt.pt keeps the last good state; try a lower learning_rate", file=sys.stderr)
+        raise SystemExit(3)
+    if not stop:
+        optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+    return train_loss, stop
+
+
+class RunLog:
+    """log.jsonl in out_dir (and Weights & Biases, when asked for), written by rank 0 only."""
+
+    def __init__(self, cfg: TrainConfig, settings: dict, arm: str):
+        self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+        self.wandb = None
+        if cfg.wandb_log:
+            try:
+                import wandb
+                wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or arm, config=settings)
+                self.wandb = wandb
+            except ImportError:
+                print("wandb is not installed (pip install wandb); logging to log.jsonl only")
+
+    def __call__(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["iter"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run
+
+def main(argv=None):
+    started = time.time()
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text(__doc__, TrainConfig, GPTConfig))
+        return
+    train_overrides, model_overrides = parse_overrides(argv, TrainConfig, GPTConfig)
+    cfg = TrainConfig(**train_overrides)
+    # One writer per run directory: a second run pointed at it stops here, before it writes anything.
+    with claim_run_dir(cfg.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+        proc = start_processes(cfg)
+        try:
+            train(cfg, model_overrides, proc, "dataset" in train_overrides, started)
+        finally:
+            if proc.ddp:
+                dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, model_overrides, proc: Processes, dataset_given, started):
+    # --- data, model and optimizer
+    ckpt = resume_checkpoint(cfg, dataset_given) if cfg.init_from == "resume" else None
+    data_dir = os.path.join(cfg.data_root, cfg.dataset)
+    meta = load_meta(data_dir)
+    if cfg.align_windows is None:  # datasets made of sequences record their <bos>
+        cfg.align_windows = meta.get("bos_id") is not None
+    if cfg.align_windows and start_token(meta) is None:
+        raise ConfigError(f"{data_dir} has no <bos> or EOT token to align windows to; drop --align_windows")
+    model_config = model_config_for(cfg, meta, ckpt, model_overrides)
     torch.manual_seed(cfg.seed)
-    model = GPT(model_config).to(device)
-    raw_model = model  # the plain module: what is saved, evaluated and measured
-    optimizer = configure_optimizer(model, cfg, device_type)
+    raw_model = GPT(model_config).to(proc.device)   # the plain module: what is saved, evaluated and measured
+    optimizer = configure_optimizer(raw_model, cfg, proc.device_type)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model"])
+            raw_model.load_state_dict(ckpt["model"])
         except RuntimeError as e:   # e.g. written before the MLP biases: not this code's model
             raise ConfigError(f"{cfg.out_dir}/ckpt.pt does not fit this code's {model_config.arch} model "
                               f"({str(e).splitlines()[-1].strip()[:120]}); it was written by another version "
@@ -258,77 +380,31 @@ def main(argv=None):
     start_iter = iter_num
     # one record per start: a resumed run may go on at another commit or on another machine
     trained_by = (ckpt.get("trained_by", []) if ckpt else []) + [
-        {**provenance(), "processes": world, "from_iter": iter_num}] if master else []
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    if cfg.compile:
-        model = torch.compile(model)
+        {**provenance(), "processes": proc.world, "from_iter": iter_num}] if proc.master else []
+    scaler = torch.amp.GradScaler(proc.device_type, enabled=proc.ptdtype == torch.float16)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
     eval_model = model  # compiled where asked, never DDP-wrapped: only rank 0 evaluates
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    if proc.ddp:
+        model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_config.block_size
     flops_per_token = model_flops_per_token(model_config, raw_model.num_params(non_embedding=True))
-    peak = peak_flops(device)
-    commit_sparsity = model_config.commit_sparsity
+    peak = peak_flops(proc.device)
     arm = arm_name(model_config.arch, model_config.attention)   # 'ledger', 'vanilla+gated'
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+    log = None
+    if proc.master:
         print(f"arch {arm} | parameters {raw_model.num_params() / 1e6:.2f}M "
               f"({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding) | "
-              f"tokens/iter {tokens_per_iter:,} | device {device} | dtype {cfg.dtype} | world size {world}"
-              + (f" | resumed at iter {iter_num}" if ckpt else ""), flush=True)
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
-    wandb = None
-    if master and cfg.wandb_log:
-        try:
-            import wandb
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or arm,
-                       config={**dataclasses.asdict(cfg), **dataclasses.asdict(model_config)})
-        except ImportError:
-            print("wandb is not installed (pip install wandb); logging to log.jsonl only")
-            wandb = None
+              f"tokens/iter {tokens_per_iter:,} | device {proc.device} | dtype {cfg.dtype} | world size {proc.world}"
+              + (f" | resumed at iter {iter_num} on {cfg.dataset}" if ckpt else ""), flush=True)
+        log = RunLog(cfg, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_config)}, arm)
 
-    def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-        if wandb is not None:
-            wandb.log(record, step=record["iter"])
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss over eval_iters fixed batches per split; for Ledger, the commit gates."""
-        raw_model.eval()
-        out = {}
-        for split, stream in EVAL_STREAMS.items():
-            losses, gates = [], []
-            for k in range(cfg.eval_iters):
-                x, y = get_batch(data_dir, meta, split, [cfg.seed, stream, 0, k], cfg.batch_size,
-                                 model_config.block_size, device, cfg.align_windows)
-                with autocast:
-                    _, loss, commit_gates = eval_model(x, y)
-                losses.append(loss.item())
-                if commit_gates is not None:
-                    gates.append(commit_gates.float().cpu())
-            out[f"{split}_loss"] = float(np.mean(losses))
-            if gates and split == "val":
-                out["commit_gates"] = [round(g, 5) for g in torch.stack(gates).mean(0).tolist()]
-        raw_model.train()
-        return out
-
-    def checkpoint(val_loss, snapshot):
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "model": raw_model.state_dict(),
-            "model_config": dataclasses.asdict(model_config),
-            "train_config": dataclasses.asdict(cfg),
-            "optimizer": optimizer.state_dict(),
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "val_loss": val_loss,
-            "dataset_meta": meta,
-            "rng": {"torch": torch.get_rng_state()},
-            "trained_by": trained_by,
-        }
+    def save(val_loss, snapshot):
+        payload = {"format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
+                   "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(cfg),
+                   "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+                   "val_loss": val_loss, "dataset_meta": meta, "rng": {"torch": torch.get_rng_state()},
+                   "trained_by": trained_by}
         save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), payload)
         if snapshot:  # kept for measurement, not for resuming: the optimizer state would triple it
             save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{iter_num:06d}.pt"), {**payload, "optimizer": None})
@@ -343,71 +419,48 @@ def main(argv=None):
         stop_reason = None
         while True:
             snapshot_due = cfg.ckpt_interval > 0 and iter_num % cfg.ckpt_interval == 0
-            if master and (iter_num % cfg.eval_interval == 0 or snapshot_due or iter_num >= cfg.max_iters):
-                metrics = evaluate()
+            if proc.master and (iter_num % cfg.eval_interval == 0 or snapshot_due or iter_num >= cfg.max_iters):
+                raw_model.eval()
+                metrics = evaluate(eval_model, cfg, model_config, meta, proc)
+                raw_model.train()
                 best_val_loss = min(best_val_loss, metrics["val_loss"])
                 print(f"eval iter {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}"
                       + (f", mean commit gate {np.mean(metrics['commit_gates']):.3f}" if "commit_gates" in metrics else ""),
                       flush=True)
                 log({"iter": iter_num, **metrics, "lr": get_lr(iter_num, cfg)})
                 if iter_num > start_iter:
-                    checkpoint(metrics["val_loss"], snapshot_due)
+                    save(metrics["val_loss"], snapshot_due)
                 if cfg.target_val_loss > 0 and metrics["val_loss"] <= cfg.target_val_loss:
                     stop_reason = f"reached target val loss {cfg.target_val_loss}"
             if iter_num >= cfg.max_iters:
                 break
 
             lr = get_lr(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(local_accum):
-                x, y = get_batch(data_dir, meta, "train", [cfg.seed, TRAIN_STREAM, iter_num, rank * local_accum + micro],
-                                 cfg.batch_size, model_config.block_size, device, cfg.align_windows)
-                if not cfg.train_position0:  # the first token, predicted from <bos> alone (ignore_index -1)
-                    y[:, 0] = -1
-                # DDP averages gradients over processes; sync only on the last micro-step.
-                sync = not ddp or micro == local_accum - 1
-                with nullcontext() if sync else model.no_sync():
-                    total, loss = training_loss(model, x, y, autocast, commit_sparsity)
-                scaler.scale(total / local_accum).backward()
-                loss_sum += loss.detach().float()
-            # One small all-reduce per iteration: the global mean loss (to log and to check for NaN),
-            # and whether any process wants to stop (signal, or rank 0 reached the target loss).
-            wants_stop = float(bool(stop_signal) or stop_reason is not None)
-            status = torch.stack([loss_sum, torch.tensor(wants_stop, device=device)])
-            if ddp:
-                dist.all_reduce(status)
-            train_loss, stop = status[0].item() / cfg.gradient_accumulation_steps, status[1].item() > 0
-            if not math.isfinite(train_loss):
-                if master:
-                    print(f"error: non-finite loss ({train_loss}) at iter {iter_num}; stopped before the update, "
-                          f"{cfg.out_dir}/ckpt.pt keeps the last good state; try a lower learning_rate", file=sys.stderr)
-                raise SystemExit(3)
+            train_loss, stop = train_step(model, optimizer, scaler, lr, iter_num, cfg, model_config, meta, proc,
+                                          wants_stop=bool(stop_signal) or stop_reason is not None)
             if stop:
                 break  # before the update: the saved state is that of the start of this iteration
-            optimizer_step(model, optimizer, scaler, cfg.grad_clip)
             iter_num += 1
             iters_since_log += 1
 
-            if master and iter_num % cfg.log_interval == 0:
-                if device_type == "cuda":
+            if proc.master and iter_num % cfg.log_interval == 0:
+                if proc.device_type == "cuda":
                     torch.cuda.synchronize()
                 dt = (time.time() - t_last) / iters_since_log
                 t_last, iters_since_log = time.time(), 0
                 record = {"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": 1000 * dt,
                           "tokens_per_s": tokens_per_iter / dt}
                 if peak:
-                    record["mfu"] = flops_per_token * tokens_per_iter / dt / (peak * world)
+                    record["mfu"] = flops_per_token * tokens_per_iter / dt / (peak * proc.world)
                 print(f"iter {iter_num}: loss {train_loss:.4f}, {1000 * dt:.0f} ms/iter, "
                       f"{record['tokens_per_s']:,.0f} tok/s" + (f", mfu {100 * record['mfu']:.1f}%" if peak else "")
                       # at the current rate, evaluations not counted
                       + f", {duration((cfg.max_iters - iter_num) * dt)} left", flush=True)
                 log(record)
 
-        if master:
+        if proc.master:
             if stop_signal:
-                checkpoint(None, False)
+                save(None, False)
                 print(f"stopped by signal {stop_signal[0]} at iter {iter_num}; saved {cfg.out_dir}/ckpt.pt "
                       f"(continue with --init_from=resume)", flush=True)
             elif stop_reason:
@@ -416,15 +469,13 @@ def main(argv=None):
                 print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}", flush=True)
             print(f"wall time {duration(time.time() - started)}, tokens seen {iter_num * tokens_per_iter:,}"
                   + (f" ({(iter_num - start_iter) * tokens_per_iter:,} in this run)" if start_iter else ""), flush=True)
-            if device_type == "cuda":
-                print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
+            if proc.device_type == "cuda":
+                print(f"peak memory {torch.cuda.max_memory_allocated(proc.device) / 2**30:.2f} GiB", flush=True)
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        if master:
-            log_file.close()
-        if ddp:
-            dist.destroy_process_group()
+        if log is not None:
+            log.file.close()
 
 
 if __name__ == "__main__":

@@ -73,14 +73,13 @@ def test_every_gate_is_sigmoid_of_its_bias_for_every_token_at_init(arch, overrid
     cfg = model.config
     for i, sub in enumerate(model.sublayers):
         res = sub.residual
-        extra = (res.commit_gate,) if isinstance(res, LedgerResidual) else ()
-        erase, write, _, *commit = res.scratch.gates(u, *extra)
+        erase, write = torch.sigmoid(res.erase_gate(u)), torch.sigmoid(res.write_gate(u))
         tied = arch == "delta" and not cfg.delta_untied_gates
         want_write = cfg.erase_bias if tied else cfg.write_bias   # one gate: both are beta_e
         assert torch.equal(erase, torch.full_like(erase, torch.sigmoid(torch.tensor(cfg.erase_bias)).item()))
         assert torch.equal(write, torch.full_like(write, torch.sigmoid(torch.tensor(want_write)).item()))
-        if commit:
-            c = torch.sigmoid(commit[0])
+        if isinstance(res, LedgerResidual):
+            c = torch.sigmoid(res.commit_gate(u))
             assert torch.equal(c, torch.full_like(c, torch.sigmoid(res.commit_gate.bias).item()))
             # the bias runs from commit_bias_early to commit_bias_late with depth
             depth = i / (len(model.sublayers) - 1)
@@ -104,11 +103,11 @@ def test_delta_and_hc2_start_as_the_released_code_starts_them():
     equal through every sublayer until training breaks the symmetry."""
     delta = tiny("delta")
     for sub in delta.sublayers:
-        scratch = sub.residual.scratch
-        assert scratch.write_gate is scratch.erase_gate and scratch.erase_gate.up.bias[0].item() == -3.0
-        for lowrank in (scratch.erase_key, scratch.erase_gate, scratch.write_map):
+        res = sub.residual
+        assert res.write_gate is res.erase_gate and res.erase_gate.up.bias[0].item() == -3.0
+        for lowrank in (res.erase_key, res.erase_gate, res.write_map):
             assert lowrank.down is None and lowrank.up.weight.shape == (TINY["n_embd"], TINY["n_embd"])
-        assert torch.equal(scratch.write_map.up.weight, torch.eye(TINY["n_embd"], device=DEVICE))
+        assert torch.equal(res.write_map.up.weight, torch.eye(TINY["n_embd"], device=DEVICE))
     hc2 = tiny("hc2")
     for sub in hc2.sublayers:
         res = sub.residual
@@ -152,7 +151,7 @@ def test_commitment_only_ever_receives_commits_of_the_new_scratch():
     model = tiny("ledger")
     with torch.no_grad():
         for sub in model.sublayers:
-            sub.residual.scratch.erase_gate.up.bias.fill_(1e4)   # beta_e = 1: erase along k
+            sub.residual.erase_gate.up.bias.fill_(1e4)   # beta_e = 1: erase along k
             sub.residual.commit_gate.bias.fill_(0.0)            # c ~ 0.5: keep committing
             sub.residual.promote_map.up.weight.normal_(std=0.1)  # a non-trivial promotion P
     streams = []
@@ -172,7 +171,7 @@ def test_commitment_holds_what_was_committed_when_commits_stop():
     with torch.no_grad():
         for i, sub in enumerate(model.sublayers):
             sub.residual.commit_gate.bias.fill_(2.0 if i < 2 else -1e4)
-            sub.residual.scratch.erase_gate.up.bias.fill_(1e4)
+            sub.residual.erase_gate.up.bias.fill_(1e4)
     streams = []
     with torch.no_grad():
         model(tokens(), stream_hook=lambda i, kind, s: streams.append({k: v.clone() for k, v in s.items()}))
@@ -317,3 +316,22 @@ def test_gated_attention_pinned_open_reduces_exactly_to_vanilla(dtype):
         base = vanilla(x)[0]
         assert not torch.equal(gated(x)[0], base)   # the test can fail: at init the gate is ~0.5
         assert torch.equal(pin_gates_open(gated)(x)[0], base)
+
+
+def test_column_major_low_rank_maps_compute_what_plain_contiguous_ones_do():
+    """The speed trick stores a low-rank map's output factor column-major; the map, its gradients and
+    its state_dict are those of the plain (contiguous) layout, up to float rounding."""
+    from ledger import LowRank
+    torch.manual_seed(0)
+    fast = LowRank(32, 8, bias=True)
+    assert not fast.up.weight.is_contiguous() and fast.up.weight.t().is_contiguous()
+    plain = copy.deepcopy(fast)
+    plain.up.weight = torch.nn.Parameter(plain.up.weight.detach().contiguous())
+    assert plain.up.weight.is_contiguous()
+    x = torch.randn(4, 7, 32)
+    for m in (fast, plain):
+        m(x).square().sum().backward()
+    torch.testing.assert_close(fast(x), plain(x))
+    for a, b in zip(fast.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), plain.state_dict().values()))

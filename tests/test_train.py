@@ -288,3 +288,54 @@ def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(char_dat
     a, b = load(tmp_path / "single"), load(tmp_path / "ddp")
     for name in a["model"]:
         assert torch.allclose(a["model"][name], b["model"][name], atol=1e-5, rtol=0), name
+
+
+@pytest.mark.parametrize("arch", ["ledger", "delta"])
+def test_format_1_checkpoints_load_with_their_maps_renamed(tmp_path, arch):
+    """Format 1 held D's erase and write maps under `residual.scratch.`; they load into today's model."""
+    model = ledger.GPT(ledger.GPTConfig(arch=arch, n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=11))
+    old = {k.replace(".residual.", ".residual.scratch.") if any(m in k for m in (
+        "erase_key", "write_map", "erase_gate", "write_gate")) else k: v for k, v in model.state_dict().items()}
+    assert any(".scratch." in k for k in old)
+    rundir.save_checkpoint(str(tmp_path / "ckpt.pt"), {"format": "ledger-residuals-ckpt/1", "model": old,
+                                                      "model_config": {"arch": arch}})
+    loaded = rundir.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert loaded["format"] == rundir.CHECKPOINT_FORMAT
+    assert list(loaded["model"]) == list(model.state_dict())
+
+
+def test_a_second_writer_of_a_run_directory_gets_one_line_and_writes_nothing(char_data, tmp_path):
+    train.main(args(char_data, tmp_path, "--max_iters=2", "--eval_interval=2"))
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    with rundir.claim_run_dir(str(tmp_path)):   # a run holds the directory
+        # a run in another process, as a second train.py would be, is refused with one line
+        done = subprocess.run([sys.executable, os.path.join(REPO, "train.py"),
+                               *args(char_data, tmp_path, "--max_iters=4", "--init_from=resume")],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.startswith("error: ") and "is in use by another run (pid " in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)
+            if name != rundir.LOCK_NAME} == {k: v for k, v in before.items() if k != rundir.LOCK_NAME}
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(char_data, tmp_path):
+    killed = subprocess.Popen([sys.executable, "-c", "import sys, time, rundir\n"
+                               f"with rundir.claim_run_dir({str(tmp_path)!r}):\n"
+                               "    print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline().strip() == "held"
+    killed.kill()
+    killed.wait()
+    assert (tmp_path / rundir.LOCK_NAME).read_text().startswith("pid ")   # the file stays behind
+    train.main(args(char_data, tmp_path, "--max_iters=2", "--eval_interval=2"))
+    assert load(tmp_path)["iter_num"] == 2
+
+
+def test_resume_without_dataset_goes_on_with_the_checkpoints_dataset(char_data, tmp_path):
+    data_root, dataset = char_data
+    common = [f"--data_root={data_root}", f"--out_dir={tmp_path}", *TINY, "--eval_interval=2"]
+    train.main([f"--dataset={dataset}", *common, "--max_iters=2"])
+    assert dataset != rundir.TrainConfig.dataset
+    train.main([*common, "--max_iters=4", "--init_from=resume"])   # no --dataset
+    assert load(tmp_path)["iter_num"] == 4 and load(tmp_path)["train_config"]["dataset"] == dataset
