@@ -10,9 +10,9 @@ token the next token copies the token before the trigger:
 
 Only those copies need attention. Everywhere else a head has nothing to fetch, and its cheapest
 no-op is to park its attention on <bos> and read a value of ~0 there (an attention sink). That sink
-is the mechanism of start-token massive activations, here in a task a 3-layer model learns on a
-laptop. prepare_data.py writes the sequences back to back (each brings its own start token, so no
-separator goes between them), and every training window opens on <bos>.
+is the mechanism of start-token massive activations. prepare_data.py writes the sequences back to
+back (each brings its own start token, so no separator goes between them), and every training
+window opens on <bos>.
 """
 import hashlib
 
@@ -83,9 +83,6 @@ class TokenNames:
 
     def decode(self, ids):
         return " ".join(self.itos[i] for i in ids)
-
-    def spec(self):
-        return {"tokenizer": self.name, "itos": self.itos}
 
 
 def dataset(args, P, names, dtype, chunk=10_000):

