@@ -657,10 +657,11 @@ def prepare(args):
         raise DataError("bigram_backcopy makes its own tokens; drop --tokenizer")
     out_dir = os.path.join(args.out_root, dataset_dir_name(args.dataset, args.tokenizer))
     # Everything that changes the output; a complete output with the same request is kept.
-    request = {"dataset": args.dataset, "tokenizer": args.tokenizer, "val_fraction": val_fraction}
     if args.dataset == "bigram_backcopy":
         request = {"dataset": args.dataset, "seed": args.seed,
                    **{k: v for k, v in sorted(vars(args).items()) if k.startswith("bb_")}}
+    else:
+        request = {"dataset": args.dataset, "tokenizer": args.tokenizer, "val_fraction": val_fraction}
     if args.dataset == "fineweb_edu":
         request["max_tokens"] = args.max_tokens
     if args.dataset == "text":  # edited files need --force: we compare the request, not the files
