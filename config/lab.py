@@ -1,7 +1,8 @@
 # The laptop lab: a start-token massive activation grown on 2 CPU cores, on Guo et al.'s (2024)
-# synthetic Bigram-Backcopy task (prepare_data.py --dataset=bigram_backcopy). Every window opens
-# on <bos> (align_windows resolves to True for this dataset), with one trigger token (prepare_data's
-# default --bb_triggers=1: 3 grew a weaker, seed-dependent outlier; docs/lab.md). Use with any arm:
+# synthetic Bigram-Backcopy task (bigram_backcopy.py, written by prepare_data.py
+# --dataset=bigram_backcopy). Every window opens on <bos> (align_windows resolves to True for this
+# dataset), with one trigger token (prepare_data's default --bb_triggers=1: 3 grew a weaker,
+# seed-dependent outlier; docs/lab.md). Use with any arm:
 #   python train.py config/lab.py --arch=ledger --out_dir=out/lab/ledger
 # docs/lab.md says what it shows and lists every setting tried to find this one.
 dataset = "bigram_backcopy"

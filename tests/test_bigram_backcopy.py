@@ -3,12 +3,13 @@ training, evaluation and measurement look at opens on the start token, so positi
 import numpy as np
 import pytest
 
+import bigram_backcopy
 import measure
 import prepare_data
 import cli
 import rundir
 import train
-from prepare_data import BOS_ID, bigram_backcopy_sequences, process_loss
+from bigram_backcopy import BOS_ID, bigram_backcopy_sequences, process_loss
 
 SMALL = ["--dataset=bigram_backcopy", "--bb_vocab=8", "--bb_triggers=2", "--bb_seq_len=16",
          "--bb_train_seqs=400", "--bb_val_seqs=50"]
@@ -56,8 +57,8 @@ def test_ordinary_transitions_follow_the_bigram_table():
     # 40,000 x 32 draws from an 8-token table: each row is seen >= 15,000 times, so a frequency
     # is within 0.015 of its probability at well over 5 standard errors (sd <= 0.5 / sqrt(15000)).
     args = bb_args()
-    P, _ = prepare_data.bigram_table(args, cache_dir=None)
-    triggers = prepare_data.frequent_tokens(P, 2)
+    P, _ = bigram_backcopy.bigram_table(args)
+    triggers = bigram_backcopy.frequent_tokens(P, 2)
     seqs = bigram_backcopy_sequences(P, triggers, 40_000, 32, np.random.default_rng(7)) - 1
     prev, nxt = seqs[:, 1:-1].ravel(), seqs[:, 2:].ravel()
     ordinary = ~np.isin(prev, triggers)
