@@ -26,8 +26,6 @@ import time
 import tokenize
 import typing
 
-import torch
-
 class ConfigError(ValueError):
     pass
 
