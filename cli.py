@@ -195,6 +195,8 @@ def provenance():
     """Where a result comes from: the commit, the CPU (or GPU), the threads, torch and the date.
     Floating-point sums run in another order on another CPU or thread count, and over thousands of
     steps that moves a lab's numbers as much as a seed does, so every results file names these."""
+    import torch   # here, so that a script's --help and its bad flags stay fast
+
     here = os.path.dirname(os.path.abspath(__file__))
 
     def git(*args):
