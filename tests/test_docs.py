@@ -1,48 +1,34 @@
 """The README and docs/ cannot drift from the code or from what the commands printed.
 
 - A code link names what it points at, [`LedgerResidual.forward`](ledger.py#L410-L418), and its line
-  range must be exactly that function's or class's lines: moving the code fails this test, which
-  prints the range the link should now have.
+  range must be exactly that function's or class's lines. Moving the code fails this test until
+  `make docs` (tools/docs_anchors.py) rewrites the ranges; a renamed function needs its link renamed.
 - Every relative link resolves: the file exists, and a #heading anchor names a heading of it.
 - Every file in docs/results/ is a file a command wrote, and starts with its provenance header
   (cli.results_header: the command, the date, the commit, the machine, torch).
-- A results table copied into the README sits between `<!-- results: docs/results/FILE.md -->` and
-  `<!-- end results -->`, and every one of its lines is a line of that file.
+- A results table copied into a doc sits between `<!-- results: docs/results/FILE.md -->` and
+  `<!-- end results -->`, and every cell of it is the cell of a table of that file in the same row
+  (named by its first cell) and column (named by its header): columns may be left out, never retyped.
 """
-import ast
 import glob
 import os
 import re
+import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "**", "*.md"),
-                                                                           recursive=True))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+from docs_anchors import DOCS, FENCED, definitions, fix_anchors  # noqa: E402
+
 LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
 CODE_LINK = re.compile(r"^`([\w.]+)`$")
 
 
 def links(doc):
     with open(os.path.join(REPO, doc)) as f:
-        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)  # code blocks hold no links
+        text = FENCED.sub("", f.read())
     return [(m.group(1), m.group(2)) for m in LINK.finditer(text)]
-
-
-def definitions(path):
-    """{'Class.method': (first line, last line)} for every def and class in a Python file."""
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    spans = {}
-
-    def visit(node, prefix):
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                name = prefix + child.name
-                spans[name] = (child.lineno, child.end_lineno)
-                visit(child, name + ".")
-    visit(tree, "")
-    return spans
 
 
 def github_anchor(heading):
@@ -53,7 +39,7 @@ def github_anchor(heading):
 
 def anchors(md_path):
     with open(md_path) as f:
-        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+        text = FENCED.sub("", f.read())
     return {github_anchor(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, flags=re.M)}
 
 
@@ -80,7 +66,7 @@ def code_link_error(doc_dir, text, path, anchor):
     if (first, last) != spans[qualified]:
         want = spans[qualified]
         return (f"[`{qualified}`]({path}#{anchor}) points at lines {first}-{last}, but {qualified} is at lines "
-                f"{want[0]}-{want[1]}: use #L{want[0]}-L{want[1]}")
+                f"{want[0]}-{want[1]}: use #L{want[0]}-L{want[1]} (run `make docs`)")
     return None
 
 
@@ -100,6 +86,17 @@ def test_a_moved_function_fails_the_link_check(tmp_path):
     assert "use #L7-L8" in code_link_error(tmp_path, "`second`", "code.py", "L5-L6")
     assert "defines no third" in code_link_error(tmp_path, "`third`", "code.py", "L5-L6")
     assert "must name its target" in code_link_error(tmp_path, "the second function", "code.py", "L5-L6")
+    assert "run `make docs`" in code_link_error(tmp_path, "`second`", "code.py", "L5-L6")
+
+
+def test_make_docs_moves_each_stale_link_to_its_function_and_changes_nothing_else(tmp_path):
+    (tmp_path / "code.py").write_text("\n\nclass A:\n    def f(self):\n        return 1\n\n\ndef g():\n    return 2\n")
+    doc = ("[`A.f`](code.py#L1-L2) and [`g`](code.py#L8-L9), [text](code.py#L1) and [`h`](code.py#L1-L2)\n"
+           "```\n[`g`](code.py#L1-L2) in a code block is an example\n```\n")
+    fixed, moved, unknown = fix_anchors(doc, tmp_path)
+    assert fixed == doc.replace("code.py#L1-L2) and [`g`]", "code.py#L4-L5) and [`g`]")
+    assert moved == 1 and unknown == ["code.py defines no h"]
+    assert code_link_error(tmp_path, "`A.f`", "code.py", "L4-L5") is None
 
 
 @pytest.mark.parametrize("doc", DOCS)
