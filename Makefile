@@ -61,7 +61,7 @@ demo: lab
 
 # The text demo: prepare char-level Shakespeare, train each arm (a finished or interrupted arm is
 # resumed, not redone), then measure all arms at matched validation loss and print the table. At
-# this size a model grows only the precursor of a massive activation (README, "The text demo").
+# this size a model grows only the precursor of a massive activation (docs/text-demo.md).
 # `make demo-text` trains vanilla and ledger (~13 min on 2 cores); `make demo-text-all` adds
 # suppress and ledger-hs (~27 min in all), reusing the runs `make demo-text` already finished.
 demo-text: install
