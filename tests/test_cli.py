@@ -69,9 +69,9 @@ def test_the_default_dataset_is_the_one_prepare_data_writes_by_default():
 # ----------------------------------------------------------------------------------------------
 # The two commands: make demo, make test
 
-def make_dry_run(*args, env=None):
+def make_dry_run(*args):
     """What `make -n ARGS` would run, without running it."""
-    done = subprocess.run(["make", "-n", *args], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, check=True)
     return done.stdout
 
 
