@@ -1,6 +1,20 @@
 # Two commands from a fresh machine: `make demo` (a start-token massive activation grown on a CPU,
 # and the paper's question asked of it) and `make test`.
 PYTHON ?= python3
+# A distribution's own python (Debian 12, Ubuntu 24.04: PEP 668) refuses `pip install` outside a
+# virtual environment. When PYTHON is such a one and lacks a package the targets need, every target
+# runs in a project environment, VENV, that `make install` creates. Inside an active virtual
+# environment, or with the packages already importable, PYTHON is used as it is.
+VENV ?= .venv
+NEEDS_VENV := $(shell $(PYTHON) -c "import importlib.util, os, sys, sysconfig; \
+  managed = sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')); \
+  missing = [m for m in ('torch', 'numpy', 'tiktoken', 'matplotlib', 'pytest') if importlib.util.find_spec(m) is None]; \
+  print('yes' if managed and missing else '')" 2>/dev/null)
+# the python named, which creates VENV and runs the tools that need only its standard library
+BASE_PYTHON := $(PYTHON)
+ifeq ($(NEEDS_VENV),yes)
+  override PYTHON := $(VENV)/bin/python
+endif
 SEED ?= 1337
 # Installed only when torch is missing: the CPU build, not a multi-GB CUDA one.
 TORCH ?= torch==2.13.0
@@ -26,18 +40,28 @@ LAB_MEASURE_FLAGS ?= --match_loss=auto --num_windows=512 --batch_size=128 --thre
 LAB_ARGS ?=
 
 
-.PHONY: install demo demo-text demo-text-all demo-arms lab lab-all lab-sweep lab-runs lab-trajectory results test bench bench-gpu
+.PHONY: install docs demo demo-text demo-text-all demo-arms lab lab-all lab-sweep lab-runs lab-trajectory results test bench bench-gpu
 
 install:
+ifeq ($(NEEDS_VENV),yes)
+	@[ -x $(VENV)/bin/pip ] || { $(BASE_PYTHON) -c "import ensurepip" 2>/dev/null || { echo "error: $(BASE_PYTHON) is \
+	externally managed and has no venv module to create $(VENV) with: sudo apt-get install python3-venv" >&2; exit 2; }; \
+	  echo "creating $(VENV): $(BASE_PYTHON) is externally managed"; $(BASE_PYTHON) -m venv $(VENV); }
+endif
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
 	@$(PYTHON) -c "import numpy, tiktoken, matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q -r requirements.txt
+
+# Point every code link of the README and docs/ at the lines its function has now: run it after
+# moving code (tests/test_docs.py fails on a stale link).
+docs:
+	$(BASE_PYTHON) tools/docs_anchors.py
 
 # The demo is the laptop lab (below).
 demo: lab
 
 # The text demo: prepare char-level Shakespeare, train each arm (a finished or interrupted arm is
 # resumed, not redone), then measure all arms at matched validation loss and print the table. At
-# this size a model grows only the precursor of a massive activation (README, "The text demo").
+# this size a model grows only the precursor of a massive activation (docs/text-demo.md).
 # `make demo-text` trains vanilla and ledger (~13 min on 2 cores); `make demo-text-all` adds
 # suppress and ledger-hs (~27 min in all), reusing the runs `make demo-text` already finished.
 demo-text: install

@@ -67,6 +67,49 @@ def test_the_default_dataset_is_the_one_prepare_data_writes_by_default():
 
 
 # ----------------------------------------------------------------------------------------------
+# The two commands: make demo, make test
+
+def make_dry_run(*args):
+    """What `make -n ARGS` would run, without running it."""
+    done = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_make_runs_a_python_that_has_the_packages_as_it_is():
+    planned = make_dry_run("test", f"PYTHON={sys.executable}")
+    assert f"{sys.executable} -m pytest -q tests" in planned and " -m venv " not in planned
+
+
+def externally_managed_python_without_torch():
+    """The distribution's python3 when it refuses `pip install` (PEP 668) and lacks torch, or None."""
+    python = "/usr/bin/python3"
+    check = ("import importlib.util, os, sys, sysconfig; print(sys.prefix == sys.base_prefix and "
+             "os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')) and "
+             "importlib.util.find_spec('torch') is None)")
+    if os.path.exists(python) and subprocess.run([python, "-c", check], capture_output=True,
+                                                 text=True).stdout.strip() == "True":
+        return python
+    return None
+
+
+@pytest.mark.skipif(externally_managed_python_without_torch() is None,
+                    reason="needs an externally managed /usr/bin/python3 without torch (Debian 12, Ubuntu 24.04)")
+def test_an_externally_managed_python_runs_every_target_in_a_project_venv(tmp_path):
+    python = externally_managed_python_without_torch()
+    planned = make_dry_run("test", f"PYTHON={python}")
+    assert f"{python} -m venv .venv" in planned and ".venv/bin/python -m pytest -q tests" in planned
+    assert "--break-system-packages" not in planned
+    # without python3-venv (Debian strips ensurepip out of it), one error line says what to install
+    (tmp_path / "ensurepip.py").write_text("raise ImportError('not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(["make", "--no-print-directory", "install", f"PYTHON={python}", f"VENV={tmp_path}/venv"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == "" and not os.path.exists(tmp_path / "venv")
+    [error] = [line for line in done.stderr.splitlines() if not line.startswith("make: ***")]
+    assert error.startswith("error: ") and error.endswith("sudo apt-get install python3-venv")
+
+
+# ----------------------------------------------------------------------------------------------
 # --help
 
 @pytest.mark.parametrize("script", sorted(CONFIGS))
