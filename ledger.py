@@ -18,8 +18,8 @@ flows through depth, and which state the LM head decodes.
 
 Initialisation follows the paper's released code (MaruthiV/ledger-residuals): every gate starts as
 exactly its bias, the same for every token (the output weights of its map are zero), G and P start
-as 0, and the MLP's linears carry biases. README.md, "Differences from the released code", lists
-what this repo still does differently.
+as 0, and the MLP's linears carry biases. docs/released-code.md lists what this repo still does
+differently.
 
 Pinned to one gate setting (no erase, full write, G = P = 0, closed commit gate, lam = 0,
 gamma = 1), Ledger's D follows exactly the vanilla h and the model is exactly the vanilla model:
