@@ -17,6 +17,9 @@ it is the name of its folder under --out_root:
     <arm>[-cs<lambda>]-nopos0-s<seed>
                               the same, with position 0's target left out of the training loss
 
+--train_flags sets more train.py settings for every run: --train_flags=--max_iters=1000 trains a
+short lab, and summary.md then says it is one.
+
 A run whose ckpt.pt has reached max_iters is reused as it is. One whose ckpt.pt is short of it (an
 interrupted run) resumes with --init_from=resume, and any other starts from scratch. Each run trains
 in its own process on one thread (OMP_NUM_THREADS=1), its output appended to train.log in its

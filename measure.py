@@ -96,6 +96,8 @@ def parse_args(argv):
     cfg = MeasureConfig(**settings)
     if isinstance(cfg.match_loss, str) and cfg.match_loss != "auto":
         raise MeasureError(f"--match_loss={cfg.match_loss}: expected a val loss or 'auto'")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MeasureError(f"--device={cfg.device} but torch sees no CUDA device; use --device=cpu")
     if not paths:
         raise MeasureError("give at least one checkpoint file or run directory to measure")
     return paths, cfg
@@ -103,13 +105,6 @@ def parse_args(argv):
 
 # ----------------------------------------------------------------------------------------------
 # Loading: checkpoints, the matched-loss choice, the model, the data windows
-
-def load_checkpoint(path):
-    try:
-        return rundir.load_checkpoint(path)
-    except ConfigError as e:
-        raise MeasureError(str(e)) from None
-
 
 def checkpoint_names(run_dir):
     names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt") and n.endswith(".pt"))
@@ -122,13 +117,14 @@ def final_checkpoint(run_dir):
     """(path, checkpoint): ckpt.pt, else the latest kept snapshot."""
     names = checkpoint_names(run_dir)
     path = os.path.join(run_dir, "ckpt.pt" if "ckpt.pt" in names else names[-1])
-    return path, load_checkpoint(path)
+    return path, rundir.load_checkpoint(path)
 
 
 def checkpoints_with_val_loss(run_dir):
     """{path: checkpoint} of the kept checkpoints of a run that record a val loss."""
-    kept = {path: load_checkpoint(path) for path in (os.path.join(run_dir, n) for n in checkpoint_names(run_dir))}
-    kept = {path: ckpt for path, ckpt in kept.items() if ckpt.get("val_loss") is not None}
+    paths = [os.path.join(run_dir, name) for name in checkpoint_names(run_dir)]
+    kept = {path: ckpt for path, ckpt in zip(paths, map(rundir.load_checkpoint, paths))
+            if ckpt.get("val_loss") is not None}
     if not kept:
         raise MeasureError(f"no checkpoint in {run_dir} records a val_loss, so --match_loss cannot pick one")
     return kept
@@ -158,31 +154,26 @@ def load_inputs(paths, cfg):
         raise MeasureError("--match_loss=auto picks among the kept checkpoints of run directories; give some")
     if target is not None:
         kept = {d: checkpoints_with_val_loss(d) for d in run_dirs}
-    if target == "auto":   # the lowest val loss that every run reached: the best matched point all arms share
+    if target == "auto":   # the lowest val loss every run reached: the best matched point all arms share
         target = max(min(ckpt["val_loss"] for ckpt in run.values()) for run in kept.values())
         print(f"--match_loss=auto: {target:.4f}, the lowest val loss every run reached")
     inputs = []
     for path in paths:
         if os.path.isdir(path):
-            ckpt_path, ckpt, distance = (*final_checkpoint(path), None) if target is None else \
-                closest_checkpoint(kept[path], target)
+            if target is None:
+                (ckpt_path, ckpt), distance = final_checkpoint(path), None
+            else:
+                ckpt_path, ckpt, distance = closest_checkpoint(kept[path], target)
             selection = {"checkpoint": "final" if target is None else "matched_loss", "match_loss": target,
                          "auto": cfg.match_loss == "auto", "distance": distance}
         elif os.path.isfile(path):
-            ckpt_path, ckpt = path, load_checkpoint(path)
+            ckpt_path, ckpt = path, rundir.load_checkpoint(path)
             selection = {"checkpoint": "as_given", "match_loss": None, "distance": None}
         else:
             raise MeasureError(f"{path}: no such checkpoint file or run directory")
         check_seq_len(cfg, ckpt, ckpt_path)
         inputs.append((ckpt_path, ckpt, os.path.isdir(path), selection))
     return inputs
-
-
-def build_model(ckpt, path, device):
-    try:
-        return rundir.build_model(ckpt, path, device)
-    except ConfigError as e:
-        raise MeasureError(str(e)) from None
 
 
 @dataclass
@@ -241,6 +232,16 @@ def window_starts(data, cfg, seq_len, align):
     return torch.from_numpy(starts.astype(np.int64))[pick]
 
 
+def windows(ckpt, cfg, path, block_size):
+    """(data, seq_len, align, starts): the windows every pass reads, placed as in training."""
+    data = open_data(ckpt, cfg, path)
+    seq_len = cfg.seq_len or block_size   # never shortened behind the user's back
+    align = cfg.align_windows
+    if align is None:   # as trained; a checkpoint that does not record it was trained unaligned
+        align = bool((ckpt.get("train_config") or {}).get("align_windows"))
+    return data, seq_len, align, window_starts(data, cfg, seq_len, align)
+
+
 def batches(data, starts, seq_len, batch_size, device):
     """Yield (x, y) batches; only one batch of tokens is ever held in memory."""
     for i in range(0, len(starts), batch_size):
@@ -258,15 +259,8 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     go to out_dir."""
     t0 = time.time()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MeasureError(f"--device={cfg.device} but torch sees no CUDA device; use --device=cpu")
-    model = build_model(ckpt, path, device)
-    data = open_data(ckpt, cfg, path)
-    seq_len = cfg.seq_len or model.config.block_size   # never shortened behind the user's back
-    align = cfg.align_windows
-    if align is None:   # as trained; a checkpoint that does not record it was trained unaligned
-        align = bool((ckpt.get("train_config") or {}).get("align_windows"))
-    starts = window_starts(data, cfg, seq_len, align)
+    model = rundir.build_model(ckpt, path, device)
+    data, seq_len, align, starts = windows(ckpt, cfg, path, model.config.block_size)
     batch_fn = lambda: batches(data, starts, seq_len, cfg.batch_size, device)
     names, decoded = model.sublayer_names, model.config.decoded_stream
 
@@ -391,7 +385,7 @@ def trajectory_snapshots(run_dir):
     by_iter = {}
     for name in sorted(checkpoint_names(run_dir), key=lambda n: n == "ckpt.pt"):   # snapshots first
         path = os.path.join(run_dir, name)
-        ckpt = load_checkpoint(path)
+        ckpt = rundir.load_checkpoint(path)
         if ckpt.get("iter_num") is None:
             raise MeasureError(f"{path} records no iter_num, so it has no place on a trajectory")
         by_iter.setdefault(ckpt["iter_num"], (path, ckpt))
@@ -438,7 +432,7 @@ def main(argv=None):
     try:
         paths, cfg = parse_args(argv)
         return run_trajectory(paths, cfg, argv) if cfg.trajectory else run(paths, cfg, argv)
-    except MeasureError as e:
+    except (MeasureError, ConfigError) as e:   # ConfigError: rundir's, for a checkpoint it cannot read
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -486,11 +486,16 @@ class ExtremeTokenStats:
             "value_drain_at_sink_max": float(drain[strongest]),
             "attention": self.attention,
         }
+        return {**out, **self.summarize_kind(sink, strongest, n_later, value_later)}
+
+    def summarize_kind(self, sink, strongest, n_later, value_later):
+        """The attention kind's own numbers beside the sink: attn_bias's explicit sink, sigmoid's
+        mass, gated attention's gate (none for softmax)."""
         if self.attention == "attn_bias":
             explicit = (self.explicit_sink_sum / n_later).numpy()
             top = np.unravel_index(explicit.argmax(), explicit.shape)
             value_drain = (self.sink_value_norm / value_later).numpy()
-            out.update({
+            return {
                 "explicit_sink_per_layer_head": explicit.tolist(),
                 "later_positions_per_layer_head": (self.later_sum / n_later).numpy().tolist(),
                 "explicit_sink_max": float(explicit[top]), "explicit_sink_max_layer_head": [int(i) for i in top],
@@ -499,29 +504,29 @@ class ExtremeTokenStats:
                 # |v'| over the mean |v| of positions >= 1: the explicit sink's own value drain
                 "explicit_sink_value_drain_per_layer_head": value_drain.tolist(),
                 "explicit_sink_value_drain_at_max": float(value_drain[top]),
-            })
-        elif self.attention == "sigmoid":
+            }
+        if self.attention == "sigmoid":
             mass = (self.mass_sum / n_later).numpy()
             lightest = np.unravel_index(mass.argmin(), mass.shape)
-            out.update({
-                "sink_uniform_baseline_per_layer_head": uniform.tolist(),
+            return {
+                "sink_uniform_baseline_per_layer_head": (self.even_share_sum / n_later).numpy().tolist(),
                 "attention_mass_per_layer_head": mass.tolist(),
                 "attention_mass_min": float(mass[lightest]),
                 "attention_mass_min_layer_head": [int(i) for i in lightest],
                 "attention_mass_at_sink_max": float(mass[strongest]),
-            })
-        elif self.attention == "gated":
+            }
+        if self.attention == "gated":
             pos0 = (self.gate_pos0_sum / self.n_seqs.clamp_min(1)[:, None]).numpy()
             later = (self.gate_later_sum / n_later).numpy()
             closed = np.unravel_index(later.argmin(), later.shape)
-            out.update({
+            return {
                 "gate_pos0_per_layer_head": pos0.tolist(), "gate_later_per_layer_head": later.tolist(),
                 "gate_pos0_mean": float(pos0.mean()), "gate_later_mean": float(later.mean()),
                 "gate_later_min": float(later[closed]), "gate_later_min_layer_head": [int(i) for i in closed],
                 "gate_pos0_at_later_min": float(pos0[closed]),
                 "gate_later_at_sink_max": float(later[strongest]),
-            })
-        return out
+            }
+        return {}
 
 
 def head_name(layer_head):
