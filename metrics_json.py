@@ -9,7 +9,8 @@ A key in braces stands for several ({top1,top2}_per_sublayer: top1_per_sublayer 
 list. A tag says when a key is written: [ledger] for Ledger arms only; [attn_bias], [sigmoid], [gated]
 for that attention kind only; [skipped] when no intervention could run; [run dir] when the input was a
 run directory. Per sublayer lists run over model.sublayer_names; per layer and head lists are
-[layer][head]. tests/test_metrics_json.py checks that measure.py writes exactly these keys.
+[layer][head]. The per-snapshot files of --trajectory leave out label, out_dir and notes.
+tests/test_metrics_json.py checks that measure.py writes exactly these keys.
 
 key                                                 meaning
 checkpoint, run_dir                                 the measured file and its folder (absolute paths)
