@@ -17,6 +17,9 @@ it is the name of its folder under --out_root:
     <arm>[-cs<lambda>]-nopos0-s<seed>
                               the same, with position 0's target left out of the training loss
 
+--train_flags sets more train.py settings for every run: --train_flags=--max_iters=1000 trains a
+short lab, and summary.md then says it is one.
+
 A run whose ckpt.pt has reached max_iters is reused as it is. One whose ckpt.pt is short of it (an
 interrupted run) resumes with --init_from=resume, and any other starts from scratch. Each run trains
 in its own process on one thread (OMP_NUM_THREADS=1), its output appended to train.log in its
@@ -24,12 +27,12 @@ folder; the progress shown is read from the log.jsonl that train.py writes besid
 every run at the end of its iteration with a saved checkpoint: the same command then resumes them.
 
 Why a file of its own: the Makefile's shell loop could print a line only when a run ended, and the
-run names, the reuse rules and the sweep's figure are code that tests should run (tests/test_lab.py).
+run names and the reuse rules are code that tests should run (tests/test_lab.py). What is measured
+and reported is measure.py's and reports.py's; this file only schedules the runs and shows them.
 
-Read top to bottom: config, run names, progress, training, the sweep report, main.
+Read top to bottom: config, run names, progress, training, main.
 """
 import json
-import math
 import os
 import re
 import shlex
@@ -44,8 +47,10 @@ import numpy as np
 
 import cli
 import measure
+import reports
 import rundir
 from ledger import ARCHS, ATTENTIONS, GPTConfig
+from metrics_json import read_metrics
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 POLL_S = 0.5     # how often finished runs are noticed and the next ones started
@@ -58,6 +63,7 @@ POLL_S = 0.5     # how often finished runs are noticed and the next ones started
 class LabConfig:
     out_root: str = "out/lab"        # each run trains into <out_root>/<run name>
     config: str = "config/lab.py"    # the training preset every run starts from
+    train_flags: str = ""            # more train.py settings for every run, e.g. "--max_iters=1000" (a short lab)
     jobs: int = 2                    # runs trained at once, each on one CPU thread
     refresh_s: float = 5.0           # seconds between progress updates
     sgd_flags: str = "--optimizer=sgd --learning_rate=0.5 --min_lr=0.05 --weight_decay=0"  # train.py settings of vanilla-sgd:
@@ -123,7 +129,8 @@ def plan_run(name, cfg):
     if match["nopos0"]:  # what grows the lab's outlier: position 0's own prediction, or the sink?
         flags.append("--train_position0=False")
     out_dir = os.path.join(cfg.out_root, name)
-    argv = [cfg.config, f"--arch={arch}", f"--seed={seed}", f"--out_dir={out_dir}", *flags]
+    argv = [cfg.config, *shlex.split(cfg.train_flags), f"--arch={arch}", f"--seed={seed}", f"--out_dir={out_dir}",
+            *flags]   # after train_flags: what the name says wins
     try:
         settings, _ = cli.parse_overrides(argv, rundir.TrainConfig, GPTConfig)
     except cli.ConfigError as e:
@@ -302,143 +309,6 @@ def train_runs(runs, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# The sweep report: C's numbers against the commit sparsity lambda, a band over seeds, vanilla's
-# band beside them as the reference
-
-def ledger_value(key):
-    return lambda m, s: (m.get("ledger_streams") or {}).get(key)
-
-
-SWEEP_METRICS = [   # (key, title, value from a run's metrics m and its decoded stream s, log scale, vanilla has it)
-    ("pos0_ratio", "ratio at position 0 (dominant dim / median dim)", lambda m, s: s["peak_pos0_ratio"], True, True),
-    ("concentration", "start-token concentration", lambda m, s: s["start_token_concentration_peak"], True, True),
-    ("concentration_normalized", "start-token concentration, per-token normalised",
-     lambda m, s: s["normalized"]["start_token_concentration_peak"], True, True),
-    ("carries_D_dim", "C's dominant dim is D's (fraction of seeds)", ledger_value("C_carries_D_dim"), False, False),
-    ("zero_delta", "Δ val loss, dominant dim zeroed at position 0",
-     lambda m, s: (m.get("interventions") or {}).get("zero_delta"), False, True),
-    ("commit_gate", "mean commit gate", ledger_value("commit_gate_mean"), True, False),   # 0.3 to 0.0003 over lambda
-    ("norm_pos0", "‖C‖ at position 0, last sublayer",
-     lambda m, s: s["mean_norm_pos0_per_sublayer"][-1], True, True),
-    ("norm_later", "‖C‖ at positions 1..T-1, last sublayer",
-     lambda m, s: s["mean_norm_later_per_sublayer"][-1], True, True),
-]
-
-
-def spread(values):
-    values = [float(v) for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": float(np.mean(values)), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def sweep_summary(metrics):
-    """Per lambda (and for vanilla), mean, min and max over seeds of every SWEEP_METRICS number."""
-    ledger, vanilla = {}, []
-    for m in metrics:
-        # the curve and its reference are the arms as trained by default: SGD, another attention kind or a
-        # loss without position 0's target is another experiment, not a point of it
-        if (m.get("optimizer", "adamw") != "adamw" or m.get("attention", "softmax") != "softmax"
-                or not (m.get("train_config") or {}).get("train_position0", True)):
-            continue
-        if m["decoded_stream"] == "C":
-            ledger.setdefault(float(m["model_config"]["commit_sparsity"]), []).append(m)
-        elif m["arch"] == "vanilla":
-            vanilla.append(m)
-    if not ledger:
-        raise LabError("--sweep draws Ledger's numbers against the commit sparsity, but no Ledger run was measured")
-
-    def summarize(runs, ledger_only=True):
-        return {key: spread(get(m, m["streams"][m["decoded_stream"]]) for m in runs)
-                for key, _, get, _, for_vanilla in SWEEP_METRICS if ledger_only or for_vanilla}
-
-    return {"lambdas": sorted(ledger),
-            "ledger": {lam: {"runs": [os.path.basename(m["run_dir"]) for m in ledger[lam]], **summarize(ledger[lam])}
-                       for lam in sorted(ledger)},
-            "vanilla": {"runs": [os.path.basename(m["run_dir"]) for m in vanilla], **summarize(vanilla, False)}
-            if vanilla else None}
-
-
-def significant(x, digits=3):
-    """x to `digits` significant digits, in plain notation: the gates span 0.3 to 0.0003 across λ,
-    the concentrations 1 to 10^5, and a fixed number of decimals shows one end of them as 0."""
-    x = float(f"{x:.{digits}g}")   # round first, so that 99.95 reads 100, not 100.0
-    if x == 0 or abs(x) >= 10 ** (digits - 1):
-        return f"{x:.0f}"
-    return f"{x:.{digits - 1 - math.floor(math.log10(abs(x)))}f}"
-
-
-def sweep_table(summary):
-    def cell(key, stats):
-        if stats is None:
-            return "—"
-        if key == "carries_D_dim":
-            return f"{round(stats['mean'] * stats['n'])} of {stats['n']}"
-        return f"{significant(stats['mean'])} [{significant(stats['min'])}, {significant(stats['max'])}]"
-
-    keys = [key for key, *_ in SWEEP_METRICS]
-    rows = [[f"{lam:g}", str(len(s["runs"])), *(cell(k, s[k]) for k in keys)] for lam, s in summary["ledger"].items()]
-    if summary["vanilla"]:
-        v = summary["vanilla"]
-        rows.append(["vanilla (h)", str(len(v["runs"])), *(cell(k, v.get(k)) for k in keys)])
-    return measure.markdown_table(["commit sparsity λ", "runs", *(title for _, title, *_ in SWEEP_METRICS)], rows)
-
-
-def plot_sweep(summary, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    lams = summary["lambdas"]
-    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
-    for ax, (key, title, _, log, _) in zip(axes.flat, SWEEP_METRICS):
-        stats = [summary["ledger"][lam][key] for lam in lams]
-        have = [(lam, s) for lam, s in zip(lams, stats) if s is not None]
-        if have:
-            x = [lam for lam, _ in have]
-            ax.fill_between(x, [s["min"] for _, s in have], [s["max"] for _, s in have], alpha=0.25,
-                            label="Ledger C, min-max over seeds")
-            ax.plot(x, [s["mean"] for _, s in have], marker="o", label="Ledger C, mean")
-        v = (summary["vanilla"] or {}).get(key)
-        if v is not None:
-            ax.axhspan(v["min"], v["max"], color="grey", alpha=0.2, label="vanilla h, min-max")
-            ax.axhline(v["mean"], color="grey", linestyle="--", label="vanilla h, mean")
-        positive = [s["min"] for _, s in have] + ([v["min"]] if v else [])
-        if log and positive and min(positive) > 0:
-            ax.set_yscale("log")
-            measure.readable_log_axis(ax)
-        # lambda = 0 belongs on the axis: linear near 0, logarithmic from the smallest lambda > 0 on
-        nonzero = [lam for lam in lams if lam > 0]
-        if nonzero:
-            ax.set_xscale("symlog", linthresh=min(nonzero))
-        ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
-        if key == "carries_D_dim":
-            ax.set_ylim(-0.05, 1.05)
-        ax.set(title=title, xlabel="commit sparsity λ")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
-
-
-def sweep_report(metrics, out_dir, command=()):
-    """sweep.json, sweep.md and sweep.png from the measured runs' metrics (metrics.json files)."""
-    summary = sweep_summary(metrics)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(measure.jsonable(summary), f, indent=1, allow_nan=False)
-    plot_sweep(summary, os.path.join(out_dir, "sweep.png"))
-    trained = {os.path.basename(m["run_dir"]): m.get("trained_by", []) for m in metrics}
-    text = (cli.results_header("lab.py", command, trained)
-            + "\n# The commit-sparsity dose-response: Ledger's decoded stream C against λ\n\n"
-            + sweep_table(summary)
-            + "\n\nEach cell: mean [min, max] over seeds, at matched loss (summary.md beside this file says which "
-              "checkpoints). Ratio and concentration at the decoded stream's peak sublayer; the norms are mean token "
-              "norms at the last sublayer, the one the head decodes. The vanilla row is the reference band.\n")
-    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
-        f.write(text)
-    print(text)
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------
 # Main
 
 def run_lab(names, cfg, command=()):
@@ -447,10 +317,12 @@ def run_lab(names, cfg, command=()):
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise LabError(f"run {', '.join(repeated)} named twice")
-    try:   # checked even when no run uses them, so that a typo never waits for the next vanilla-sgd run
-        cli.parse_overrides(shlex.split(cfg.sgd_flags), rundir.TrainConfig)
-    except cli.ConfigError as e:
-        raise LabError(f"--sgd_flags: {e}") from None
+    # checked even when no run uses them, so that a typo never waits for the next vanilla-sgd run
+    for key, configs in (("train_flags", (rundir.TrainConfig, GPTConfig)), ("sgd_flags", (rundir.TrainConfig,))):
+        try:
+            cli.parse_overrides(shlex.split(getattr(cfg, key)), *configs)
+        except (cli.ConfigError, ValueError) as e:   # ValueError: shlex's unclosed quote
+            raise LabError(f"--{key}: {e}") from None
     runs = {}
     for name in names:   # every name and setting checked before any run starts
         run = plan_run(name, cfg)
@@ -472,12 +344,8 @@ def run_lab(names, cfg, command=()):
         return None
     print(f"=== measuring at matched loss -> {measure_dir}", flush=True)
     results = measure.main(measure_argv)
-    if cfg.sweep:
-        metrics = []
-        for m in results:
-            with open(os.path.join(m["out_dir"], "metrics.json")) as f:
-                metrics.append(json.load(f))
-        sweep_report(metrics, measure_dir, command)
+    if cfg.sweep:   # from the files, as any later report would read them
+        reports.sweep_report([read_metrics(m["out_dir"]) for m in results], measure_dir, command)
         print(f"sweep: {os.path.join(measure_dir, 'sweep.md')}, sweep.png and sweep.json beside it")
     return results
 

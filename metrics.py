@@ -14,7 +14,8 @@ reduced at every sublayer output to running float64 sums over the windows, and f
   Sun-massive      entries with |x| > 100 and >= 1000x their token's median (Sun et al.'s rule)
   residual peak    position 0's L2 norm over the mean norm of later positions (Guo et al. 2024)
   released         the released code's definitions: peak over all sublayers, kurtosis as the max
-  normalised       pos-0 ratio, concentration and residual peak after x / rms(x), as a norm reads it
+  normalised       pos-0 ratio, concentration and residual peak after x / rms(x), as a norm reads it:
+                   the same sums over a second StreamStats, fed x / rms(x)
   top tokens       the tokens off position 0 that carry the dominant dimension: a delimiter feature?
   sink             per head, the attention weight that queries 1..T-1 put on position 0
   value drain      per head, |v| at position 0 over the mean |v| later: small makes a sink a no-op
@@ -25,6 +26,7 @@ reduced at every sublayer output to running float64 sums over the windows, and f
 import contextlib
 import copy
 import string
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,7 +57,7 @@ class StreamStats:
     """Running float64 sums for one stream over all sublayers. Each update reduces a (B, T, D)
     activation to per-dimension and per-sublayer vectors at once; nothing scales with batches."""
 
-    def __init__(self, n_sublayers, dim):
+    def __init__(self, n_sublayers, dim, normalized=True):
         L, f64 = n_sublayers, torch.float64
         self.abs_sum = torch.zeros(L, dim, dtype=f64)          # sum |x| per dim, all positions
         self.abs_sum_pos0 = torch.zeros(L, dim, dtype=f64)     # ... at position 0 only
@@ -72,16 +74,13 @@ class StreamStats:
         self.max_abs = torch.zeros(L, dtype=f64)
         self.sun_count = torch.zeros(L, dtype=torch.int64)     # Sun et al.'s massive entries
         self.sun_count_pos0 = torch.zeros(L, dtype=torch.int64)
-        # The same sums after per-token RMS normalisation (x / rms(x), "unit"): what an RMSNorm that
-        # reads this stream sees (the head's for C; every sublayer's and the head's for h), each
-        # token's own scale divided out
-        self.unit_abs_sum = torch.zeros(L, dim, dtype=f64)
-        self.unit_abs_sum_pos0 = torch.zeros(L, dim, dtype=f64)
-        self.unit_norm_sum = torch.zeros(L, dtype=f64)
-        self.unit_norm_sum_pos0 = torch.zeros(L, dtype=f64)
+        # The same sums over x / rms(x), each token's own scale divided out: what an RMSNorm that
+        # reads this stream sees (the head's for C; every sublayer's and the head's for h)
+        self.normalized = StreamStats(L, dim, normalized=False) if normalized else None
 
     def state_nbytes(self):
-        return sum(t.numel() * t.element_size() for t in vars(self).values())
+        own = sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+        return own + (self.normalized.state_nbytes() if self.normalized else 0)
 
     @torch.no_grad()
     def update(self, i, x):
@@ -113,12 +112,8 @@ class StreamStats:
         self.max_abs[i] = torch.maximum(self.max_abs[i], flat.max().double().cpu())
         self.sun_count[i] += int(massive.sum())
         self.sun_count_pos0[i] += int(massive.view(B, T, D)[:, 0].sum())
-        unit = torch.nn.functional.rms_norm(x, (D,), eps=RMS_EPS)
-        unit_abs, unit_norms = unit.abs(), unit.norm(dim=-1)
-        self.unit_abs_sum[i] += unit_abs.sum((0, 1), dtype=f64).cpu()
-        self.unit_abs_sum_pos0[i] += unit_abs[:, 0].sum(0, dtype=f64).cpu()
-        self.unit_norm_sum[i] += unit_norms.sum(dtype=f64).cpu()
-        self.unit_norm_sum_pos0[i] += unit_norms[:, 0].sum(dtype=f64).cpu()
+        if self.normalized is not None:
+            self.normalized.update(i, torch.nn.functional.rms_norm(x, (D,), eps=RMS_EPS))
 
     # per (sublayer, dim) means, as numpy arrays
     def mean_abs(self):
@@ -138,72 +133,56 @@ class StreamStats:
         """The dimension with the largest mean |x| summed across depth."""
         return int(self.mean_abs().sum(0).argmax())
 
-    def summarize(self, sublayer_names=None):
-        """The paper's structure metrics for this stream (see the module docstring)."""
+    def ratios(self, dom):
+        """The per-sublayer ratios of this stream for dimension `dom` (see SublayerRatios)."""
         mean_abs, pos0, rest = self.mean_abs(), self.mean_abs_pos0(), self.mean_abs_rest()
-        L = mean_abs.shape[0]
-        names = sublayer_names or [str(i) for i in range(L)]
-        n = self.n_tokens.numpy()
-        dom = self.dominant_dim()
-        top_dim = mean_abs.argmax(1)
-        # Fixed-dimension ratio: the top dimension's mean |x| over the median dimension's.
-        dim_ratio = mean_abs.max(1) / np.maximum(np.median(mean_abs, 1), 1e-30)
-        # The same ratio on the first token alone: how the paper states an outlier's size ("~20x the
-        # median at position 0" for the precursor, 100-1000x for a massive activation).
-        pos0_ratio = pos0[:, dom] / np.maximum(np.median(pos0, 1), 1e-30)
-        concentration = pos0[:, dom] / np.maximum(rest[:, dom], 1e-30)
-        norm = self.norm_sum.numpy() / n
-        # Trap (1): C is nearly empty early on, so a ratio over its tiny median looks huge there.
-        # Only sublayers whose stream norm reaches NORM_FRACTION of the final norm compete for the peak.
-        eligible = norm >= NORM_FRACTION * norm[-1]
-        peak = int(np.where(eligible, dim_ratio, -np.inf).argmax())
-        emerged = np.flatnonzero(eligible & (top_dim == dom))
-        emergence = int(emerged[0]) if len(emerged) else None
-        top = self.top_sum.numpy() / n[:, None]
-        median = self.median_sum.numpy() / n
-        kurtosis = self.kurtosis_sum.numpy() / n
-        # Residual-state peak (Guo et al. 2024): position 0's L2 norm over the mean of positions >= 1.
-        # The whole vector can grow without any one dimension leaving the median behind, so the
-        # per-dimension ratios can miss it. The max uses the same eligible sublayers as the peak.
-        n_seqs = self.n_seqs.numpy()
+        n, n_seqs = self.n_tokens.numpy(), self.n_seqs.numpy()
         norm_pos0 = self.norm_sum_pos0.numpy() / n_seqs
         norm_later = (self.norm_sum.numpy() - self.norm_sum_pos0.numpy()) / np.maximum(n - n_seqs, 1)
-        residual_peak = norm_pos0 / np.maximum(norm_later, 1e-30)
-        top_peak = int(np.where(eligible, residual_peak, -np.inf).argmax())
-        # The released code's definitions (its probe.py and analyze.py), for numbers comparable with
-        # the paper's: the peak ratio is the max over *all* sublayers (no norm filter); the
-        # start-token concentration divides position 0 by the mean over *all* positions, position 0
-        # included, at the sublayer where the dominant dim is largest on average; kurtosis is the max
-        # over sublayers. For a ratio r of ours at one sublayer theirs is T r / (r + T - 1), at most T.
-        dom_peak = int(mean_abs[:, dom].argmax())
-        concentration_all = pos0[:, dom] / np.maximum(mean_abs[:, dom], 1e-30)
-        released = {
-            "peak_ratio": float(dim_ratio.max()), "peak_sublayer": int(dim_ratio.argmax()),
-            "peak_sublayer_name": names[int(dim_ratio.argmax())],
-            "start_token_concentration": float(concentration_all[dom_peak]),
-            "concentration_sublayer": dom_peak, "concentration_sublayer_name": names[dom_peak],
-            "start_token_concentration_per_sublayer": concentration_all.tolist(),
-            "kurtosis_max": float(kurtosis.max()),
-        }
+        return SublayerRatios(
+            ratio=mean_abs.max(1) / np.maximum(np.median(mean_abs, 1), 1e-30),
+            pos0_ratio=pos0[:, dom] / np.maximum(np.median(pos0, 1), 1e-30),
+            concentration=pos0[:, dom] / np.maximum(rest[:, dom], 1e-30),
+            concentration_all=pos0[:, dom] / np.maximum(mean_abs[:, dom], 1e-30),
+            norm=self.norm_sum.numpy() / n, norm_pos0=norm_pos0, norm_later=norm_later,
+            residual_peak=norm_pos0 / np.maximum(norm_later, 1e-30))
+
+    def summarize(self, sublayer_names=None):
+        """The paper's structure metrics for this stream (see the module docstring; metrics_json.py
+        lists every key)."""
+        mean_abs, n = self.mean_abs(), self.n_tokens.numpy()
+        names = sublayer_names or [str(i) for i in range(mean_abs.shape[0])]
+        dom = self.dominant_dim()
+        top_dim = mean_abs.argmax(1)
+        r = self.ratios(dom)
+        # Trap (1): C is nearly empty early on, so a ratio over its tiny median looks huge there.
+        # Only sublayers whose stream norm reaches NORM_FRACTION of the final norm compete for the peak.
+        eligible = r.norm >= NORM_FRACTION * r.norm[-1]
+        peak = int(np.where(eligible, r.ratio, -np.inf).argmax())
+        emerged = np.flatnonzero(eligible & (top_dim == dom))
+        # The residual peak's max uses the same eligible sublayers as the ratio's peak.
+        top_peak = int(np.where(eligible, r.residual_peak, -np.inf).argmax())
+        top, median = self.top_sum.numpy() / n[:, None], self.median_sum.numpy() / n
+        kurtosis = self.kurtosis_sum.numpy() / n
+        released = released_definitions(self, dom, names)
         return {
             "dominant_dim": dom,
             "persistence": float((top_dim == dom).mean()),
             "top_dim_per_sublayer": top_dim.tolist(),
-            "emergence_sublayer": emergence,
+            "emergence_sublayer": int(emerged[0]) if len(emerged) else None,
             "eligible_per_sublayer": eligible.tolist(),
             "peak_sublayer": peak, "peak_sublayer_name": names[peak],
-            "peak_ratio": float(dim_ratio[peak]),
-            "final_ratio": float(dim_ratio[-1]),
-            "ratio_per_sublayer": dim_ratio.tolist(),
-            "peak_pos0_ratio": float(pos0_ratio[peak]), "final_pos0_ratio": float(pos0_ratio[-1]),
-            "pos0_ratio_per_sublayer": pos0_ratio.tolist(),
-            "start_token_concentration_peak": float(concentration[peak]),
-            "start_token_concentration_final": float(concentration[-1]),
-            "start_token_concentration_per_sublayer": concentration.tolist(),
-            "dominant_mean_abs_pos0_per_sublayer": pos0[:, dom].tolist(),
-            "dominant_mean_abs_rest_per_sublayer": rest[:, dom].tolist(),
+            "peak_ratio": float(r.ratio[peak]), "final_ratio": float(r.ratio[-1]),
+            "ratio_per_sublayer": r.ratio.tolist(),
+            "peak_pos0_ratio": float(r.pos0_ratio[peak]), "final_pos0_ratio": float(r.pos0_ratio[-1]),
+            "pos0_ratio_per_sublayer": r.pos0_ratio.tolist(),
+            "start_token_concentration_peak": float(r.concentration[peak]),
+            "start_token_concentration_final": float(r.concentration[-1]),
+            "start_token_concentration_per_sublayer": r.concentration.tolist(),
+            "dominant_mean_abs_pos0_per_sublayer": self.mean_abs_pos0()[:, dom].tolist(),
+            "dominant_mean_abs_rest_per_sublayer": self.mean_abs_rest()[:, dom].tolist(),
             "top5_dims_at_peak": [[int(d), float(mean_abs[peak, d])] for d in np.argsort(-mean_abs[peak])[:5]],
-            "mean_norm_per_sublayer": norm.tolist(),
+            "mean_norm_per_sublayer": r.norm.tolist(),
             "top1_per_sublayer": top[:, 0].tolist(), "top2_per_sublayer": top[:, 1].tolist(),
             "top3_per_sublayer": top[:, 2].tolist(), "median_per_sublayer": median.tolist(),
             "kurtosis_per_sublayer": kurtosis.tolist(),
@@ -214,46 +193,71 @@ class StreamStats:
             "sun_massive_count_per_sublayer": self.sun_count.tolist(),
             "sun_massive_count_total": int(self.sun_count.sum()),
             "sun_massive_count_pos0": int(self.sun_count_pos0.sum()),
-            "residual_peak": {"per_sublayer": residual_peak.tolist(), "max": float(residual_peak[top_peak]),
+            "residual_peak": {"per_sublayer": r.residual_peak.tolist(), "max": float(r.residual_peak[top_peak]),
                               "max_sublayer": top_peak, "max_sublayer_name": names[top_peak],
-                              "final": float(residual_peak[-1])},
+                              "final": float(r.residual_peak[-1])},
             "released_definitions": released,
-            "mean_norm_pos0_per_sublayer": norm_pos0.tolist(), "mean_norm_later_per_sublayer": norm_later.tolist(),
-            "normalized": self.summarize_normalized(dom, peak, dom_peak, eligible),
+            "mean_norm_pos0_per_sublayer": r.norm_pos0.tolist(), "mean_norm_later_per_sublayer": r.norm_later.tolist(),
+            "normalized": normalized_summary(self.normalized.ratios(dom), peak, released["concentration_sublayer"],
+                                             eligible),
         }
 
-    def summarize_normalized(self, dom, peak, dom_peak, eligible):
-        """The headline numbers after per-token RMS normalisation, for the same dimension and at the
-        same sublayers as the raw ones beside them. A stream whose position 0 is simply larger than
-        its other positions (Ledger's C while lam ~ 0: only the final norm reads it, and it divides
-        the scale out) has a large raw concentration and residual peak but normalised ones near 1.
-        The within-token pos-0 ratio hardly moves: it divides two dimensions of the same token. The
-        normalised residual peak is ~1 by construction (every unit token has norm sqrt(D)) unless a
-        token's RMS is so small (< ~1e-3) that the eps, as in the model's own norm, keeps it small."""
-        n, n_seqs = self.n_tokens.numpy(), self.n_seqs.numpy()
-        n_rest = np.maximum(n - n_seqs, 1)
-        unit_abs = self.unit_abs_sum.numpy() / n[:, None]
-        pos0 = self.unit_abs_sum_pos0.numpy() / n_seqs[:, None]
-        rest = (self.unit_abs_sum.numpy() - self.unit_abs_sum_pos0.numpy()) / n_rest[:, None]
-        dim_ratio = unit_abs.max(1) / np.maximum(np.median(unit_abs, 1), 1e-30)
-        pos0_ratio = pos0[:, dom] / np.maximum(np.median(pos0, 1), 1e-30)
-        concentration = pos0[:, dom] / np.maximum(rest[:, dom], 1e-30)
-        concentration_all = pos0[:, dom] / np.maximum(unit_abs[:, dom], 1e-30)
-        norm_pos0 = self.unit_norm_sum_pos0.numpy() / n_seqs
-        norm_later = (self.unit_norm_sum.numpy() - self.unit_norm_sum_pos0.numpy()) / n_rest
-        residual_peak = norm_pos0 / np.maximum(norm_later, 1e-30)
-        return {
-            "definition": f"x / sqrt(mean(x^2) + {RMS_EPS:g}) per token, as RMSNorm without its gain; the raw "
-                          f"numbers' dominant dim and sublayers",
-            "peak_ratio": float(dim_ratio[peak]), "ratio_per_sublayer": dim_ratio.tolist(),
-            "peak_pos0_ratio": float(pos0_ratio[peak]), "pos0_ratio_per_sublayer": pos0_ratio.tolist(),
-            "start_token_concentration_peak": float(concentration[peak]),
-            "start_token_concentration_final": float(concentration[-1]),
-            "start_token_concentration_per_sublayer": concentration.tolist(),
-            "released_start_token_concentration": float(concentration_all[dom_peak]),
-            "residual_peak": {"per_sublayer": residual_peak.tolist(), "max": float(residual_peak[eligible].max()),
-                              "final": float(residual_peak[-1])},
-        }
+
+@dataclass
+class SublayerRatios:
+    """Per sublayer (numpy arrays), for one dimension dom of a stream."""
+    ratio: np.ndarray              # the top dimension's mean |x| over the median dimension's
+    pos0_ratio: np.ndarray         # the same at position 0, of dom: how the paper states an outlier's
+                                   # size ("~20x the median at position 0" for the precursor)
+    concentration: np.ndarray      # dom's mean |x| at position 0 over positions 1..T-1
+    concentration_all: np.ndarray  # ... over all positions, position 0 included (the released code's)
+    norm: np.ndarray               # mean token L2 norm
+    norm_pos0: np.ndarray          # ... at position 0
+    norm_later: np.ndarray         # ... at positions 1..T-1
+    # Residual-state peak (Guo et al. 2024): position 0's L2 norm over the mean of positions >= 1.
+    # The whole vector can grow without any one dimension leaving the median behind, so the
+    # per-dimension ratios can miss it.
+    residual_peak: np.ndarray
+
+
+def released_definitions(stats, dom, names):
+    """The released code's definitions (its probe.py and analyze.py), from the same sums, for numbers
+    comparable with the paper's: the peak ratio is the max over *all* sublayers (no norm filter); the
+    start-token concentration divides position 0 by the mean over *all* positions, position 0
+    included, at the sublayer where the dominant dim is largest on average; kurtosis is the max over
+    sublayers. For a ratio r of ours at one sublayer theirs is T r / (r + T - 1), at most T."""
+    r = stats.ratios(dom)
+    dom_peak = int(stats.mean_abs()[:, dom].argmax())
+    return {
+        "peak_ratio": float(r.ratio.max()), "peak_sublayer": int(r.ratio.argmax()),
+        "peak_sublayer_name": names[int(r.ratio.argmax())],
+        "start_token_concentration": float(r.concentration_all[dom_peak]),
+        "concentration_sublayer": dom_peak, "concentration_sublayer_name": names[dom_peak],
+        "start_token_concentration_per_sublayer": r.concentration_all.tolist(),
+        "kurtosis_max": float((stats.kurtosis_sum.numpy() / stats.n_tokens.numpy()).max()),
+    }
+
+
+def normalized_summary(r, peak, dom_peak, eligible):
+    """The headline numbers of the normalised sums (StreamStats.normalized), for the same dimension
+    and at the same sublayers as the raw ones beside them. A stream whose position 0 is simply larger
+    than its other positions (Ledger's C while lam ~ 0: only the final norm reads it, and it divides
+    the scale out) has a large raw concentration and residual peak but normalised ones near 1. The
+    within-token pos-0 ratio hardly moves: it divides two dimensions of the same token. The
+    normalised residual peak is ~1 by construction (every unit token has norm sqrt(D)) unless a
+    token's RMS is so small (< ~1e-3) that the eps, as in the model's own norm, keeps it small."""
+    return {
+        "definition": f"x / sqrt(mean(x^2) + {RMS_EPS:g}) per token, as RMSNorm without its gain; the raw "
+                      f"numbers' dominant dim and sublayers",
+        "peak_ratio": float(r.ratio[peak]), "ratio_per_sublayer": r.ratio.tolist(),
+        "peak_pos0_ratio": float(r.pos0_ratio[peak]), "pos0_ratio_per_sublayer": r.pos0_ratio.tolist(),
+        "start_token_concentration_peak": float(r.concentration[peak]),
+        "start_token_concentration_final": float(r.concentration[-1]),
+        "start_token_concentration_per_sublayer": r.concentration.tolist(),
+        "released_start_token_concentration": float(r.concentration_all[dom_peak]),
+        "residual_peak": {"per_sublayer": r.residual_peak.tolist(), "max": float(r.residual_peak[eligible].max()),
+                          "final": float(r.residual_peak[-1])},
+    }
 
 
 class DominantDimProfile:
@@ -482,11 +486,16 @@ class ExtremeTokenStats:
             "value_drain_at_sink_max": float(drain[strongest]),
             "attention": self.attention,
         }
+        return {**out, **self.summarize_kind(sink, strongest, n_later, value_later)}
+
+    def summarize_kind(self, sink, strongest, n_later, value_later):
+        """The attention kind's own numbers beside the sink: attn_bias's explicit sink, sigmoid's
+        mass, gated attention's gate (none for softmax)."""
         if self.attention == "attn_bias":
             explicit = (self.explicit_sink_sum / n_later).numpy()
             top = np.unravel_index(explicit.argmax(), explicit.shape)
             value_drain = (self.sink_value_norm / value_later).numpy()
-            out.update({
+            return {
                 "explicit_sink_per_layer_head": explicit.tolist(),
                 "later_positions_per_layer_head": (self.later_sum / n_later).numpy().tolist(),
                 "explicit_sink_max": float(explicit[top]), "explicit_sink_max_layer_head": [int(i) for i in top],
@@ -495,29 +504,41 @@ class ExtremeTokenStats:
                 # |v'| over the mean |v| of positions >= 1: the explicit sink's own value drain
                 "explicit_sink_value_drain_per_layer_head": value_drain.tolist(),
                 "explicit_sink_value_drain_at_max": float(value_drain[top]),
-            })
-        elif self.attention == "sigmoid":
+            }
+        if self.attention == "sigmoid":
             mass = (self.mass_sum / n_later).numpy()
             lightest = np.unravel_index(mass.argmin(), mass.shape)
-            out.update({
-                "sink_uniform_baseline_per_layer_head": uniform.tolist(),
+            return {
+                "sink_uniform_baseline_per_layer_head": (self.even_share_sum / n_later).numpy().tolist(),
                 "attention_mass_per_layer_head": mass.tolist(),
                 "attention_mass_min": float(mass[lightest]),
                 "attention_mass_min_layer_head": [int(i) for i in lightest],
                 "attention_mass_at_sink_max": float(mass[strongest]),
-            })
-        elif self.attention == "gated":
+            }
+        if self.attention == "gated":
             pos0 = (self.gate_pos0_sum / self.n_seqs.clamp_min(1)[:, None]).numpy()
             later = (self.gate_later_sum / n_later).numpy()
             closed = np.unravel_index(later.argmin(), later.shape)
-            out.update({
+            return {
                 "gate_pos0_per_layer_head": pos0.tolist(), "gate_later_per_layer_head": later.tolist(),
                 "gate_pos0_mean": float(pos0.mean()), "gate_later_mean": float(later.mean()),
                 "gate_later_min": float(later[closed]), "gate_later_min_layer_head": [int(i) for i in closed],
                 "gate_pos0_at_later_min": float(pos0[closed]),
                 "gate_later_at_sink_max": float(later[strongest]),
-            })
-        return out
+            }
+        return {}
+
+
+def head_name(layer_head):
+    """A (layer, head) as the tables and figures name it: L0H1."""
+    return "L{}H{}".format(*layer_head)
+
+
+def no_sink_level(e):
+    """What the baseline beside a sink weight is, for this attention kind (e: ExtremeTokenStats.summarize())."""
+    return {"attn_bias": "uniform over k' and positions",
+            "sigmoid": f"sigmoid, unnormalised; no-sink level of {head_name(e['sink_max_layer_head'])}"}.get(
+        e.get("attention", "softmax"), "uniform attention")
 
 
 @contextlib.contextmanager

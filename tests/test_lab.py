@@ -1,6 +1,6 @@
-"""lab.py: run names say how a run is trained, a finished run is reused and an interrupted one
-resumed, the progress lines read train.py's log, and the sweep's table and figure come from the
-measured metrics."""
+"""lab.py: run names say how a run is trained, --train_flags trains every run another way (a short
+lab), a finished run is reused and an interrupted one resumed, the progress lines read train.py's
+log, and --sweep hands the measured metrics to reports.py (tests/test_reports.py tests the report)."""
 import dataclasses
 import io
 import json
@@ -50,6 +50,15 @@ def test_a_run_name_gives_the_arm_seed_commit_sparsity_and_folder():
         assert lab.plan_run(name, cfg) == lab.plan_run(arm_run, cfg) and lab.plan_run(name, cfg).name == arm_run
 
 
+def test_train_flags_set_every_run_but_never_what_its_name_says():
+    cfg = lab.LabConfig(out_root="runs", train_flags="--max_iters=500 --seed=9")
+    run = lab.plan_run("ledger-cs0.005-s1338", cfg)
+    assert run.max_iters == 500
+    assert run.argv == ["config/lab.py", "--max_iters=500", "--seed=9", "--arch=ledger", "--seed=1338",
+                        f"--out_dir={run.out_dir}", "--commit_sparsity=0.005"]   # the later --seed wins
+    assert lab.plan_run("vanilla-s1", lab.LabConfig()).max_iters == 2000
+
+
 def test_ledger_hs_trains_exactly_as_ledger_at_its_lambda(char_data, tmp_path):
     # what makes ledger-cs0.3 and ledger-hs one run: the arm's name changes nothing but the default lambda
     data_root, dataset = char_data
@@ -74,6 +83,9 @@ def test_ledger_hs_trains_exactly_as_ledger_at_its_lambda(char_data, tmp_path):
     (["ledger-s1", "--sgd_flags=--optimiser=sgd"], "--sgd_flags: unknown setting 'optimiser'"),   # checked though unused
     (["vanilla-sgd-s1", "--sgd_flags=--optimiser=sgd"], "did you mean 'optimizer'"),
     (["ledger-s1", "--measure_flags=--num_window=3"], "--measure_flags: unknown setting 'num_window'"),
+    (["ledger-s1", "--train_flags=--max_iter=5"], "--train_flags: unknown setting 'max_iter'"),
+    (["ledger-s1", "--train_flags=--max_iters=0"], "--train_flags: max_iters=0: must be >= 1"),
+    (["ledger-s1", "--train_flags=--seed='1"], "--train_flags: No closing quotation"),
     ([], "name at least one run"),
 ])
 def test_a_bad_name_or_setting_is_one_line_before_any_run_starts(tmp_path, capsys, argv, message):
@@ -147,48 +159,6 @@ def test_progress_on_a_terminal_redraws_the_block_in_place(tmp_path):
     first, second = out.getvalue().split("\x1b[2F\x1b[J")   # up over the two lines drawn, then clear
     assert first.endswith("1 training, 0 queued\nvanilla-s1  starting\n")
     assert second.endswith("vanilla-s1  iter  20/100  loss 2.0000  8s left\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# The sweep report, from planted metrics
-
-def planted(name, lam, pos0, zero, carries=None, gate=None, optimizer="adamw"):
-    ledger = lam is not None
-    stream = {"peak_pos0_ratio": pos0, "start_token_concentration_peak": 10 * pos0,
-              "normalized": {"start_token_concentration_peak": pos0 / 10},
-              "mean_norm_pos0_per_sublayer": [0.0, 2 * pos0], "mean_norm_later_per_sublayer": [0.0, 1.0]}
-    return {"arch": "ledger" if ledger else "vanilla", "optimizer": optimizer, "run_dir": f"out/lab/{name}",
-            "decoded_stream": "C" if ledger else "h", "model_config": {"commit_sparsity": lam or 0.0},
-            "streams": {"C" if ledger else "h": stream}, "interventions": {"zero_delta": zero},
-            "ledger_streams": {"C_carries_D_dim": carries, "commit_gate_mean": gate} if ledger else None}
-
-
-def test_the_sweep_gives_mean_min_and_max_over_seeds_per_lambda_and_vanillas_band(tmp_path):
-    metrics = [planted("ledger-cs0-s1", 0.0, 20.0, 0.5, True, 0.4), planted("ledger-cs0-s2", 0.0, 40.0, None, False, 0.2),
-               planted("ledger-cs0.3-s1", 0.3, 60.0, 0.1, True, 0.01),
-               planted("vanilla-s1", None, 30.0, 0.2), planted("vanilla-s2", None, 50.0, 0.4),
-               planted("vanilla-sgd-s1", None, 1.0, 0.0, optimizer="sgd"),   # not the reference
-               {**planted("ledger-cs0-nopos0-s1", 0.0, 1.0, 0.0), "train_config": {"train_position0": False}},  # nor a point
-               {**planted("ledger+gated-cs0-s1", 0.0, 1.0, 0.0), "attention": "gated"}]                           # nor this
-    summary = lab.sweep_report(metrics, str(tmp_path))
-    assert summary["lambdas"] == [0.0, 0.3]
-    zero = summary["ledger"][0.0]
-    assert zero["runs"] == ["ledger-cs0-s1", "ledger-cs0-s2"]
-    assert zero["pos0_ratio"] == {"mean": 30.0, "min": 20.0, "max": 40.0, "n": 2}
-    assert zero["zero_delta"] == {"mean": 0.5, "min": 0.5, "max": 0.5, "n": 1}     # a skipped intervention drops out
-    assert zero["carries_D_dim"]["mean"] == 0.5 and zero["commit_gate"]["mean"] == pytest.approx(0.3)
-    assert zero["norm_pos0"] == {"mean": 60.0, "min": 40.0, "max": 80.0, "n": 2}
-    vanilla = summary["vanilla"]
-    assert vanilla["runs"] == ["vanilla-s1", "vanilla-s2"] and vanilla["pos0_ratio"]["mean"] == 40.0
-    assert "commit_gate" not in vanilla and "carries_D_dim" not in vanilla
-    table = (tmp_path / "sweep.md").read_text()
-    assert "| 0 | 2 | 30.0 [20.0, 40.0] | 300 [200, 400] | 3.00 [2.00, 4.00] | 1 of 2 | 0.500 [0.500, 0.500] |" in table
-    assert "| vanilla (h) | 2 | 40.0 [30.0, 50.0] |" in table and "| 0.3 | 1 | 60.0 [60.0, 60.0] |" in table
-    assert "| 0.0100 [0.0100, 0.0100] |" in table   # a closed gate keeps its significant digits
-    assert json.loads((tmp_path / "sweep.json").read_text())["ledger"]["0.3"]["commit_gate"]["max"] == 0.01
-    assert (tmp_path / "sweep.png").stat().st_size > 0
-    with pytest.raises(lab.LabError, match="no Ledger run"):
-        lab.sweep_summary(metrics[3:])
 
 
 # ----------------------------------------------------------------------------------------------

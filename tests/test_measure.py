@@ -1,6 +1,6 @@
-"""metrics.py and measure.py: the metrics give known answers on constructed tensors, memory does not
-grow with the number of batches, and every arm's tiny trained checkpoint is measured end to end (in
-process and through the CLI), deterministically, with one-line errors for bad inputs."""
+"""metrics.py, measure.py and summary.py: the metrics give known answers on constructed tensors,
+memory does not grow with the number of batches, and every arm's tiny trained checkpoint is measured
+end to end (in process and through the CLI), deterministically, with one-line errors for bad inputs."""
 import json
 import math
 import os
@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import measure
+import summary
 from ledger import ARCHS, ATTENTIONS, GPT, CausalSelfAttention, GPTConfig
 from rundir import CHECKPOINT_FORMAT as CKPT_FORMAT
-from measure import Data, MeasureError, parse_args, select_checkpoint, window_starts
+from measure import (Data, MeasureError, checkpoints_with_val_loss, closest_checkpoint, final_checkpoint, parse_args,
+                     window_starts)
 from metrics import (DominantDimProfile, ExtremeTokenStats, StreamStats, collect_extreme_tokens,
                      fake_quantize_weights, position0_hook, top_token_report)
 
@@ -153,7 +155,7 @@ def test_accumulator_memory_does_not_grow_with_batches():
                 x = torch.randn(4, 32, 64)
                 stats.update(i, x)
                 profile.update(i, x, torch.randint(0, 50, (4, 32)))
-        tensors = [*vars(stats).values(), profile.pos_sum, *profile.token_sum.values(),
+        tensors = [*(t for t in vars(stats).values() if isinstance(t, torch.Tensor)), profile.pos_sum, *profile.token_sum.values(),
                    *profile.token_count.values()]
         sizes.append((stats.state_nbytes(), sum(t.numel() for t in tensors)))
     assert sizes[0] == sizes[1]
@@ -305,7 +307,7 @@ def test_sigmoid_weights_are_judged_against_the_heads_own_mass_not_one_over_q_pl
     # head 0 weighs position 0 as every key: no sink, though 0.3 is far above softmax's 1/(q+1)
     assert e["sink_max_layer_head"] == [0, 1] and e["sink_uniform_baseline"] == pytest.approx(sink_head)
     assert e["sink_heads_over_half"] == 1 and e["attention_mass_min_layer_head"] == [0, 1]
-    note = " ".join(measure.notes({"label": "x", "decoded_stream": "h", "selection": {"distance": None},
+    note = " ".join(summary.notes({"label": "x", "decoded_stream": "h", "selection": {"distance": None},
                                    "extreme_tokens": e, "streams": {"h": NOTE_STREAM}}))
     assert "weights not normalised" in note and "uniform attention" not in note
 
@@ -424,41 +426,6 @@ def test_fake_quantization_rounds_linear_weights_per_output_channel_only():
             assert torch.equal(w4, w), name                                 # embeddings, norms, biases
 
 
-def test_the_across_seeds_table_gives_mean_min_and_max_and_counts_each_verdict_over_runs():
-    def run(arch, loss, pos0, zero, conc=1.0, verdict="start-token specific: ...", sparsity=None):
-        stream = {"peak_pos0_ratio": pos0, "start_token_concentration_peak": conc, "residual_peak": {"max": 2.0},
-                  "normalized": {"start_token_concentration_peak": conc / 2},
-                  "released_definitions": {"start_token_concentration": pos0 / 10}}
-        return {"arch": arch, "measured_val_loss": loss, "decoded_stream": "h", "streams": {"h": stream},
-                "model_config": {"arch": arch, "commit_sparsity": sparsity}, "top_tokens": {"peak": {"verdict": verdict}},
-                "extreme_tokens": {"sink_max": 0.5}, "interventions": {"zero_delta": zero, "mean_delta": 0.0}}
-    table = measure.across_seeds_table([run("vanilla", 1.0, 20.0, 0.1), run("vanilla", 2.0, 40.0, 0.3, conc=12.0),
-                                        run("ledger", 1.5, 5.0, 0.0)])
-    rows = [line for line in table.splitlines() if line.startswith("| vanilla")]
-    assert rows == ["| vanilla | 2 | 1.500 [1.000, 2.000] | 30.0 [20.0, 40.0] | 6.5 [1.0, 12.0] | 3.250 [0.500, 6.000] | 3.000 [2.000, 4.000] "
-                    "| 2.000 [2.000, 2.000] "
-                    "| 0.500 [0.500, 0.500] | 0.200 [0.100, 0.300] | 0.000 [0.000, 0.000] "
-                    "| 2 of 2 | 1 of 2 | 0 of 2 | — |"]   # specific, >= 30x and >= 10x, sink > 0.5, C carries D's
-    assert "| ledger" not in table          # one run is no spread
-    # a run whose peak sublayer is its last stores the verdict once, under "last": it still counts
-    peak_is_last = [dict(run("vanilla", 1.0, 20.0, 0.1), top_tokens={"last": {"verdict": v}})
-                    for v in ("start-token specific: ...", "not start-token specific: 't1' carries it")]
-    assert "| 1 of 2 | 0 of 2 | 0 of 2 | — |" in measure.across_seeds_table(peak_is_last)
-    sgd = [dict(run("vanilla", 3.0, 10.0, 0.0), optimizer="sgd") for _ in range(2)]
-    assert "| vanilla + sgd | 2 | 3.000" in measure.across_seeds_table(sgd + [run("vanilla", 1.0, 20.0, 0.1)])
-    assert measure.across_seeds_table([run("ledger", 1.5, 5.0, 0.0)]) == ""
-    # runs trained another way are other experiments, not seeds of the arm
-    other = [run("ledger", 1.5, 5.0, 0.0, sparsity=0.02), run("ledger", 1.5, 5.0, 0.0, sparsity=0.0),
-             dict(run("ledger", 1.5, 5.0, 0.0, sparsity=0.02), train_config={"train_position0": False})]
-    assert measure.across_seeds_table(other) == ""
-    assert "| ledger, commit sparsity 0 | 2 |" in measure.across_seeds_table(other + [other[1]])
-    assert "| ledger, no position-0 loss | 2 |" in measure.across_seeds_table(other + [other[2]])
-    # and runs on other data, or at another setting, are other experiments that say how they differ
-    on = lambda root, seed: dict(run("vanilla", 1.0, 20.0, 0.1), train_config={"data_root": root, "seed": seed})
-    table = measure.across_seeds_table([on("data", 1), on("data", 2), on("data_t1", 1), on("data_t1", 2)])
-    assert "| vanilla (data_root=data) | 2 |" in table and "| vanilla (data_root=data_t1) | 2 |" in table
-
-
 NOTE_STREAM = {"sun_massive_count_total": 0, "dominant_dim": 7, "peak_ratio": 3.0, "max_abs_per_sublayer": [50.0],
                "peak_pos0_ratio": 2.0, "start_token_concentration_peak": 1.0,
                "residual_peak": {"max": 2.0, "final": 2.0, "max_sublayer_name": "0.mlp"}}
@@ -472,7 +439,7 @@ def test_notes_judge_a_start_token_outlier_at_position_0_and_flag_a_stream_empty
         m = {"label": "x", "decoded_stream": "C", "streams": {"C": stream}, "selection": {"distance": None},
              "extreme_tokens": {"sink_per_layer_head": [[0.9]], "sink_max_layer_head": [0, 0], "sink_max": 0.9,
                                 "sink_uniform_baseline": 0.2, "value_drain_at_sink_max": 0.1, "sink_heads_over_half": 1}}
-        return " ".join(measure.notes(m))
+        return " ".join(summary.notes(m))
     assert "a start-token outlier, short of the 100-1000x" in note(40.0, 12.0, 2.0)
     assert "but only 3.0x larger there" in note(40.0, 3.0, 2.0)
     assert "no pronounced fixed dimension" in note(2.0, 1.0, 2.0)   # an all-position ratio of 3x is no outlier
@@ -508,13 +475,13 @@ def test_parse_args():
 def test_select_checkpoint_picks_the_kept_checkpoint_closest_in_val_loss(tmp_path):
     for name, loss in (("ckpt_000010.pt", 3.0), ("ckpt_000020.pt", 2.5), ("ckpt_000030.pt", 2.2), ("ckpt.pt", 2.2)):
         torch.save({"format": CKPT_FORMAT, "model_config": {"arch": "vanilla"}, "val_loss": loss}, tmp_path / name)
-    path, loss, distance = select_checkpoint(str(tmp_path), 2.6)
-    assert os.path.basename(path) == "ckpt_000020.pt" and loss == 2.5 and distance == pytest.approx(0.1)
-    path, loss, distance = select_checkpoint(str(tmp_path), None)
-    assert os.path.basename(path) == "ckpt.pt" and loss == 2.2 and distance is None
+    path, ckpt, distance = closest_checkpoint(checkpoints_with_val_loss(str(tmp_path)), 2.6)
+    assert os.path.basename(path) == "ckpt_000020.pt" and ckpt["val_loss"] == 2.5 and distance == pytest.approx(0.1)
+    path, ckpt = final_checkpoint(str(tmp_path))
+    assert os.path.basename(path) == "ckpt.pt" and ckpt["val_loss"] == 2.2
     (tmp_path / "empty").mkdir()
     with pytest.raises(MeasureError, match="no checkpoint"):
-        select_checkpoint(str(tmp_path / "empty"), None)
+        final_checkpoint(str(tmp_path / "empty"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,7 +595,7 @@ def test_every_attention_kind_is_measured_end_to_end_with_its_own_numbers(runs, 
 
 
 def test_matched_loss_picks_the_closest_kept_checkpoint(runs, tmp_path):
-    path, loss, distance = select_checkpoint(runs["ledger"], 99.0)   # the highest loss: the earliest
+    path, _, distance = closest_checkpoint(checkpoints_with_val_loss(runs["ledger"]), 99.0)   # the highest loss: the earliest
     assert os.path.basename(path) == "ckpt_000010.pt"
     measure.main([runs["ledger"], "--match_loss=99", f"--out_dir={tmp_path}", "--figures=False",
                   "--interventions=False", "--quantization=False", *FAST])
@@ -637,11 +604,16 @@ def test_matched_loss_picks_the_closest_kept_checkpoint(runs, tmp_path):
     assert m["selection"]["distance"] == pytest.approx(distance) and m["interventions"] is None
 
 
-def test_auto_match_loss_is_the_lowest_loss_every_run_reached(runs, tmp_path):
+def test_auto_match_loss_is_the_lowest_loss_every_run_reached(runs, tmp_path, monkeypatch):
     dirs = [runs["vanilla"], runs["delta"]]
-    target = max(min(measure.recorded_val_losses(d).values()) for d in dirs)
+    target = max(min(c["val_loss"] for c in checkpoints_with_val_loss(d).values()) for d in dirs)
+    opened = []
+    load = measure.rundir.load_checkpoint
+    monkeypatch.setattr(measure.rundir, "load_checkpoint", lambda path: opened.append(path) or load(path))
     results = measure.main([*dirs, "--match_loss=auto", f"--out_dir={tmp_path}", "--figures=False",
                             "--interventions=False", "--quantization=False", *FAST])
+    kept = [os.path.join(d, n) for d in dirs for n in os.listdir(d) if n.endswith(".pt")]
+    assert sorted(opened) == sorted(kept)   # each kept checkpoint opened once, the measured ones too
     for m in results:
         assert m["selection"]["match_loss"] == target and m["selection"]["auto"]
         assert m["selection"]["distance"] == pytest.approx(abs(m["val_loss_recorded"] - target))
@@ -658,6 +630,13 @@ def test_without_match_loss_the_summary_says_it_measured_the_final_checkpoints_a
     summary = (tmp_path / "summary.md").read_text()
     assert "Checkpoints: the final one of each input (iter 20, 20), equal steps, as the released code" in summary
     assert "The released code's definitions" in summary and "| ledger | C |" in summary
+    # the answer first: the claims whose arms were measured, right under the title
+    parts = summary.split("\n\n")
+    title = next(k for k, part in enumerate(parts) if part.startswith("# Residual-stream structure"))
+    answer, claims = parts[title + 1], parts[title + 2]
+    assert answer.startswith("The paper's claims, asked of these runs") and "docs/results/lab-seeds.md" in answer
+    assert claims.startswith("1. C rebuilds the start-token outlier. This run: ") and "\n2. It is smaller" in claims
+    assert "\n3." not in claims   # no ledger-hs run: no third claim
 
 
 def test_two_runs_give_identical_numbers(runs, tmp_path):

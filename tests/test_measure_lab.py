@@ -1,6 +1,6 @@
 """metrics.py's and measure.py's numbers for the lab's answer: the headline metrics after per-token
-normalisation on planted tensors, Ledger's stream report, and --trajectory, whose every row is the
-measurement the same snapshot gets on its own."""
+normalisation on planted tensors (a second StreamStats fed x / rms(x)), Ledger's stream report, and
+--trajectory, whose every row is the measurement the same snapshot gets on its own."""
 import copy
 import json
 import os
@@ -12,6 +12,9 @@ import torch
 
 import measure
 import metrics
+import reports
+from summary import normalized_table
+from ledger import GPT, GPTConfig
 from metrics import StreamStats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +76,7 @@ def test_normalisation_divides_out_position_0s_scale_but_keeps_its_within_token_
 def test_the_normalised_table_puts_raw_and_normalised_side_by_side_and_says_what_compares():
     s = summary(1000.0, outlier=40.0)
     m = {"label": "ledger", "decoded_stream": "C", "streams": {"C": s}}
-    table = measure.normalized_table([m])
+    table = normalized_table([m])
     assert "| ledger | C | 40.0x | 40.0x | 40000.0x | 5.6x | 7139.2x | 1.00x |" in table
     assert "compare them normalised" in table
 
@@ -83,8 +86,8 @@ def test_the_normalised_table_puts_raw_and_normalised_side_by_side_and_says_what
 
 def test_the_ledger_report_reads_gates_norms_and_dims():
     torch.manual_seed(0)
-    model = measure.GPT(measure.GPTConfig(arch="ledger", vocab_size=20, block_size=8, n_layer=2, n_head=2,
-                                          n_embd=16, gate_rank=4)).eval()
+    model = GPT(GPTConfig(arch="ledger", vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16,
+                          gate_rank=4)).eval()
     x = torch.randint(0, 20, (6, 8))
     batch_fn = lambda: ((x[i:i + 4], torch.zeros_like(x[i:i + 4])) for i in (0, 4))   # batches of 4 and 2 windows
     stats, _ = metrics.collect_stream_stats(model, batch_fn)
@@ -102,8 +105,8 @@ def test_the_ledger_report_reads_gates_norms_and_dims():
 
 def test_the_commit_shift_moves_every_commit_gate_by_the_shift_and_puts_it_back():
     torch.manual_seed(0)
-    model = measure.GPT(measure.GPTConfig(arch="ledger", vocab_size=20, block_size=8, n_layer=2, n_head=2,
-                                          n_embd=16, gate_rank=4)).eval()
+    model = GPT(GPTConfig(arch="ledger", vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16,
+                          gate_rank=4)).eval()
     x = torch.randint(0, 20, (4, 8))
     batch_fn = lambda: iter([(x, torch.roll(x, -1, 1))])
     commit_biases = lambda: [m.commit_gate.bias.item() for m in model.modules() if hasattr(m, "commit_gate")]
@@ -151,7 +154,7 @@ def test_the_trajectory_has_one_row_per_snapshot_matching_each_snapshots_own_mea
     assert measured == snapshots   # one measurement per snapshot; ckpt.pt repeats step 30, so it is not measured again
     for snapshot, row in zip(snapshots, rows):
         [alone] = measure.main([snapshot, f"--out_dir={tmp_path / os.path.basename(snapshot)}", "--figures=False", *FAST])
-        assert row == measure.trajectory_row(alone)
+        assert row == reports.trajectory_row(alone)
         assert len(row["commit_gate_per_sublayer"]) == 4 and row["C_carries_D_dim"] in (True, False)
     saved = json.loads((out / "trajectory.json").read_text())
     assert [r["iter"] for r in saved["runs"]["ledger-run"]["rows"]] == [10, 20, 30]

@@ -1,0 +1,217 @@
+"""
+The figures, all of them drawn here with matplotlib (docs/metrics.md, "Figures", says how to read
+them): per stream and per checkpoint for measure.py, the decoded channel of every run measured
+together, the headline numbers against training step (--trajectory), and C's numbers against the
+commit sparsity (lab.py --sweep). Each function takes numbers already measured and writes PNG files.
+"""
+import os
+
+import numpy as np
+
+from metrics import NORM_FRACTION, no_sink_level
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")   # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def readable_log_axis(ax):
+    """Within one decade matplotlib labels a log axis '1.9 x 10^0'; plain numbers read better."""
+    from matplotlib.ticker import FuncFormatter
+    low, high = ax.get_ylim()
+    if low > 0 and high / low < 10:
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+
+
+def log_norm(a):
+    """Log colours for a heatmap whose smallest entries may be 0."""
+    from matplotlib.colors import LogNorm
+    positive = a[a > 0]
+    low = positive.min() if positive.size else 1e-8
+    return LogNorm(vmin=max(low, a.max() * 1e-6), vmax=max(a.max(), low * 10))
+
+
+# ----------------------------------------------------------------------------------------------
+# One checkpoint: every stream, and the extreme-token phenomena
+
+def plot_checkpoint(stats, summaries, profiles, extreme, sublayer_names, decoded, out_dir):
+    """Every figure of one checkpoint; returns their paths."""
+    paths = []
+    for name in stats:
+        paths += plot_stream(name, stats[name], summaries[name], profiles[name], sublayer_names, out_dir)
+    return paths + [plot_extreme_tokens(extreme, summaries, sublayer_names, decoded, out_dir)]
+
+
+def plot_stream(name, stats, summary, profile, sublayer_names, out_dir):
+    plt, L = pyplot(), len(sublayer_names)
+    ticks = dict(ticks=range(L), labels=sublayer_names)
+
+    def path(suffix):
+        return os.path.join(out_dir, f"{name.replace('+', '_plus_')}_{suffix}.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * L + 2.5), sharey=True)
+    for ax, data, title in zip(axes, (stats.mean_abs(), stats.mean_abs_pos0()), ("all positions", "position 0")):
+        im = ax.imshow(data, aspect="auto", interpolation="nearest", norm=log_norm(data), cmap="viridis")
+        ax.set(title=f"stream {name}: mean |x|, {title}", xlabel="hidden dimension")
+        fig.colorbar(im, ax=ax, label="mean |x| (log)")
+    axes[0].set_yticks(**ticks)
+    axes[0].set_ylabel("sublayer output")
+    paths = [save(fig, path("dims"))]
+
+    data = profile.position_mean()
+    fig, ax = plt.subplots(figsize=(10, 0.35 * L + 2.5))
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", norm=log_norm(data), cmap="magma")
+    ax.set(title=f"stream {name}: |x| of dominant dim {profile.dim} by position", xlabel="position in window")
+    ax.set_yticks(**ticks)
+    ax.set_ylabel("sublayer output")
+    fig.colorbar(im, ax=ax, label="mean |x| (log)")
+    paths.append(save(fig, path("dominant_positions")))
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.4 * L + 3), 4))
+    for key, label in (("top1", "top-1"), ("top2", "top-2"), ("top3", "top-3"), ("median", "median")):
+        ax.plot(range(L), summary[f"{key}_per_sublayer"], marker="o", label=f"{label} |x|")
+    ax.set_yscale("log")
+    readable_log_axis(ax)
+    ax.set_xticks(**ticks)
+    ax.tick_params(axis="x", rotation=60)
+    ax.set(title=f"stream {name}: per-token magnitudes (Sun et al. profile)", ylabel="mean over tokens",
+           xlabel="sublayer output")
+    ax.legend()
+    return paths + [save(fig, path("profile"))]
+
+
+def plot_extreme_tokens(extreme, summaries, sublayer_names, decoded, out_dir):
+    """Guo et al.'s three extreme-token phenomena side by side: which heads sink onto position 0,
+    whether the values they land on are drained, and how large position 0's residual state grows."""
+    from matplotlib.colors import LogNorm
+    plt = pyplot()
+    sink, drain = np.array(extreme["sink_per_layer_head"]), np.array(extreme["value_drain_per_layer_head"])
+    n_layer, L = sink.shape[0], len(sublayer_names)
+    # log colours centred on 1 (white): blue heads are drained, red ones carry a large value at position 0
+    spread = max(drain.max(), 1 / max(drain.min(), 1e-6), 2.0)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 0.3 * max(n_layer, L / 2) + 3.5),
+                             gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    for ax, data, title, scale in (
+            (axes[0], sink, f"attention sink: weight on position 0\n({no_sink_level(extreme)}: "
+                            f"{extreme['sink_uniform_baseline']:.3f})", dict(vmin=0, vmax=1, cmap="viridis")),
+            (axes[1], drain, "value drain: |v| at position 0 / mean |v| later",
+             dict(norm=LogNorm(1 / spread, spread), cmap="coolwarm"))):
+        im = ax.imshow(data, aspect="auto", interpolation="nearest", **scale)
+        ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(data.shape[1]), yticks=range(n_layer))
+        readable_log_axis(fig.colorbar(im, ax=ax).ax)
+    ax = axes[2]
+    for name, s in summaries.items():
+        peak = np.array(s["residual_peak"]["per_sublayer"])
+        line, = ax.plot(range(L), peak, marker="o", label=f"stream {name}" + (" (decoded)" if name == decoded else ""))
+        skipped = np.flatnonzero(~np.array(s["eligible_per_sublayer"]))
+        ax.plot(skipped, peak[skipped], "o", color="white", markeredgecolor=line.get_color())
+    ax.axhline(1.0, color="grey", linestyle=":")
+    ax.set_yscale("log")
+    readable_log_axis(ax)
+    ax.set_xticks(range(L), sublayer_names, rotation=60)
+    ax.set(title=f"residual-state peak: |x| at position 0 / mean |x| later\n(hollow: stream norm under "
+                 f"{NORM_FRACTION:.0%} of the final, skipped by the table's max)", xlabel="sublayer output")
+    ax.legend(fontsize=8)
+    return save(fig, os.path.join(out_dir, "extreme_tokens.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Several runs: side by side, against training step, against the commit sparsity
+
+def plot_comparison(results, path):
+    """The decoded channel of every arm against relative depth (arms may differ in depth)."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.5))
+    for m in results:
+        s = m["streams"][m["decoded_stream"]]
+        L = len(s["ratio_per_sublayer"])
+        depth = [(i + 1) / L for i in range(L)]
+        label = f"{m['label']} ({m['decoded_stream']})"
+        axes[0].plot(depth, s["ratio_per_sublayer"], marker="o", label=label)
+        top_over_median = np.array(s["top1_per_sublayer"]) / np.maximum(s["median_per_sublayer"], 1e-30)
+        axes[1].plot(depth, top_over_median, marker="o", label=label)
+    axes[0].set(title="decoded channel: top dim / median dim of mean |x|", ylabel="fixed-dimension ratio")
+    axes[1].set(title="decoded channel: mean top-1 |x| / mean median |x| of a token", ylabel="ratio")
+    for ax in axes:
+        ax.set_yscale("log")
+        readable_log_axis(ax)
+        ax.set_xlabel("relative depth (sublayer / number of sublayers)")
+        ax.legend(fontsize=8)
+    save(fig, path)
+
+
+TRAJECTORY_PANELS = [   # (key of a reports.trajectory_row, title, log scale)
+    ("pos0_ratio", "ratio at position 0 (dominant dim / median dim)", True),
+    ("concentration", "start-token concentration\n(solid: here; dashed: per-token normalised)", True),
+    ("concentration_released", "start-token concentration, released definition", True),
+    ("residual_peak", "residual peak: ‖x‖ at position 0 / later", True),
+    ("sink_max", "attention sink, strongest head", False),
+    ("zero_delta", "Δ val loss, dominant dim zeroed at position 0", False),
+    ("commit_gate_mean", "Ledger: mean commit gate over sublayers", False),
+    ("C_over_D_norm_final", "Ledger: ‖C‖ / ‖D‖ at the last sublayer", True),
+    ("C_carries_D_dim", "Ledger: C's dominant dim is D's (1) or not (0)", False),
+]
+
+
+def plot_trajectory(trajectories, path):
+    def values(rows, key):   # None (a number that does not apply) leaves a gap
+        return [np.nan if r[key] is None else float(r[key]) for r in rows]
+
+    fig, axes = pyplot().subplots(3, 3, figsize=(16, 11))
+    for ax, (key, title, log) in zip(axes.flat, TRAJECTORY_PANELS):
+        for name, t in trajectories.items():
+            steps = [r["iter"] for r in t["rows"]]
+            line, = ax.plot(steps, values(t["rows"], key), marker="o", label=name)
+            if key == "concentration":
+                ax.plot(steps, values(t["rows"], "concentration_normalized"), linestyle="--", color=line.get_color())
+        if log and any(np.nanmin(values(t["rows"], key), initial=np.inf) > 0 for t in trajectories.values()):
+            ax.set_yscale("log")
+            readable_log_axis(ax)
+        if key == "C_carries_D_dim":
+            ax.set_ylim(-0.05, 1.05)
+        ax.set(title=title, xlabel="training step")
+    axes.flat[0].legend(fontsize=8)
+    save(fig, path)
+
+
+def plot_sweep(summary, panels, path):
+    """C's numbers against lambda: a min-max band over seeds and the mean, vanilla's band beside them.
+    panels: reports.SWEEP_METRICS."""
+    lams = summary["lambdas"]
+    fig, axes = pyplot().subplots(2, 4, figsize=(18, 8))
+    for ax, (key, title, _, log, _) in zip(axes.flat, panels):
+        stats = [summary["ledger"][lam][key] for lam in lams]
+        have = [(lam, s) for lam, s in zip(lams, stats) if s is not None]
+        if have:
+            x = [lam for lam, _ in have]
+            ax.fill_between(x, [s["min"] for _, s in have], [s["max"] for _, s in have], alpha=0.25,
+                            label="Ledger C, min-max over seeds")
+            ax.plot(x, [s["mean"] for _, s in have], marker="o", label="Ledger C, mean")
+        v = (summary["vanilla"] or {}).get(key)
+        if v is not None:
+            ax.axhspan(v["min"], v["max"], color="grey", alpha=0.2, label="vanilla h, min-max")
+            ax.axhline(v["mean"], color="grey", linestyle="--", label="vanilla h, mean")
+        positive = [s["min"] for _, s in have] + ([v["min"]] if v else [])
+        if log and positive and min(positive) > 0:
+            ax.set_yscale("log")
+            readable_log_axis(ax)
+        # lambda = 0 belongs on the axis: linear near 0, logarithmic from the smallest lambda > 0 on
+        nonzero = [lam for lam in lams if lam > 0]
+        if nonzero:
+            ax.set_xscale("symlog", linthresh=min(nonzero))
+        ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
+        if key == "carries_D_dim":
+            ax.set_ylim(-0.05, 1.05)
+        ax.set(title=title, xlabel="commit sparsity λ")
+    axes.flat[0].legend(fontsize=8)
+    save(fig, path)

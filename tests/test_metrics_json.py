@@ -1,0 +1,139 @@
+"""metrics.json: measure.py writes exactly the keys metrics_json.py documents, and the two checkpoints in
+tests/fixtures/golden/, measured with today's code, give every number that measure.py gave them at
+commit 2c66688 (make_golden.sh there wrote both)."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import measure
+import metrics_json
+from ledger import ATTENTIONS, GPT, GPTConfig
+from rundir import CHECKPOINT_FORMAT
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "golden")
+DATA = [f"--data_root={os.path.join(GOLDEN, 'dataset')}", "--figures=False", "--threads=1"]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """{arch: metrics.json} of the golden vanilla and ledger checkpoints, measured together."""
+    out = tmp_path_factory.mktemp("golden")
+    measure.main([os.path.join(GOLDEN, arch) for arch in ("vanilla", "ledger")] + [f"--out_dir={out}", *DATA])
+    return {arch: metrics_json.read_metrics(out / arch) for arch in ("vanilla", "ledger")}
+
+
+# ----------------------------------------------------------------------------------------------
+# The keys: the table in metrics_json.py's docstring, read as a reader reads it
+
+def expand(keys):
+    """'a.{b,c}_d, e' -> ['a.b_d', 'a.c_d', 'e']."""
+    out = []
+    for key in re.split(r",\s*(?![^{]*})", keys):   # the commas outside braces
+        braces = re.search(r"{([^}]*)}", key)
+        if braces:
+            out += [k for part in braces.group(1).split(",")
+                    for k in expand(key[:braces.start()] + part + key[braces.end():])]
+        else:
+            out.append(key)
+    return out
+
+
+def documented():
+    """{key: its tag, or None when it is always written}."""
+    rows = []   # [keys, meaning]: a meaning may go on over the next, indented lines
+    for line in metrics_json.__doc__.split("\nkey ", 1)[1].splitlines()[1:]:
+        if line.startswith(" "):
+            rows[-1][1] += " " + line.strip()
+        elif line.strip():
+            keys, _, meaning = line.partition("  ")
+            rows.append([keys, meaning.strip()])
+    tags = {}
+    for keys, meaning in rows:
+        tag = re.match(r"\[([a-z_ ]+)\]", meaning.strip())   # [ledger], [run dir]; not "[dim, mean |x|]"
+        tags.update({key: tag and tag.group(1) for key in expand(keys)})
+    return tags
+
+
+def written(m, keys):
+    """Every key of a metrics.json, named as the table names it; a documented key without documented
+    keys below it (settings, a per-sublayer list) is one key."""
+    found = set()
+
+    def walk(value, path):
+        below = [k for k in keys if k.startswith(path + ".") or k.startswith(path + "[]")] if path else keys
+        if isinstance(value, dict) and below:
+            for key, v in value.items():
+                name = {"streams": "<stream>", "top_tokens": "<where>"}.get(path, key)
+                walk(v, f"{path}.{name}" if path else name)
+        elif isinstance(value, list) and any(k.startswith(path + "[]") for k in below):
+            for v in value:
+                walk(v, path + "[]")
+        else:
+            found.add(path)
+
+    walk(m, "")
+    return found
+
+
+def test_measure_writes_exactly_the_documented_keys(measured):
+    keys = documented()
+    for arch, m in measured.items():
+        got = written(m, keys)
+        assert got <= set(keys), f"{arch} writes keys metrics_json.py does not document: {sorted(got - set(keys))}"
+        parents = {k for k in keys if any(other.startswith(k + ".") for other in keys)}   # null, or holding the rest
+        expected = {k for k, tag in keys.items() if k not in parents and (tag is None or tag == "run dir"
+                                                                          or tag == arch)}
+        assert expected <= got, f"{arch} does not write {sorted(expected - got)}"
+    assert not any(k.startswith("ledger_streams.") for k in written(measured["vanilla"], keys))
+
+
+@pytest.mark.parametrize("attention", [kind for kind in ATTENTIONS if kind != "softmax"])
+def test_each_attention_kind_writes_its_own_documented_keys(attention, tmp_path):
+    golden = torch.load(os.path.join(GOLDEN, "vanilla", "ckpt.pt"), weights_only=True)
+    config = {**golden["model_config"], "attention": attention}
+    torch.manual_seed(0)
+    torch.save({"format": CHECKPOINT_FORMAT, "model_config": config, "model": GPT(GPTConfig(**config)).state_dict(),
+                "train_config": golden["train_config"], "iter_num": 0}, tmp_path / "ckpt.pt")
+    measure.main([str(tmp_path / "ckpt.pt"), f"--out_dir={tmp_path / 'm'}", "--num_windows=4", "--interventions=False",
+                  "--quantization=False", *DATA])
+    keys = documented()
+    got = written(metrics_json.read_metrics(tmp_path / "m"), keys)
+    assert got <= set(keys), sorted(got - set(keys))
+    assert {k for k, tag in keys.items() if tag == attention} <= got
+
+
+# ----------------------------------------------------------------------------------------------
+# The numbers: those the code before the restructure gave the golden checkpoints
+
+# where the files lay and how long it took, not what was measured
+NOT_COMPARED = {"checkpoint", "run_dir", "data_dir", "out_dir", "settings.out_dir", "settings.data_root",
+                "timing.seconds", "timing.tokens_per_s", "timing.statistics_s", "timing.dominant_profile_s",
+                "timing.interventions_s", "timing.quantization_s", "timing.ledger_streams_s", "timing.figures_s"}
+
+
+def differences(new, old, path=""):
+    """Every place where `new` differs from `old`: floats by more than 1e-9 relative, all else exactly."""
+    if path.lstrip(".") in NOT_COMPARED:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        if set(new) != set(old):
+            return [f"{path}: keys {sorted(set(new) ^ set(old))} on one side only"]
+        return [d for key in old for d in differences(new[key], old[key], f"{path}.{key}")]
+    if isinstance(old, list) and isinstance(new, list):
+        if len(new) != len(old):
+            return [f"{path}: {len(new)} entries, was {len(old)}"]
+        return [d for i, (n, o) in enumerate(zip(new, old)) for d in differences(n, o, f"{path}[{i}]")]
+    if isinstance(old, float) and isinstance(new, (int, float)) and not isinstance(new, bool):
+        return [] if new == pytest.approx(old, rel=1e-9, abs=0) else [f"{path}: {new!r}, was {old!r}"]
+    return [] if new == old and type(new) is type(old) else [f"{path}: {new!r}, was {old!r}"]
+
+
+def test_the_golden_checkpoints_measure_to_the_numbers_the_old_code_gave(measured):
+    for arch, new in measured.items():
+        with open(os.path.join(GOLDEN, "measured", arch, "metrics.json")) as f:
+            old = json.load(f)
+        found = differences(new, old)
+        assert not found, f"{arch}: " + "; ".join(found[:10])
