@@ -103,7 +103,6 @@ def load_checkpoint(path):
     if isinstance(ckpt.get("model"), dict):
         ckpt["model"] = {k.removeprefix("_orig_mod.").replace(".residual.scratch.", ".residual."): v
                          for k, v in ckpt["model"].items()}
-    ckpt["format"] = CHECKPOINT_FORMAT
     arch = ckpt.get("model_config", {}).get("arch")
     if arch not in ARCHS:
         raise ConfigError(f"{path} holds unknown arm {arch!r}; known arms: {', '.join(ARCHS)}")

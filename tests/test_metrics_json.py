@@ -4,6 +4,7 @@ commit 2c66688 (make_golden.sh there wrote both)."""
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ import measure
 import metrics_json
 from ledger import ATTENTIONS, GPT, GPTConfig
 from rundir import CHECKPOINT_FORMAT
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from compare_metrics import differences  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "golden")
 DATA = [f"--data_root={os.path.join(GOLDEN, 'dataset')}", "--figures=False", "--threads=1"]
@@ -108,32 +112,16 @@ def test_each_attention_kind_writes_its_own_documented_keys(attention, tmp_path)
 # ----------------------------------------------------------------------------------------------
 # The numbers: those the code before the restructure gave the golden checkpoints
 
-# where the files lay and how long it took, not what was measured
-NOT_COMPARED = {"checkpoint", "run_dir", "data_dir", "out_dir", "settings.out_dir", "settings.data_root",
-                "timing.seconds", "timing.tokens_per_s", "timing.statistics_s", "timing.dominant_profile_s",
-                "timing.interventions_s", "timing.quantization_s", "timing.ledger_streams_s", "timing.figures_s"}
-
-
-def differences(new, old, path=""):
-    """Every place where `new` differs from `old`: floats by more than 1e-9 relative, all else exactly."""
-    if path.lstrip(".") in NOT_COMPARED:
-        return []
-    if isinstance(old, dict) and isinstance(new, dict):
-        if set(new) != set(old):
-            return [f"{path}: keys {sorted(set(new) ^ set(old))} on one side only"]
-        return [d for key in old for d in differences(new[key], old[key], f"{path}.{key}")]
-    if isinstance(old, list) and isinstance(new, list):
-        if len(new) != len(old):
-            return [f"{path}: {len(new)} entries, was {len(old)}"]
-        return [d for i, (n, o) in enumerate(zip(new, old)) for d in differences(n, o, f"{path}[{i}]")]
-    if isinstance(old, float) and isinstance(new, (int, float)) and not isinstance(new, bool):
-        return [] if new == pytest.approx(old, rel=1e-9, abs=0) else [f"{path}: {new!r}, was {old!r}"]
-    return [] if new == old and type(new) is type(old) else [f"{path}: {new!r}, was {old!r}"]
+# How closely each golden checkpoint must measure as before. Vanilla computes what it computed, so its
+# numbers are the same to the last digit. Ledger's model reads u with four matmuls where it had one
+# fused matmul, which rounds differently in float32: its numbers agree to float32 rounding, a loss
+# (about 3) to one float32 step of 2.4e-7, and so does a loss difference.
+TOLERANCE = {"vanilla": dict(rtol=1e-9, atol=0.0), "ledger": dict(rtol=1e-5, atol=2.5e-7)}
 
 
 def test_the_golden_checkpoints_measure_to_the_numbers_the_old_code_gave(measured):
     for arch, new in measured.items():
         with open(os.path.join(GOLDEN, "measured", arch, "metrics.json")) as f:
             old = json.load(f)
-        found = differences(new, old)
+        found = differences(new, old, **TOLERANCE[arch])
         assert not found, f"{arch}: " + "; ".join(found[:10])

@@ -2,50 +2,49 @@
 Compare two measurements of the same checkpoints, number by number: did a change of code change what
 measure.py computes?
 
-    python tools/compare_metrics.py OLD_DIR NEW_DIR [--rtol=1e-9]
+    python tools/compare_metrics.py OLD_DIR NEW_DIR [--rtol=1e-9] [--atol=0]
 
 Each DIR is a measure.py --out_dir (or one run's folder): every metrics.json below OLD_DIR is paired
-with the one at the same relative path below NEW_DIR. Numbers are compared with a relative
-tolerance, everything else exactly. Where and when it ran (timing, provenance, paths, the command's
-own settings) is not what it computed, so those keys are skipped. Prints the largest relative
-difference per file and every difference beyond the tolerance; exits 1 if there is one.
+with the one at the same relative path below NEW_DIR. Floats agree within |new - old| <= atol + rtol
+|old|; everything else must be equal, keys and types included. Where the files lay and how long the
+passes took is not what was measured, so those keys are not compared. Exits 1 on any difference.
+tests/test_metrics_json.py holds the golden checkpoints to the same rule.
 """
 import json
-import math
 import os
 import sys
 
-SKIPPED = {"timing", "trained_by", "checkpoint", "run_dir", "out_dir", "data_dir", "settings", "figures", "notes",
-           "format"}
+NOT_COMPARED = {"checkpoint", "run_dir", "data_dir", "out_dir", "settings.out_dir", "settings.data_root",
+                "timing.seconds", "timing.tokens_per_s", "timing.statistics_s", "timing.dominant_profile_s",
+                "timing.interventions_s", "timing.quantization_s", "timing.ledger_streams_s", "timing.figures_s",
+                "trained_by", "notes"}
 
 
-def differences(old, new, path=""):
-    """(path, old, new, relative difference or None) for every leaf that differs."""
+def differences(new, old, rtol=1e-9, atol=0.0, path=""):
+    """Every place where `new` differs from `old`, as one line each."""
+    if path.lstrip(".") in NOT_COMPARED:
+        return []
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            if key in SKIPPED:
-                continue
-            if key not in old or key not in new:
-                yield f"{path}/{key}", old.get(key, "<absent>"), new.get(key, "<absent>"), None
-            else:
-                yield from differences(old[key], new[key], f"{path}/{key}")
-    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new)):
-            yield from differences(a, b, f"{path}[{i}]")
-    elif isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool):
-        if old != new:
-            scale = max(abs(old), abs(new))
-            yield path, old, new, abs(old - new) / scale if scale and math.isfinite(scale) else math.inf
-    elif old != new:
-        yield path, old, new, None
+        if set(new) != set(old):
+            return [f"{path}: keys {sorted(set(new) ^ set(old))} on one side only"]
+        return [d for key in old for d in differences(new[key], old[key], rtol, atol, f"{path}.{key}")]
+    if isinstance(old, list) and isinstance(new, list):
+        if len(new) != len(old):
+            return [f"{path}: {len(new)} entries, was {len(old)}"]
+        return [d for i, (n, o) in enumerate(zip(new, old)) for d in differences(n, o, rtol, atol, f"{path}[{i}]")]
+    if isinstance(old, float) and isinstance(new, (int, float)) and not isinstance(new, bool):
+        return [] if abs(new - old) <= atol + rtol * abs(old) else [f"{path}: {new!r}, was {old!r}"]
+    return [] if new == old and type(new) is type(old) else [f"{path}: {new!r}, was {old!r}"]
 
 
 def main(argv):
     paths = [a for a in argv if not a.startswith("--")]
-    rtol = float(next((a.split("=", 1)[1] for a in argv if a.startswith("--rtol=")), 1e-9))
-    if len(paths) != 2:
-        print("error: give OLD_DIR and NEW_DIR (python tools/compare_metrics.py OLD_DIR NEW_DIR)", file=sys.stderr)
+    options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    if len(paths) != 2 or set(options) - {"rtol", "atol"}:
+        print("error: usage: python tools/compare_metrics.py OLD_DIR NEW_DIR [--rtol=1e-9] [--atol=0]",
+              file=sys.stderr)
         return 2
+    rtol, atol = float(options.get("rtol", 1e-9)), float(options.get("atol", 0.0))
     old_root, new_root = paths
     files = sorted(os.path.relpath(os.path.join(d, f), old_root) for d, _, fs in os.walk(old_root)
                    for f in fs if f == "metrics.json")
@@ -55,18 +54,15 @@ def main(argv):
     failed = False
     for rel in files:
         if not os.path.isfile(os.path.join(new_root, rel)):
-            print(f"{rel}: missing below {new_root}")
+            print(f"{rel}: no such file below {new_root}")
             failed = True
             continue
         with open(os.path.join(old_root, rel)) as f_old, open(os.path.join(new_root, rel)) as f_new:
-            found = list(differences(json.load(f_old), json.load(f_new)))
-        numeric = [d for _, _, _, d in found if d is not None]
-        beyond = [x for x in found if x[3] is None or x[3] > rtol]
-        print(f"{rel}: {len(found)} values differ, largest relative difference "
-              f"{max(numeric, default=0.0):.2e}, {len(beyond)} beyond rtol {rtol:g}")
-        for where, a, b, d in beyond[:20]:
-            print(f"  {where}: {a!r} -> {b!r}" + (f" (relative {d:.2e})" if d is not None else ""))
-        failed |= bool(beyond)
+            found = differences(json.load(f_new), json.load(f_old), rtol, atol)
+        print(f"{rel}: {'the same' if not found else f'{len(found)} differences'} (rtol {rtol:g}, atol {atol:g})")
+        for line in found[:20]:
+            print(f"  {line}")
+        failed |= bool(found)
     return 1 if failed else 0
 
 
