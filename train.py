@@ -343,26 +343,28 @@ def main(argv=None):
         return
     train_overrides, model_overrides = parse_overrides(argv, TrainConfig, GPTConfig)
     cfg = TrainConfig(**train_overrides)
-    # One writer per run directory: a second run pointed at it stops here, before it writes anything.
-    with claim_run_dir(cfg.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
-        proc = start_processes(cfg)
-        try:
-            train(cfg, model_overrides, proc, "dataset" in train_overrides, started)
-        finally:
-            if proc.ddp:
-                dist.destroy_process_group()
+    proc = start_processes(cfg)
+    try:
+        # every check first: a run that cannot start writes nothing
+        ckpt = resume_checkpoint(cfg, "dataset" in train_overrides) if cfg.init_from == "resume" else None
+        data_dir = os.path.join(cfg.data_root, cfg.dataset)
+        meta = load_meta(data_dir)
+        if cfg.align_windows is None:  # datasets made of sequences record their <bos>
+            cfg.align_windows = meta.get("bos_id") is not None
+        if cfg.align_windows and start_token(meta) is None:
+            raise ConfigError(f"{data_dir} has no <bos> or EOT token to align windows to; drop --align_windows")
+        model_config = model_config_for(cfg, meta, ckpt, model_overrides)
+        # one writer per run directory: a second run pointed at it stops here, before it writes anything
+        with claim_run_dir(cfg.out_dir) if proc.master else nullcontext():
+            train(cfg, ckpt, meta, model_config, proc, started)
+    finally:
+        if proc.ddp:
+            dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, model_overrides, proc: Processes, dataset_given, started):
-    # --- data, model and optimizer
-    ckpt = resume_checkpoint(cfg, dataset_given) if cfg.init_from == "resume" else None
+def train(cfg: TrainConfig, ckpt, meta, model_config: GPTConfig, proc: Processes, started):
+    # --- model and optimizer
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
-    meta = load_meta(data_dir)
-    if cfg.align_windows is None:  # datasets made of sequences record their <bos>
-        cfg.align_windows = meta.get("bos_id") is not None
-    if cfg.align_windows and start_token(meta) is None:
-        raise ConfigError(f"{data_dir} has no <bos> or EOT token to align windows to; drop --align_windows")
-    model_config = model_config_for(cfg, meta, ckpt, model_overrides)
     torch.manual_seed(cfg.seed)
     raw_model = GPT(model_config).to(proc.device)   # the plain module: what is saved, evaluated and measured
     optimizer = configure_optimizer(raw_model, cfg, proc.device_type)
