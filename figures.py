@@ -91,6 +91,24 @@ def plot_stream(name, stats, summary, profile, sublayer_names, out_dir):
     return paths + [save(fig, path("profile"))]
 
 
+def plot_position0_dims(stats, sublayer_names, out_dir, k=5):
+    """The k dimensions largest at position 0 anywhere in depth: their mean |x| at position 0 through
+    the sublayers, against the median dimension's. A massive activation is one line far above the
+    rest from the sublayer that writes it to the one that erases it."""
+    plt, L = pyplot(), len(sublayer_names)
+    pos0 = stats.mean_abs_pos0()
+    fig, ax = plt.subplots(figsize=(max(7, 0.25 * L + 3), 4.5))
+    for dim in np.argsort(pos0.max(0))[::-1][:k]:
+        ax.plot(range(L), pos0[:, dim], marker=".", label=f"dim {dim}")
+    ax.plot(range(L), np.median(pos0, 1), color="grey", linestyle=":", label="median dim")
+    ax.set_yscale("log")
+    readable_log_axis(ax)
+    ax.set_xticks(range(L), sublayer_names, rotation=90, fontsize=7)
+    ax.set(title="position 0: mean |x| of its largest dimensions", xlabel="sublayer output", ylabel="mean |x|")
+    ax.legend(fontsize=8)
+    return save(fig, os.path.join(out_dir, "h_position0_dims.png"))
+
+
 def plot_extreme_tokens(extreme, summaries, sublayer_names, decoded, out_dir):
     """Guo et al.'s three extreme-token phenomena side by side: which heads sink onto position 0,
     whether the values they land on are drained, and how large position 0's residual state grows."""

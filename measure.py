@@ -40,15 +40,16 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+import pretrained
 import rundir
 from cli import ConfigError, help_text, parse_overrides, wants_help
-from figures import plot_checkpoint, plot_comparison
+from figures import plot_checkpoint, plot_comparison, plot_position0_dims
 from ledger import arm_name
 from metrics import (SUN_ABS, SUN_REL, collect_dominant_profiles, collect_extreme_tokens, collect_stream_stats,
-                     ledger_stream_report, run_interventions, run_quantization, top_token_report)
+                     ledger_stream_report, mean_loss, run_interventions, run_quantization, top_token_report)
 from metrics_json import write_json
 from reports import trajectory_report, trajectory_row
-from summary import notes, write_summary
+from summary import notes, write_pretrained_summary, write_summary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,10 +77,15 @@ class MeasureConfig:
     align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: as trained
     top_tokens: int = 8               # tokens listed where the dominant dim is largest off position 0
     min_token_count: int = 5          # ... among tokens seen at least this often
+    # pretrained models (pretrained.py): a hub id, a local folder or a .gguf file in place of a checkpoint
+    text: str = ""                    # a text file to cut the windows from; "" = the offline Shakespeare plays
+    bos: bool = False                 # open every window on the tokenizer's BOS token; False: on ordinary text
+    dtype: str = "float32"            # the weights' dtype
 
     # Checked by parse_overrides as each setting is read: one line, before anything is loaded
     LIMITS = {"num_windows": ">= 1", "batch_size": ">= 1", "seq_len": ">= 0", "threads": ">= 0",
-              "top_tokens": ">= 1", "min_token_count": ">= 1", "split": ("train", "val")}
+              "top_tokens": ">= 1", "min_token_count": ">= 1", "split": ("train", "val"),
+              "dtype": ("float32", "bfloat16", "float16")}
 
 
 class MeasureError(Exception):
@@ -252,7 +258,38 @@ def batches(data, starts, seq_len, batch_size, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# One checkpoint: every pass of metrics.py over the same windows, and its figures
+# One model: every pass of metrics.py over the same windows
+
+def structure(model, batch_fn, seq_len, decode, cfg, lap):
+    """The passes every model gets, a checkpoint or a pretrained one: the statistics of every stream
+    (with the attention's extreme tokens riding along), then the dominant dimension by position and
+    by token. Returns (stats, baseline loss, summaries, extreme tokens, profiles, top tokens)."""
+    names, decoded = model.sublayer_names, model.config.decoded_stream
+    with collect_extreme_tokens(model) as extreme:   # rides along pass 1: no extra forward
+        stats, baseline = collect_stream_stats(model, batch_fn)
+    lap("statistics_s")
+    summaries = {name: s.summarize(names) for name, s in stats.items()}
+    last, peak = len(names) - 1, summaries[decoded]["peak_sublayer"]
+    profiles = collect_dominant_profiles(model, batch_fn, stats, seq_len, sorted({last, peak}))
+    # trap (2) where the head reads the stream, and at the peak; a peak at the last sublayer is reported once
+    top_tokens = {where: top_token_report(profiles[decoded], stats[decoded], i, names[i], decode, cfg.top_tokens,
+                                          cfg.min_token_count)
+                  for where, i in (("last", last), ("peak", peak)) if where == "last" or i != last}
+    lap("dominant_profile_s")
+    return stats, baseline, summaries, extreme.summarize(), profiles, top_tokens
+
+
+def stopwatch():
+    """lap(name) records the wall time since the last lap under name: the phases in metrics.json."""
+    phases, tick = {}, [time.time()]
+
+    def lap(name):
+        phases[name], tick[0] = time.time() - tick[0], time.time()
+    return phases, lap
+
+
+# ----------------------------------------------------------------------------------------------
+# One checkpoint, and its figures
 
 def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     """The contents of the checkpoint's metrics.json (metrics_json.py lists every key); its figures
@@ -264,24 +301,9 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     batch_fn = lambda: batches(data, starts, seq_len, cfg.batch_size, device)
     names, decoded = model.sublayer_names, model.config.decoded_stream
 
-    phases, tick = {}, time.time()
-
-    def lap(name):   # wall time per phase, reported in metrics.json
-        nonlocal tick
-        phases[name], tick = time.time() - tick, time.time()
-
-    with collect_extreme_tokens(model) as extreme:   # rides along pass 1: no extra forward
-        stats, baseline = collect_stream_stats(model, batch_fn)
-    lap("statistics_s")
-    summaries = {name: s.summarize(names) for name, s in stats.items()}
-    extreme_tokens = extreme.summarize()
-    last, peak = len(names) - 1, summaries[decoded]["peak_sublayer"]
-    profiles = collect_dominant_profiles(model, batch_fn, stats, seq_len, sorted({last, peak}))
-    # trap (2) where the head reads the stream, and at the peak; a peak at the last sublayer is reported once
-    top_tokens = {where: top_token_report(profiles[decoded], stats[decoded], i, names[i], data.decode, cfg.top_tokens,
-                                          cfg.min_token_count)
-                  for where, i in (("last", last), ("peak", peak)) if where == "last" or i != last}
-    lap("dominant_profile_s")
+    phases, lap = stopwatch()
+    stats, baseline, summaries, extreme_tokens, profiles, top_tokens = structure(model, batch_fn, seq_len,
+                                                                                 data.decode, cfg, lap)
     interventions = run_interventions(model, batch_fn, stats, summaries[decoded], baseline, cfg.seed) \
         if cfg.interventions else None
     lap("interventions_s")
@@ -318,6 +340,108 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
 
 
 # ----------------------------------------------------------------------------------------------
+# One pretrained model (pretrained.py), measured as a checkpoint is, on windows of real text
+
+PRETRAINED_SEQ_LEN = 256   # tokens per window when --seq_len is not given (a pretrained block is 2k-8k)
+
+
+def pretrained_text(cfg):
+    """(text, where it is from): --text, else the Shakespeare plays that prepare_data.py reads offline."""
+    if cfg.text:
+        try:
+            with open(cfg.text, encoding="utf-8") as f:
+                return f.read(), cfg.text
+        except (OSError, UnicodeDecodeError) as e:
+            raise MeasureError(f"--text={cfg.text}: {e}") from None
+    import prepare_data
+    try:
+        plays, source, _ = prepare_data.load_shakespeare(os.path.join(cfg.data_root or "data", ".cache"))
+    except prepare_data.DataError as e:
+        raise MeasureError(f"{e}; or give a text file with --text=FILE") from None
+    return "\n\n".join(text for _, text in plays), source
+
+
+def measure_pretrained(spec, cfg, out_dir):
+    """The contents of a pretrained model's metrics.json: the passes a checkpoint gets, then where
+    its massive dimensions are written and erased, and what setting them at position 0 costs."""
+    t0 = time.time()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    print(f"{spec}: loading through transformers ({cfg.dtype}) ...", flush=True)
+    model, tokenizer = pretrained.load_pretrained(spec, cfg.dtype, device)
+    load_s = time.time() - t0
+    text, source = pretrained_text(cfg)
+    seq_len = cfg.seq_len or PRETRAINED_SEQ_LEN
+    windows = pretrained.text_windows(tokenizer, text, seq_len, cfg.num_windows, cfg.bos, cfg.seed)
+    batch_fn = lambda: ((w[:, :-1].to(device), w[:, 1:].to(device)) for w in windows.split(cfg.batch_size))
+    names, c = model.sublayer_names, model.config
+    print(f"{spec}: {c.arch}, {c.n_layer} layers, width {c.n_embd}, {model.num_params() / 1e6:.0f}M parameters, "
+          f"loaded in {load_s:.1f} s; {cfg.num_windows} windows of {seq_len} tokens of {source}, "
+          f"position 0: {'BOS' if cfg.bos else 'ordinary text'}", flush=True)
+    phases, lap = stopwatch()
+    phases["load_s"] = load_s
+    plain_loss = mean_loss(model, batch_fn())   # what the statistics' hooks cost is measured against this
+    lap("plain_forward_s")
+    print(f"{spec}: a plain forward pass over the windows: {phases['plain_forward_s']:.1f} s; now the statistics",
+          flush=True)
+    stats, baseline, summaries, extreme_tokens, profiles, top_tokens = structure(
+        model, batch_fn, seq_len, lambda ids: tokenizer.decode(list(ids)), cfg, lap)
+    s = stats["h"]
+    massive = massive_dims(summaries["h"], s)
+    writes = [pretrained.writes_and_erasures(s, d, names) for d in massive]
+    print(f"{spec}: statistics {phases['statistics_s']:.1f} s; massive dims {massive}; interventions ...", flush=True)
+    interventions = None
+    if cfg.interventions:
+        sinks = np.mean(extreme_tokens["sink_per_layer_head"], axis=1).tolist()
+        interventions = pretrained.block_interventions(model, batch_fn, s, massive, min(w["written_at"] for w in writes),
+                                                       baseline, sinks)
+    lap("interventions_s")
+    quantization = run_quantization(model, batch_fn, baseline) if cfg.quantization else None
+    lap("quantization_s")
+    os.makedirs(out_dir, exist_ok=True)
+    figures = []
+    if cfg.figures:
+        figures = plot_checkpoint(stats, summaries, profiles, extreme_tokens, names, "h", out_dir)
+        figures.append(plot_position0_dims(s, names, out_dir))
+    lap("figures_s")
+    seconds, n_tokens = time.time() - t0, windows.shape[0] * seq_len
+    return {
+        "model": spec, "arch": c.arch, "attention": c.attention, "model_config": dataclasses.asdict(c),
+        "text": {"source": source, "bos": cfg.bos, "bos_token": tokenizer.bos_token if cfg.bos else None,
+                 "position_0": "the BOS token" if cfg.bos else "ordinary text (a window starts mid-text)"},
+        "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device},
+        "sublayer_names": names, "measured_val_loss": baseline, "plain_forward_loss": plain_loss,
+        "decoded_stream": "h", "streams": summaries, "top_tokens": top_tokens, "extreme_tokens": extreme_tokens,
+        "massive_dims": writes, "interventions": interventions, "quantization": quantization,
+        "sun_rule": f"|x| > {SUN_ABS:g} and |x| >= {SUN_REL:g} x the token's median |x| (Sun et al. 2024)",
+        "figures": [os.path.basename(f) for f in figures],
+        "timing": {"tokens": n_tokens, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9),
+                   "statistics_overhead": phases["statistics_s"] / max(phases["plain_forward_s"], 1e-9),
+                   **phases},
+    }
+
+
+def massive_dims(summary, stats, ratio=100.0):
+    """The dominant dimension, and any other that is at some sublayer position 0's top dimension at
+    `ratio` x or more of that sublayer's median: the dimensions the interventions set."""
+    pos0 = stats.mean_abs_pos0()
+    median = np.maximum(np.median(pos0, axis=1), 1e-30)
+    tops = {int(pos0[i].argmax()) for i in range(len(pos0)) if pos0[i].max() >= ratio * median[i]}
+    return [summary["dominant_dim"]] + sorted(tops - {summary["dominant_dim"]})
+
+
+def run_pretrained(spec, cfg, command=()):
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out_dir = cfg.out_dir or os.path.join("out", "pretrained", unique_name(os.path.basename(spec.rstrip("/")), set()))
+    m = measure_pretrained(spec, cfg, out_dir)
+    m["label"], m["out_dir"] = os.path.basename(spec.rstrip("/")), os.path.abspath(out_dir)
+    m["notes"] = notes(m)
+    write_json(m, os.path.join(out_dir, "metrics.json"))
+    print(write_pretrained_summary(m, command, os.path.join(out_dir, "summary.md")))
+    return [m]
+
+
+# ----------------------------------------------------------------------------------------------
 # Several checkpoints measured together: metrics.json and figures for each, one summary.md
 
 def default_out_dir(ckpt_path, from_run_dir):
@@ -336,6 +460,10 @@ def unique_name(name, taken):
 
 
 def run(paths, cfg, command=()):
+    if any(pretrained.is_pretrained(p) for p in paths):
+        if len(paths) > 1:
+            raise MeasureError("a pretrained model is measured on its own; give it alone")
+        return run_pretrained(paths[0], cfg, command)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     inputs = load_inputs(paths, cfg)

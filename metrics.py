@@ -305,7 +305,7 @@ def mean_loss(model, batch_iter, hook=None):
 def collect_stream_stats(model, batch_fn):
     """Pass 1: every statistic of every stream, and the unmodified val loss on these windows."""
     cfg = model.config
-    stats = {name: StreamStats(2 * cfg.n_layer, cfg.n_embd) for name in measured_streams(cfg)}
+    stats = {name: StreamStats(len(model.sublayer_names), cfg.n_embd) for name in measured_streams(cfg)}
 
     def hook(i, kind, streams):
         for name, s in stats.items():
@@ -318,7 +318,7 @@ def collect_stream_stats(model, batch_fn):
 def collect_dominant_profiles(model, batch_fn, stats, seq_len, token_sublayers):
     """Pass 2: per (sublayer, position) |x_dom| for each stream; per token for the decoded one."""
     cfg = model.config
-    L, decoded = 2 * cfg.n_layer, cfg.decoded_stream
+    L, decoded = len(model.sublayer_names), cfg.decoded_stream
     profiles, current = {}, {}
     for name, s in stats.items():
         extra = (cfg.vocab_size, token_sublayers) if name == decoded else (0, ())
@@ -545,22 +545,36 @@ def no_sink_level(e):
 def collect_extreme_tokens(model):
     """Rides along another pass, so it costs no extra forward: a pre-hook on every attention module
     recomputes that layer's weights and values and reduces them to per-head sums at once, so no
-    (B, H, T, T) tensor outlives its layer."""
-    attns = [sub.fn for sub in model.sublayers if sub.kind == "attn"]
-    extreme = ExtremeTokenStats(len(attns), model.config.n_head, model.config.attention)
-
-    def hook_for(layer):
-        def hook(attn, args):
-            a = attn.attention_weights(args[0])
-            extreme.update(layer, a.weights, a.values, a.sink_weight, a.sink_value, a.gate)
-        return hook
-
-    handles = [attn.register_forward_pre_hook(hook_for(layer)) for layer, attn in enumerate(attns)]
+    (B, H, T, T) tensor outlives its layer. A pretrained model (pretrained.py) hands over the
+    weights and values its own attention computed."""
+    extreme = ExtremeTokenStats(model.config.n_layer, model.config.n_head, model.config.attention)
+    if hasattr(model, "attention_capture"):
+        handles = model.attention_capture(lambda layer, weights, values: extreme.update(layer, weights, values))
+    else:
+        def hook_for(layer):
+            def hook(attn, args):
+                a = attn.attention_weights(args[0])
+                extreme.update(layer, a.weights, a.values, a.sink_weight, a.sink_value, a.gate)
+            return hook
+        attns = [sub.fn for sub in model.sublayers if sub.kind == "attn"]
+        handles = [attn.register_forward_pre_hook(hook_for(layer)) for layer, attn in enumerate(attns)]
     try:
         yield extreme
     finally:
         for handle in handles:
             handle.remove()
+
+
+def where_written(pos0, sublayer_names):
+    """Which sublayer writes a dimension at position 0 and which erases it, from its mean |x| there
+    after each sublayer: the largest rise and the largest fall (the first sublayer's rise is from 0,
+    as the embedding is small beside a massive activation). No fall: never erased."""
+    step = np.diff(np.asarray(pos0, dtype=np.float64), prepend=0.0)
+    written, erased = int(step.argmax()), int(step.argmin())
+    falls = step[erased] < 0
+    return {"written_at": written, "written_at_name": sublayer_names[written], "written_by": float(step[written]),
+            "erased_at": erased if falls else None, "erased_at_name": sublayer_names[erased] if falls else None,
+            "erased_by": float(-step[erased]) if falls else 0.0}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,33 +8,44 @@ A key in braces stands for several ({top1,top2}_per_sublayer: top1_per_sublayer 
 "last" (the last sublayer) and "peak" (the peak sublayer, when it is another), [] for every entry of a
 list. A tag says when a key is written: [ledger] for Ledger arms only; [attn_bias], [sigmoid], [gated]
 for that attention kind only; [skipped] when no intervention could run; [run dir] when the input was a
-run directory. Per sublayer lists run over model.sublayer_names; per layer and head lists are
+run directory; [checkpoint] for this repo's checkpoints only, [pretrained] for a pretrained model only
+(pretrained.py: a hub id, a folder or a .gguf file). Per sublayer lists run over model.sublayer_names; per layer and head lists are
 [layer][head]. The per-snapshot files of --trajectory leave out label, out_dir and notes.
 tests/test_metrics_json.py checks that measure.py writes exactly these keys.
 
 key                                                 meaning
-checkpoint, run_dir                                 the measured file and its folder (absolute paths)
+checkpoint, run_dir                                 [checkpoint] the measured file and its folder (absolute paths)
+model                                               [pretrained] the hub id, folder or .gguf file measured
 out_dir                                             where this file and the figures were written
 label                                               the arm's row in summary.md (with its run folder when an arm
                                                     repeats)
-format, arch, attention, iter_num                   from the checkpoint: its format, arm, attention kind and step
-val_loss_recorded                                   the val loss train.py recorded in the checkpoint
-selection.{checkpoint,match_loss,distance}          which checkpoint: final, matched_loss, as_given or trajectory; the
-                                                    loss matched, and how far the recorded loss is from it
+arch, attention                                     the arm (a pretrained model: transformers' model_type), attention kind
+format, iter_num                                    [checkpoint] the checkpoint's format and step
+val_loss_recorded                                   [checkpoint] the val loss train.py recorded in the checkpoint
+selection.{checkpoint,match_loss,distance}          [checkpoint] which checkpoint: final, matched_loss, as_given or
+                                                    trajectory; the loss matched, and how far the recorded loss is
 selection.auto                                      [run dir] whether the matched loss was --match_loss=auto
-dataset, data_dir                                   the data the windows come from
-train_seed, optimizer                               from train_config, for grouping runs into seeds of one experiment
-trained_by                                          train.py's record of each stretch of training: commit, device, ...
-train_config, model_config                          the checkpoint's training settings and ledger.GPTConfig, as saved
+dataset, data_dir                                   [checkpoint] the data the windows come from
+text.{source,bos,bos_token,position_0}              [pretrained] the text the windows come from; whether position 0 is
+                                                    the BOS token (which one) or ordinary text
+train_seed, optimizer                               [checkpoint] from train_config, for grouping runs into seeds
+trained_by                                          [checkpoint] train.py's record of each stretch of training
+train_config                                        [checkpoint] the checkpoint's training settings, as saved
+model_config                                        ledger.GPTConfig as saved (pretrained.PretrainedConfig)
 settings                                            MeasureConfig's fields; seq_len, device, align_windows resolved
 sublayer_names                                      "0.attn", "0.mlp", ...: the sublayer outputs, in order
 measured_val_loss                                   val loss on the measured windows, the baseline of every Δloss
+plain_forward_loss                                  [pretrained] the same from a forward pass without hooks
 decoded_stream                                      the stream the head reads: h, C, or h0+h1
 sun_rule                                            Sun et al.'s rule for a massive entry, in words
 figures                                             the PNG files written beside this file
 timing.{tokens,seconds,tokens_per_s}                tokens measured and the wall time of the whole measurement
-timing.{statistics_s,dominant_profile_s,interventions_s,quantization_s,ledger_streams_s,figures_s}
+timing.{statistics_s,dominant_profile_s,interventions_s,quantization_s,figures_s}
                                                     the wall time of each pass
+timing.ledger_streams_s                             [checkpoint] the wall time of the Ledger pass
+timing.{load_s,plain_forward_s,statistics_overhead}
+                                                    [pretrained] loading; a forward pass without hooks over the same
+                                                    windows; the statistics pass's time over it
 notes                                               summary.md's plain-words lines about this run
 
 streams.<stream>.dominant_dim                       the dimension with the largest mean |x| summed over depth
@@ -123,12 +134,25 @@ extreme_tokens.{gate_later_min,gate_later_min_layer_head,gate_pos0_at_later_min,
 
 interventions                                       null with --interventions=False
 interventions.skipped                               [skipped] why none ran: the dominant dim tops no full-norm sublayer
-interventions.{stream,position,dim,control_dim,from_sublayer,from_sublayer_name,baseline_loss}
-                                                    what is set at position 0, from which sublayer on; the loss before
+interventions.{stream,position,dim,control_dim,from_sublayer,from_sublayer_name}
+                                                    [checkpoint] what is set at position 0, from which sublayer on
+interventions.baseline_loss                         the loss before
 interventions.{zero_loss,zero_delta,mean_loss,mean_delta}
-                                                    val loss, and its change, with the dominant dim at 0 or at its mean
+                                                    [checkpoint] val loss, and its change, with the dominant dim at 0 or
+                                                    at its mean
 interventions.{control_zero_loss,control_zero_delta,control_mean_loss,control_mean_delta}
-                                                    the same for a random control dim
+                                                    [checkpoint] the same for a random control dim
+interventions.{dims,position,written_at,writer_block_output,baseline_sink_per_layer}
+                                                    [pretrained] the massive dims set at position 0; the first sublayer
+                                                    that writes one, and its block's output; each layer's sink before
+interventions.{zero,mean}_{every_block,where_written}_{loss,delta,sink_per_layer}
+                                                    [pretrained] set to 0 or to their mean at every block's output, or
+                                                    at the writing block's only: val loss, its change, each layer's sink
+massive_dims[].{dim,written_at,written_at_name,written_by,erased_at,erased_at_name,erased_by}
+                                                    [pretrained] the dominant dim and every other that tops position 0
+                                                    at >= 100x the median somewhere: where its mean |x| at position 0
+                                                    rises most (written) and falls most (erased; null: never), by how much
+massive_dims[].mean_abs_pos0_per_sublayer           [pretrained] its mean |x| at position 0 after each sublayer
 quantization                                        null with --quantization=False
 quantization.{scheme,baseline_loss,w8_loss,w8_delta,w4_loss,w4_delta}
                                                     val loss and its change after weight-only 8- and 4-bit rounding

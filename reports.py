@@ -21,6 +21,7 @@ import figures
 import rundir
 from cli import ConfigError, parse_overrides, results_header
 from ledger import GPTConfig, arm_name
+from metrics import where_written
 from metrics_json import write_json
 
 FIVE_SEEDS = "docs/results/lab-seeds.md"
@@ -228,6 +229,33 @@ def short_run(results):
         return ""
     return (f"A short run: trained for {', '.join(map(str, short))} steps, where the full lab trains "
             f"{lab['max_iters']} (config/lab.py). The full lab's results over five seeds are in `{FIVE_SEEDS}`.")
+
+
+# ----------------------------------------------------------------------------------------------
+# A real massive activation beside the lab's outliers: the README's table, one row per model
+
+MASSIVE_COLUMNS = ["model", "stream", "dominant dim", "pos-0 ratio (peak)", "largest |x|", "Sun-massive entries (pos 0)",
+                   "sink max", "Δloss, dim zeroed at pos 0", "written at (erased at)"]
+
+
+def massive_activation_row(m):
+    """A measured model's decoded stream on the README's columns. The Δloss is the dimension zeroed at
+    position 0 at every block's output for a pretrained model, from the sublayer where it first tops a
+    full-norm sublayer on for a checkpoint (interventions, in metrics_json.py)."""
+    s = decoded(m)
+    iv = m.get("interventions") or {}
+    delta = iv.get("zero_every_block_delta", iv.get("zero_delta"))
+    where = where_written(s["dominant_mean_abs_pos0_per_sublayer"], m["sublayer_names"])
+    name = m.get("model") and os.path.basename(m["model"].rstrip("/")) or m.get("label") or m["arch"]
+    return [name, m["decoded_stream"], str(s["dominant_dim"]), f"{s['peak_pos0_ratio']:.1f}x",
+            significant(max(s["max_abs_per_sublayer"])),
+            f"{s['sun_massive_count_total']} ({s['sun_massive_count_pos0']})",
+            f"{m['extreme_tokens']['sink_max']:.2f}", "—" if delta is None else f"{delta:+.3f}",
+            f"{where['written_at_name']} ({where['erased_at_name'] or 'never'})"]
+
+
+def massive_activation_table(results):
+    return markdown_table(MASSIVE_COLUMNS, [massive_activation_row(m) for m in results])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ the model needs it, Guo et al.'s extreme-token phenomena, the released code's de
 this repo's), the runs of one experiment across seeds, the raw and per-token normalised numbers side
 by side, and the notes: plain-words lines on what each run's numbers do and do not show.
 """
+import math
 import os
 
 from cli import results_header
 from metrics import NORM_FRACTION, SUN_ABS, SUN_REL, head_name, no_sink_level
-from reports import across_seeds_table, claims, decoded, fmt, markdown_table, short_run
+from reports import (across_seeds_table, claims, decoded, fmt, markdown_table, massive_activation_table,
+                     short_run, significant)
 
 
 def write_summary(results, cfg, command, path):
@@ -187,7 +189,11 @@ def outlier_note(m):
     if s["sun_massive_count_total"] > 0:
         return (f"{label}: {s['sun_massive_count_total']} massive entries by Sun et al.'s rule "
                 f"({s['sun_massive_count_pos0']} at position 0).")
-    if pos0 >= 10 and conc >= 10:
+    if pos0 >= 100 and conc >= 10:
+        shape = (f"fixed dimension {dim} is {pos0:.0f}x the median dimension at position 0 and {conc:.0f}x "
+                 f"larger there than at later positions: a start-token outlier of the size seen in large models "
+                 f"(100-1000x), under the 1000x of Sun et al.'s rule")
+    elif pos0 >= 10 and conc >= 10:
         shape = (f"fixed dimension {dim} is {pos0:.0f}x the median dimension at position 0 and {conc:.0f}x "
                  f"larger there than at later positions: a start-token outlier, short of the 100-1000x of "
                  f"large models")
@@ -255,7 +261,7 @@ def notes(m):
         lines.append(f"{label}: mean commit gate {ls['commit_gate_mean']:.4f}, ‖C‖ / ‖D‖ {ls['C_over_D_norm_final']:.3f}; "
                      f"every commit logit shifted by -2 changes the val loss by {shift['-2']:+.4f}, by +2 by "
                      f"{shift['+2']:+.4f} (small gates scale C by ~e^shift, which the final RMSNorm divides out).")
-    if m["selection"]["distance"] is not None:
+    if (m.get("selection") or {}).get("distance") is not None:
         lines.append(f"{label}: iter {m['iter_num']} picked to match val loss {m['selection']['match_loss']:.4f}: "
                      f"recorded {m['val_loss_recorded']:.4f}, {m['selection']['distance']:.4f} away.")
     for where, report in (m.get("top_tokens") or {}).items():
@@ -263,3 +269,68 @@ def notes(m):
         lines.append(f"{label}: dim {report['dim']} at {report['sublayer_name']} ({where} sublayer): "
                      f"{report['verdict']}; largest off position 0: {shown} (of position 0's mean |x|).")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# A pretrained model's summary.md (measure.py MODEL)
+
+def write_pretrained_summary(m, command, path):
+    """summary.md for a pretrained model: the answer (its massive dimensions, how large, where written,
+    what zeroing them costs), then per sublayer and per layer what that answer is read from."""
+    c, s, iv = m["model_config"], m["streams"]["h"], m["interventions"]
+    names, dims = m["sublayer_names"], m["massive_dims"]
+    lines = [results_header("measure.py", command),
+             f"# A pretrained model: {os.path.basename(m['model'].rstrip('/'))}\n",
+             f"{c['arch']}, {c['n_layer']} layers of width {c['n_embd']}, {c['n_head']} heads ({c['n_kv_head']} KV), "
+             f"weights in {m['settings']['dtype']}; {m['settings']['num_windows']} windows of "
+             f"{m['settings']['seq_len']} tokens of {m['text']['source']}, seed {m['settings']['seed']}. "
+             f"**Position 0 is {m['text']['position_0']}**" + (f" ({m['text']['bos_token']!r})" if m['text']['bos'] else "")
+             + ": published numbers differ on this convention (`--bos`)."]
+    if c["parallel_residual"]:
+        lines.append("A parallel-residual block has no residual between its attention and its MLP: every number "
+                     "here is per block output.")
+    lines.append("")
+    for w in dims:
+        i = w["written_at"]
+        peak = max(w["mean_abs_pos0_per_sublayer"])
+        lines.append(f"- **Dimension {w['dim']}**: at position 0 its mean |x| reaches {significant(peak)}, written by "
+                     f"{w['written_at_name']} (+{significant(w['written_by'])}), "
+                     + (f"erased by {w['erased_at_name']} (-{significant(w['erased_by'])})." if w["erased_at"] is not None
+                        else "never erased."))
+    if iv:
+        lines.append(f"- **Zeroed at position 0** ({', '.join(map(str, iv['dims']))}) at every block's output: val loss "
+                     f"{iv['baseline_loss']:.3f} → {iv['zero_every_block_loss']:.3f} (perplexity "
+                     f"{math.exp(iv['baseline_loss']):.1f} → {math.exp(iv['zero_every_block_loss']):.1f}); only where "
+                     f"written ({names[iv['writer_block_output']]}): {iv['zero_where_written_loss']:.3f}. Set to their "
+                     f"means instead: {iv['mean_every_block_loss']:.3f} and {iv['mean_where_written_loss']:.3f}.")
+    per_dim = [w["mean_abs_pos0_per_sublayer"] for w in dims]
+    lines += ["", massive_activation_table([m]), "",
+              "Per sublayer output, position 0: the massive dimensions' mean |x|, the dominant one's ratio to the "
+              "median dimension, the median, and Sun et al.'s massive entries:", "",
+              markdown_table(["sublayer", *(f"dim {w['dim']}" for w in dims), "pos-0 ratio", "median |x| at pos 0",
+                              "Sun-massive entries"],
+                             [[name, *(significant(v[i]) for v in per_dim), f"{r:.1f}x", significant(a / max(r, 1e-30)),
+                               str(n)]
+                              for i, (name, a, r, n) in enumerate(zip(names, s["dominant_mean_abs_pos0_per_sublayer"],
+                                                                      s["pos0_ratio_per_sublayer"],
+                                                                      s["sun_massive_count_per_sublayer"]))]), ""]
+    sinks = m["extreme_tokens"]["sink_per_layer_head"]
+    head = ["layer", "sink, mean over heads", "max head"]
+    rows = [[str(l), f"{sum(h) / len(h):.3f}", f"{max(h):.3f} (H{h.index(max(h))})"] for l, h in enumerate(sinks)]
+    if iv:
+        head += ["zeroed at every block", "zeroed where written", "set to mean, every block"]
+        for row, a, b, c2 in zip(rows, iv["zero_every_block_sink_per_layer"], iv["zero_where_written_sink_per_layer"],
+                                 iv["mean_every_block_sink_per_layer"]):
+            row += [f"{a:.3f}", f"{b:.3f}", f"{c2:.3f}"]
+    lines += ["Attention on position 0 per layer (mean weight of queries 1..T-1 on key 0), and with the massive "
+              "dimensions set at position 0:", "", markdown_table(head, rows), ""]
+    lines += [f"- {line}" for line in m["notes"]]
+    t = m["timing"]
+    lines += ["", f"Timing: load {t['load_s']:.1f} s; a plain forward pass over the windows {t['plain_forward_s']:.1f} s; "
+              f"the statistics pass {t['statistics_s']:.1f} s ({t['statistics_overhead']:.2f}x the plain pass); "
+              f"dominant-dim profile {t['dominant_profile_s']:.1f} s; interventions {t['interventions_s']:.1f} s; "
+              f"all {t['seconds']:.1f} s."]
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return text

