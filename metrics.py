@@ -57,7 +57,7 @@ class StreamStats:
     """Running float64 sums for one stream over all sublayers. Each update reduces a (B, T, D)
     activation to per-dimension and per-sublayer vectors at once; nothing scales with batches."""
 
-    def __init__(self, n_sublayers, dim, normalized=True):
+    def __init__(self, n_sublayers, dim, raw=True):
         L, f64 = n_sublayers, torch.float64
         self.abs_sum = torch.zeros(L, dim, dtype=f64)          # sum |x| per dim, all positions
         self.abs_sum_pos0 = torch.zeros(L, dim, dtype=f64)     # ... at position 0 only
@@ -75,8 +75,10 @@ class StreamStats:
         self.sun_count = torch.zeros(L, dtype=torch.int64)     # Sun et al.'s massive entries
         self.sun_count_pos0 = torch.zeros(L, dtype=torch.int64)
         # The same sums over x / rms(x), each token's own scale divided out: what an RMSNorm that
-        # reads this stream sees (the head's for C; every sublayer's and the head's for h)
-        self.normalized = StreamStats(L, dim, normalized=False) if normalized else None
+        # reads this stream sees (the head's for C; every sublayer's and the head's for h). A token's
+        # shape (top-k over median, kurtosis) does not change when it is divided by its own scale, so
+        # that copy keeps only the per-dimension sums and norms.
+        self.normalized = StreamStats(L, dim, raw=False) if raw else None
 
     def state_nbytes(self):
         own = sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
@@ -93,6 +95,12 @@ class StreamStats:
         self.sum_pos0[i] += x[:, 0].sum(0, dtype=f64).cpu()
         self.n_tokens[i] += B * T
         self.n_seqs[i] += B
+        norms = x.norm(dim=-1)
+        self.norm_sum[i] += norms.sum(dtype=f64).cpu()
+        self.norm_sum_pos0[i] += norms[:, 0].sum(dtype=f64).cpu()
+        if self.normalized is None:
+            return
+        self.normalized.update(i, torch.nn.functional.rms_norm(x, (D,), eps=RMS_EPS))
         flat, signed = a.reshape(-1, D), x.reshape(-1, D)
         top = flat.topk(min(3, D), dim=-1).values
         median = flat.median(dim=-1).values      # the lower middle value when D is even
@@ -106,14 +114,9 @@ class StreamStats:
         self.kurtosis_sum[i] += kurtosis.sum(dtype=f64).cpu()
         self.ratio_sum[i] += ratio.sum(dtype=f64).cpu()
         self.ratio_max[i] = torch.maximum(self.ratio_max[i], ratio.max().double().cpu())
-        norms = signed.norm(dim=-1)
-        self.norm_sum[i] += norms.sum(dtype=f64).cpu()
-        self.norm_sum_pos0[i] += norms.view(B, T)[:, 0].sum(dtype=f64).cpu()
         self.max_abs[i] = torch.maximum(self.max_abs[i], flat.max().double().cpu())
         self.sun_count[i] += int(massive.sum())
         self.sun_count_pos0[i] += int(massive.view(B, T, D)[:, 0].sum())
-        if self.normalized is not None:
-            self.normalized.update(i, torch.nn.functional.rms_norm(x, (D,), eps=RMS_EPS))
 
     # per (sublayer, dim) means, as numpy arrays
     def mean_abs(self):
