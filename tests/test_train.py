@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-import ledger
 import cli
+import ledger
 import rundir
 import train
 
