@@ -91,7 +91,7 @@ demo: pretrained-demo
 answer:
 	@echo "=== the answer, and a real massive activation beside the lab's -> $(LAB_OUT)/answer-s$(SEED).md"
 	@$(PYTHON) reports.py $(PRETRAINED_OUT) $(foreach a,$(LAB_ARMS),$(LAB_OUT)/measure-s$(SEED)/$(a)-s$(SEED)) \
-	  --out=$(LAB_OUT)/answer-s$(SEED).md | tail -n +3
+	  --out=$(LAB_OUT)/answer-s$(SEED).md | grep -v '^> '
 
 # The text demo: prepare char-level Shakespeare, train each arm (a finished or interrupted arm is
 # resumed, not redone), then measure all arms at matched validation loss and print the table. At

@@ -267,7 +267,8 @@ def massive_activation_report(out_dirs, path, command=()):
     runs = [m for m in results if "model" not in m]   # the lab's checkpoints, not the pretrained model
     answer = "\n\n".join(part for part in (short_run(runs), claims(runs)) if part)
     sources = "\n".join(f"> {m['label']}: {os.path.join(d, 'metrics.json')}" for m, d in zip(results, out_dirs))
-    text = (results_header("reports.py", command) + sources + "\n\n" + (answer + "\n\n" if answer else "")
+    trained = {os.path.basename(m["run_dir"]): m["trained_by"] for m in runs}
+    text = (results_header("reports.py", command, trained) + sources + "\n\n" + (answer + "\n\n" if answer else "")
             + "A massive activation beside the lab's outliers (README, \"What a real massive activation looks "
               "like\"):\n\n" + massive_activation_table(results) + "\n")
     with open(path, "w") as f:
