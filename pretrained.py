@@ -19,7 +19,9 @@ Where the residual is, in a pre-norm block (x the block's input):
 A parallel-residual block (GPT-NeoX / Pythia: x + attn(norm1(x)) + mlp(norm2(x))) has no residual
 between its sublayers, so it is measured once per block ("3.block"), and the report says so.
 """
+import contextlib
 import importlib.util
+import io
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -227,8 +229,7 @@ def load_pretrained(spec, dtype="float32", device="cpu"):
     """(PretrainedLM, tokenizer) for a hub id, a local folder or a .gguf file, weights in `dtype`."""
     require_transformers()
     import transformers
-    transformers.logging.set_verbosity_error()   # no warnings or progress bars among the report's lines
-    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()   # no warnings among the report's lines
     from transformers import AutoModelForCausalLM, AutoTokenizer
     where, extra = spec, {}
     if spec.endswith(".gguf"):
@@ -245,9 +246,11 @@ def load_pretrained(spec, dtype="float32", device="cpu"):
                 raise ConfigError(f"{spec}: not in the local Hugging Face cache and the hub cannot be reached; "
                                   f"give a local folder or a .gguf file, or download it where there is a network")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
-        hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
-                                                        attn_implementation="eager", **extra)
+        # the loaders' progress bars (the GGUF dequantizer has its own) go nowhere; errors still raise
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+            hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
+                                                            attn_implementation="eager", **extra)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{spec}: transformers could not load it as a causal LM "
                           f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None

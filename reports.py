@@ -235,7 +235,7 @@ def short_run(results):
 # ----------------------------------------------------------------------------------------------
 # A real massive activation beside the lab's outliers: the README's table, one row per model
 
-MASSIVE_COLUMNS = ["model", "stream", "dominant dim", "pos-0 ratio (peak)", "largest |x|", "Sun-massive entries (pos 0)",
+MASSIVE_COLUMNS = ["model", "stream", "dominant dim", "pos-0 ratio (peak)", "largest \\|x\\|", "Sun-massive entries (pos 0)",
                    "sink max", "Δloss, dim zeroed at pos 0", "written at (erased at)"]
 
 

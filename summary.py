@@ -307,7 +307,7 @@ def write_pretrained_summary(m, command, path):
     lines += ["", massive_activation_table([m]), "",
               "Per sublayer output, position 0: the massive dimensions' mean |x|, the dominant one's ratio to the "
               "median dimension, the median, and Sun et al.'s massive entries:", "",
-              markdown_table(["sublayer", *(f"dim {w['dim']}" for w in dims), "pos-0 ratio", "median |x| at pos 0",
+              markdown_table(["sublayer", *(f"dim {w['dim']}" for w in dims), "pos-0 ratio", "median \\|x\\| at pos 0",
                               "Sun-massive entries"],
                              [[name, *(significant(v[i]) for v in per_dim), f"{r:.1f}x", significant(a / max(r, 1e-30)),
                                str(n)]
