@@ -388,7 +388,10 @@ def measure_pretrained(spec, cfg, out_dir):
     s = stats["h"]
     massive = massive_dims(summaries["h"], s)
     writes = [pretrained.writes_and_erasures(s, d, names) for d in massive]
-    print(f"{spec}: statistics {phases['statistics_s']:.1f} s; massive dims {massive}; interventions ...", flush=True)
+    h = summaries["h"]
+    print(f"{spec}: dimension {h['dominant_dim']} is {h['peak_pos0_ratio']:.0f}x the median at position 0 "
+          f"({h['peak_sublayer_name']}), |x| up to {max(h['max_abs_per_sublayer']):.0f}; statistics "
+          f"{phases['statistics_s']:.1f} s; now the interventions on dims {massive}", flush=True)
     interventions = None
     if cfg.interventions:
         sinks = np.mean(extreme_tokens["sink_per_layer_head"], axis=1).tolist()

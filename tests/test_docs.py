@@ -179,7 +179,7 @@ def test_a_copied_table_may_leave_columns_out_but_never_retype_a_cell():
 
 def test_the_readme_has_a_copied_headline_table_and_stays_short():
     assert copied_blocks("README.md"), "the README's headline table is copied from a docs/results file"
-    for _, block in copied_blocks("README.md"):
-        assert len(tables(block)[0][0]) <= 6, "the README's headline table has at most 6 columns"
+    _, headline = copied_blocks("README.md")[0]
+    assert len(tables(headline)[0][0]) <= 6, "the README's headline table has at most 6 columns"
     with open(os.path.join(REPO, "README.md")) as f:
         assert len(f.read().splitlines()) <= 160, "the README is read in five minutes: move detail to docs/"
