@@ -385,18 +385,17 @@ def measure_pretrained(spec, cfg, out_dir):
           flush=True)
     stats, baseline, summaries, extreme_tokens, profiles, top_tokens = structure(
         model, batch_fn, seq_len, lambda ids: tokenizer.decode(list(ids)), cfg, lap)
-    s = stats["h"]
-    massive = massive_dims(summaries["h"], s)
-    writes = [pretrained.writes_and_erasures(s, d, names) for d in massive]
-    h = summaries["h"]
-    print(f"{spec}: dimension {h['dominant_dim']} is {h['peak_pos0_ratio']:.0f}x the median at position 0 "
-          f"({h['peak_sublayer_name']}), |x| up to {max(h['max_abs_per_sublayer']):.0f}; statistics "
+    stream, summary = stats["h"], summaries["h"]
+    massive = pretrained.massive_dims(summary, stream)
+    writes = [pretrained.writes_and_erasures(stream, d, names) for d in massive]
+    print(f"{spec}: dimension {summary['dominant_dim']} is {summary['peak_pos0_ratio']:.0f}x the median at position 0 "
+          f"({summary['peak_sublayer_name']}), |x| up to {max(summary['max_abs_per_sublayer']):.0f}; statistics "
           f"{phases['statistics_s']:.1f} s; now the interventions on dims {massive}", flush=True)
     interventions = None
     if cfg.interventions:
         sinks = np.mean(extreme_tokens["sink_per_layer_head"], axis=1).tolist()
-        interventions = pretrained.block_interventions(model, batch_fn, s, massive, min(w["written_at"] for w in writes),
-                                                       baseline, sinks)
+        interventions = pretrained.block_interventions(model, batch_fn, stream, massive,
+                                                       min(w["written_at"] for w in writes), baseline, sinks)
     lap("interventions_s")
     quantization = run_quantization(model, batch_fn, baseline) if cfg.quantization else None
     lap("quantization_s")
@@ -404,7 +403,7 @@ def measure_pretrained(spec, cfg, out_dir):
     figures = []
     if cfg.figures:
         figures = plot_checkpoint(stats, summaries, profiles, extreme_tokens, names, "h", out_dir)
-        figures.append(plot_position0_dims(s, names, out_dir))
+        figures.append(plot_position0_dims(stream, names, out_dir))
     lap("figures_s")
     seconds, n_tokens = time.time() - t0, windows.shape[0] * seq_len
     return {
@@ -421,15 +420,6 @@ def measure_pretrained(spec, cfg, out_dir):
                    "statistics_overhead": phases["statistics_s"] / max(phases["plain_forward_s"], 1e-9),
                    **phases},
     }
-
-
-def massive_dims(summary, stats, ratio=100.0):
-    """The dominant dimension, and any other that is at some sublayer position 0's top dimension at
-    `ratio` x or more of that sublayer's median: the dimensions the interventions set."""
-    pos0 = stats.mean_abs_pos0()
-    median = np.maximum(np.median(pos0, axis=1), 1e-30)
-    tops = {int(pos0[i].argmax()) for i in range(len(pos0)) if pos0[i].max() >= ratio * median[i]}
-    return [summary["dominant_dim"]] + sorted(tops - {summary["dominant_dim"]})
 
 
 def run_pretrained(spec, cfg, command=()):

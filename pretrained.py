@@ -297,6 +297,15 @@ def text_windows(tokenizer, text, seq_len, num_windows, bos, seed=0):
 # ----------------------------------------------------------------------------------------------
 # Where a dimension is written, and whether the model needs it
 
+def massive_dims(summary, stats, ratio=100.0):
+    """The dominant dimension, and any other that is at some sublayer position 0's top dimension at
+    `ratio` x or more of that sublayer's median: the dimensions the interventions set."""
+    pos0 = stats.mean_abs_pos0()
+    median = np.maximum(np.median(pos0, axis=1), 1e-30)
+    tops = {int(pos0[i].argmax()) for i in range(len(pos0)) if pos0[i].max() >= ratio * median[i]}
+    return [summary["dominant_dim"]] + sorted(tops - {summary["dominant_dim"]})
+
+
 def writes_and_erasures(stats, dim, sublayer_names):
     """Where dimension `dim` of the residual at position 0 is written and erased (metrics.where_written),
     with its mean |x| at position 0 after every sublayer."""
