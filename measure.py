@@ -3,6 +3,7 @@ Measure the residual-stream structure of trained checkpoints: where the outlier 
 how big it is, whether it sits on the start token, and whether the model needs it.
 
     python measure.py CKPT_OR_RUN_DIR [more ...] [--key=value ...]
+    python measure.py MODEL [--key=value ...]     # a pretrained model: a hub id, a folder, a .gguf file
 
 Trained transformers grow "massive activations" (Sun et al. 2024): a few fixed hidden dimensions
 of the residual stream, 100-1000x the median magnitude, concentrated on the first token. The paper
@@ -21,6 +22,11 @@ Every attention kind (ledger.ATTENTIONS) is measured in its own terms: the weigh
 explicit sink apart from position 0's, sigmoid's unnormalised weights against their own no-sink
 level, gated attention's output gate at position 0 and elsewhere (metrics.py, "Extreme-token
 phenomena").
+
+A pretrained causal LM (pretrained.py: LLaMA-style, GPT-2 and GPT-NeoX families, through Hugging
+Face transformers) goes through the same passes on windows of real text, then the questions a
+massive activation raises: where its dimensions are written and erased, and what setting them at
+position 0 costs, in loss and in each layer's sink.
 
 With --trajectory, every kept snapshot of each run directory is measured the same way, and one
 figure and one table give the headline numbers against training step, every run side by side
@@ -366,7 +372,6 @@ def measure_pretrained(spec, cfg, out_dir):
     its massive dimensions are written and erased, and what setting them at position 0 costs."""
     t0 = time.time()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    print(f"{spec}: loading through transformers ({cfg.dtype}) ...", flush=True)
     model, tokenizer = pretrained.load_pretrained(spec, cfg.dtype, device)
     load_s = time.time() - t0
     text, source = pretrained_text(cfg)

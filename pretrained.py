@@ -245,8 +245,10 @@ def load_pretrained(spec, dtype="float32", device="cpu"):
             extra = {"local_files_only": True}
         except (OSError, ValueError):
             if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
-                raise ConfigError(f"{spec}: not in the local Hugging Face cache and the hub cannot be reached; "
-                                  f"give a local folder or a .gguf file, or download it where there is a network")
+                raise ConfigError(f"{spec}: no such file or folder here, and as a Hugging Face id it is not in the "
+                                  f"local cache and the hub cannot be reached; give a checkpoint, a run folder, a "
+                                  f"model folder or a .gguf file, or download the model where there is a network")
+    print(f"{spec}: loading through transformers ({dtype}) ...", flush=True)
     try:
         # the loaders' progress bars (the GGUF dequantizer has its own) go nowhere; errors still raise
         with contextlib.redirect_stderr(io.StringIO()):
