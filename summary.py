@@ -191,8 +191,9 @@ def outlier_note(m):
                 f"({s['sun_massive_count_pos0']} at position 0).")
     if pos0 >= 100 and conc >= 10:
         shape = (f"fixed dimension {dim} is {pos0:.0f}x the median dimension at position 0 and {conc:.0f}x "
-                 f"larger there than at later positions: a start-token outlier of the size seen in large models "
-                 f"(100-1000x), under the 1000x of Sun et al.'s rule")
+                 f"larger there than at later positions: a start-token outlier in the 100-1000x range by this "
+                 f"ratio, under the 1000x of Sun et al.'s rule (whether the model needs it: the Δloss when it is "
+                 f"zeroed)")
     elif pos0 >= 10 and conc >= 10:
         shape = (f"fixed dimension {dim} is {pos0:.0f}x the median dimension at position 0 and {conc:.0f}x "
                  f"larger there than at later positions: a start-token outlier, short of the 100-1000x of "
