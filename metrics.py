@@ -583,20 +583,21 @@ def where_written(pos0, sublayer_names):
 # ----------------------------------------------------------------------------------------------
 # Interventions (after Sun et al.): does the model need the outlier? And does it break quantization?
 
-def position0_hook(config, stats, dim, start, mode):
-    """Set x[:, 0, dim] of the decoded stream to 0 or to its mean at each sublayer >= start. For
-    hc2 the decoded channel is h0 + h1: zero both, or set each stream to its own mean (so the sum
-    takes its mean). Ledger's decoded stream is C: D is left alone."""
+def position0_hook(config, stats, dims, at, mode):
+    """Set x[:, 0, d] of the decoded stream, for each d in dims, to 0 or to its mean at each sublayer
+    in `at`. For hc2 the decoded channel is h0 + h1: zero both, or set each stream to its own mean (so
+    the sum takes its mean). Ledger's decoded stream is C: D is left alone."""
     targets = ("h0", "h1") if config.residual == "hc2" else (config.decoded_stream,)
-    means = {name: stats[name].mean_pos0()[:, dim] for name in targets}
+    means = {name: stats[name].mean_pos0() for name in targets}
 
     def hook(i, kind, streams):
-        if i < start:
+        if i not in at:
             return None
         replaced = {}
         for name in targets:
             x = streams[name].clone()
-            x[:, 0, dim] = 0.0 if mode == "zero" else float(means[name][i])
+            for d in dims:
+                x[:, 0, d] = 0.0 if mode == "zero" else float(means[name][i, d])
             replaced[name] = x
         return replaced
     return hook
@@ -611,9 +612,10 @@ def run_interventions(model, batch_fn, stats, summary, baseline, seed):
     control = others[int(torch.randint(len(others), (1,), generator=torch.Generator().manual_seed(seed)))]
     out = {"stream": cfg.decoded_stream, "position": 0, "dim": dom, "control_dim": control,
            "from_sublayer": start, "from_sublayer_name": model.sublayer_names[start], "baseline_loss": baseline}
+    from_start = range(start, len(model.sublayer_names))
     for label, dim in (("", dom), ("control_", control)):
         for mode in ("zero", "mean"):
-            loss = mean_loss(model, batch_fn(), position0_hook(cfg, stats, dim, start, mode))
+            loss = mean_loss(model, batch_fn(), position0_hook(cfg, stats, [dim], from_start, mode))
             out[f"{label}{mode}_loss"] = loss
             out[f"{label}{mode}_delta"] = loss - baseline
     return out

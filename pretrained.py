@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import ConfigError
-from metrics import where_written
+from metrics import mean_loss, position0_hook, where_written
 
 INSTALL = "pip install -r requirements-pretrained.txt"
 
@@ -77,10 +77,6 @@ class PretrainedConfig:
     residual: str = "add"
     stream_names: tuple = ("h",)
     decoded_stream: str = "h"
-
-    @property
-    def n_sublayers(self):
-        return self.n_layer if self.parallel_residual else 2 * self.n_layer
 
 
 def module_at(root, path):
@@ -315,10 +311,9 @@ def writes_and_erasures(stats, dim, sublayer_names):
     return {"dim": dim, **where_written(pos0, sublayer_names), "mean_abs_pos0_per_sublayer": pos0.tolist()}
 
 
-@torch.inference_mode()
 def loss_and_sinks(model, batch_iter, hook=None):
-    """Val loss over the windows and, per layer, the mean attention weight of queries 1..T-1 on
-    position 0 (over heads), with the stream hook in place."""
+    """Val loss over the windows (metrics.mean_loss) and, per layer, the mean attention weight of
+    queries 1..T-1 on position 0 (over heads), with the stream hook in place."""
     n_layer = model.config.n_layer
     sink_sum, n_queries = torch.zeros(n_layer, dtype=torch.float64), torch.zeros(n_layer, dtype=torch.float64)
 
@@ -327,37 +322,18 @@ def loss_and_sinks(model, batch_iter, hook=None):
         n_queries[layer] += weights[:, :, 1:, 0].numel()
 
     handles = model.attention_capture(on_layer)
-    total, count = 0.0, 0
     try:
-        for x, y in batch_iter:
-            _, loss, _ = model(x, y, stream_hook=hook)
-            total += float(loss) * y.numel()
-            count += y.numel()
+        loss = mean_loss(model, batch_iter, hook)
     finally:
         for handle in handles:
             handle.remove()
-    return total / count, (sink_sum / n_queries.clamp_min(1)).tolist()
+    return loss, (sink_sum / n_queries.clamp_min(1)).tolist()
 
 
 def block_outputs(model):
     """The sublayer index of each block's output: where a pretrained model's residual can be set."""
     n = model.config.n_layer
     return list(range(n)) if model.config.parallel_residual else [2 * b + 1 for b in range(n)]
-
-
-def position0_setter(stats, dims, at, mode):
-    """A stream hook that sets x[:, 0, d] to 0, or to its mean at that sublayer, for d in dims, at the
-    sublayers `at`."""
-    means = stats.mean_pos0()
-
-    def hook(i, kind, streams):
-        if i not in at:
-            return None
-        h = streams["h"].clone()
-        for d in dims:
-            h[:, 0, d] = 0.0 if mode == "zero" else float(means[i, d])
-        return {"h": h}
-    return hook
 
 
 def block_interventions(model, batch_fn, stats, dims, written_at, baseline_loss, baseline_sinks):
@@ -370,7 +346,8 @@ def block_interventions(model, batch_fn, stats, dims, written_at, baseline_loss,
            "baseline_loss": baseline_loss, "baseline_sink_per_layer": baseline_sinks}
     for where, at in (("every_block", set(outputs)), ("where_written", {writer})):
         for mode in ("zero", "mean"):
-            loss, sinks = loss_and_sinks(model, batch_fn(), position0_setter(stats, dims, at, mode))
+            hook = position0_hook(model.config, {"h": stats}, dims, at, mode)
+            loss, sinks = loss_and_sinks(model, batch_fn(), hook)
             out[f"{mode}_{where}_loss"] = loss
             out[f"{mode}_{where}_delta"] = loss - baseline_loss
             out[f"{mode}_{where}_sink_per_layer"] = sinks

@@ -396,9 +396,9 @@ def test_position0_interventions_touch_only_the_decoded_channel(arch):
     for k, n in enumerate(names):
         for i in range(2):
             stats[n].update(i, streams[n] * (3.0 if k == 0 else -1.0))   # pos-0 means: 3 and -2
-    assert position0_hook(config, stats, 2, 1, "zero")(0, "attn", streams) is None   # before emergence
-    zeroed = position0_hook(config, stats, 2, 1, "zero")(1, "mlp", streams)
-    meaned = position0_hook(config, stats, 2, 1, "mean")(1, "mlp", streams)
+    assert position0_hook(config, stats, [2], range(1, 2), "zero")(0, "attn", streams) is None   # before emergence
+    zeroed = position0_hook(config, stats, [2], range(1, 2), "zero")(1, "mlp", streams)
+    meaned = position0_hook(config, stats, [2], range(1, 2), "mean")(1, "mlp", streams)
     targets = ("h0", "h1") if arch == "hc2" else ("C",)
     assert set(zeroed) == set(targets)                 # ledger: D is left alone
     for n in targets:

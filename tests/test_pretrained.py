@@ -57,7 +57,8 @@ def hooked(model, x):
 def test_block_outputs_are_transformers_own_hidden_states(kind):
     model, x = tiny(kind), tokens()
     streams = hooked(model, x)
-    assert len(streams) == len(model.sublayer_names) == model.config.n_sublayers
+    per_block = 1 if model.config.parallel_residual else 2
+    assert len(streams) == len(model.sublayer_names) == per_block * model.config.n_layer
     with torch.no_grad():
         hidden = model.hf(input_ids=x, output_hidden_states=True).hidden_states
     block_outputs = streams if model.config.parallel_residual else streams[1::2]
@@ -124,7 +125,7 @@ def test_the_zeroing_intervention_changes_exactly_that_entry(kind):
     handle = model.blocks[layer + 1].register_forward_pre_hook(lambda m, args, kw: seen.__setitem__("x", (
         args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
     with torch.no_grad():
-        model(x, stream_hook=pretrained.position0_setter(stats, [dim], {index}, "zero"))
+        model(x, stream_hook=metrics.position0_hook(model.config, {"h": stats}, [dim], {index}, "zero"))
     handle.remove()
     expected = before[index].clone()
     expected[:, 0, dim] = 0.0
