@@ -338,10 +338,7 @@ def run_lab(names, cfg, command=()):
         except measure.MeasureError as e:
             raise LabError(f"--measure_flags: {e}") from None
     for run in runs:
-        holder = rundir.in_use(run.out_dir)
-        if holder:
-            raise LabError(f"{run.out_dir} is in use by another run ({holder}); wait for it to end, or choose "
-                           f"another --out_root")
+        rundir.check_free(run.out_dir, "--out_root")
         check_progress_so_far(run)
     train_runs(runs, cfg)
     if not cfg.measure:

@@ -139,8 +139,7 @@ def claim_run_dir(out_dir):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise ConfigError(f"{out_dir} is in use by another run ({f.read().strip() or 'holder unknown'}); "
-                              f"wait for it to end, or choose another --out_dir") from None
+            raise in_use_error(out_dir, f.read().strip() or "holder unknown") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -149,6 +148,17 @@ def claim_run_dir(out_dir):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def in_use_error(out_dir, holder, flag="--out_dir"):
+    return ConfigError(f"{out_dir} is in use by another run ({holder}); wait for it to end, or choose another {flag}")
+
+
+def check_free(out_dir, flag="--out_dir"):
+    """One error line, before anything is written, when another run holds out_dir."""
+    holder = in_use(out_dir)
+    if holder:
+        raise in_use_error(out_dir, holder, flag)
 
 
 def in_use(out_dir):

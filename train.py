@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from rundir import CHECKPOINT_FORMAT, TrainConfig, claim_run_dir, in_use, load_checkpoint, save_checkpoint
+from rundir import CHECKPOINT_FORMAT, TrainConfig, check_free, claim_run_dir, load_checkpoint, save_checkpoint
 from cli import ConfigError, duration, help_text, parse_overrides, provenance, run_main, wants_help
 from ledger import GPT, GPTConfig, arm_name
 from prepare_data import DataError, load_meta, open_split, sequence_starts, start_token
@@ -343,10 +343,7 @@ def main(argv=None):
         return
     train_overrides, model_overrides = parse_overrides(argv, TrainConfig, GPTConfig)
     cfg = TrainConfig(**train_overrides)
-    holder = in_use(cfg.out_dir)
-    if holder:   # asked before anything else: another run's half-written folder explains every other error
-        raise ConfigError(f"{cfg.out_dir} is in use by another run ({holder}); wait for it to end, or choose "
-                          f"another --out_dir")
+    check_free(cfg.out_dir)   # first: another run's half-written folder would explain every later error
     proc = start_processes(cfg)
     try:
         # every check first: a run that cannot start writes nothing

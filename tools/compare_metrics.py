@@ -17,6 +17,7 @@ import sys
 NOT_COMPARED = {"checkpoint", "run_dir", "data_dir", "out_dir", "settings.out_dir", "settings.data_root",
                 "timing.seconds", "timing.tokens_per_s", "timing.statistics_s", "timing.dominant_profile_s",
                 "timing.interventions_s", "timing.quantization_s", "timing.ledger_streams_s", "timing.figures_s",
+                "timing.load_s", "timing.plain_forward_s", "timing.statistics_overhead",
                 # settings a checkpoint's measurement does not use (a pretrained model's), and the prose
                 # summary.md writes from the numbers, whose wording may change while the numbers do not
                 "settings.text", "settings.bos", "settings.dtype", "notes"}
