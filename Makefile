@@ -88,7 +88,7 @@ demo: pretrained-demo
 # model beside them on the README's columns (make pretrained-demo's), printed and in answer-s<SEED>.md
 answer:
 	@echo "=== the answer, and a real massive activation beside the lab's -> $(LAB_OUT)/answer-s$(SEED).md"
-	@$(PYTHON) reports.py $(PRETRAINED_OUT) $(foreach a,$(LAB_ARMS),$(LAB_OUT)/measure-s$(SEED)/$(a)-s$(SEED)) \
+	@$(PYTHON) -m ledgerlab.reports $(PRETRAINED_OUT) $(foreach a,$(LAB_ARMS),$(LAB_OUT)/measure-s$(SEED)/$(a)-s$(SEED)) \
 	  --out=$(LAB_OUT)/answer-s$(SEED).md | grep -v '^> '
 
 # The text demo: prepare char-level Shakespeare, train each arm (a finished or interrupted arm is

@@ -9,16 +9,18 @@ The training step of every arm, timed side by side in one process (nanoGPT's ben
 
 An arm is ARCH (ledger.ARCHS) or ARCH+ATTENTION (ledger.ATTENTIONS): vanilla+sigmoid is vanilla
 with sigmoid attention, one of the positive controls; a bare ARCH runs with --attention (softmax by
-default), and vanilla with that kind is the baseline of every ratio. Each arm gets train.py's model,
-optimizer, dtype, autocast and compile path, and takes exactly train.py's step
-(train.training_loss with the commit-sparsity term, backward, train.optimizer_step) on random
-tokens: no dataset is needed. The vocabulary is --vocab_size, else the config's dataset's meta.json
+default), and vanilla with that kind is the baseline of every ratio. Each arm takes train.py's step,
+written out below as nanoGPT's bench.py writes its own (the forward with the commit-sparsity term,
+backward, clip, AdamW; tests/test_bench.py holds it equal to train.py's), on random tokens: no
+dataset is needed. A preset of train.py's gives the model and the batch; its other settings do not
+change a step and are skipped. The vocabulary is --vocab_size, else the config's dataset's meta.json
 when it is prepared, else GPT-2's. After `warmup` untimed steps per arm (compilation happens
 there), the arms take turns for `rounds` rounds of `steps` timed steps each, so that machine noise
 hits them alike. Per arm it prints tokens/s and ms/step (median over rounds, and the min-max
 spread); the step-time ratio to vanilla; the analytic FLOP ratio (6N + 12LdT per token) and the
 parameter ratio; on CUDA the peak memory and MFU. The same numbers go to `out_json`.
 """
+import functools
 import json
 import os
 import statistics
@@ -28,11 +30,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import cli
-import rundir
-import train
 from ledger import ARCHS, ATTENTIONS, GPT, GPTConfig, arm_name
-from prepare_data import DataError, load_meta
+from ledgerlab import cli
+from ledgerlab.data import DataError, load_meta
+from ledgerlab.device import peak_flops, setup_device
 
 
 @dataclass
@@ -44,16 +45,45 @@ class BenchConfig:
     threads: int = 0                 # CPU threads (torch.set_num_threads); 0: torch's default
     out_json: str = "out/bench.json"  # where the numbers of every arm are written; the table goes beside it (.md)
     profile: bool = False            # then profile `steps` steps of each arm and print its top ops
+    # the step, as train.py's settings of the same names
+    batch_size: int = 24             # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per step
+    seed: int = 1337                 # seeds the initial weights
+    device: str = "auto"             # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype: str = "auto"              # auto: bf16 where supported, else fp16 on GPU; fp32 on CPU
+    compile: bool = False            # torch.compile the model
+    dataset: str = "shakespeare"     # without --vocab_size: the vocabulary of this prepared dataset, else GPT-2's
+    data_root: str = "data"          # where prepare_data.py writes
 
     # Checked by cli.parse_overrides as each setting is read
-    LIMITS = {"steps": ">= 1", "rounds": ">= 1", "warmup": ">= 0", "threads": ">= 0"}
+    LIMITS = {"steps": ">= 1", "rounds": ">= 1", "warmup": ">= 0", "threads": ">= 0", "batch_size": ">= 1",
+              "gradient_accumulation_steps": ">= 1", "seed": ">= 0", "dtype": ("auto", "float32", "bfloat16", "float16")}
+
+# train.py's defaults for what a step does but a benchmark does not vary
+LEARNING_RATE, WEIGHT_DECAY, GRAD_CLIP = 3e-4, 0.1, 1.0
+
+
+def train_step(model, step_model, optimizer, scaler, xs, ys, autocast, commit_sparsity):
+    """One step as train.py takes it: the micro-steps' forward (plus the paper's commit-sparsity term
+    for Ledger arms) and backward, then clip, step and free the gradients. Returns the last loss."""
+    for x, y in zip(xs, ys):
+        with autocast:
+            _, loss, commit_gates = step_model(x, y)
+            total = loss if commit_gates is None else loss + commit_sparsity * commit_gates.mean()
+        scaler.scale(total / len(xs)).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()   # train.py reads the loss every iteration: the same sync
 
 
 def costs(model_config):
     """(parameters, training FLOPs per token) of a model, counted on the meta device (no memory)."""
     with torch.device("meta"):
         model = GPT(model_config)
-    return model.num_params(), train.model_flops_per_token(model_config, model.num_params(non_embedding=True))
+    return model.num_params(), model.flops_per_token()
 
 
 def cell(value, spec):
@@ -83,26 +113,25 @@ def arm_configs(arms, model_overrides):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if cli.wants_help(argv):
-        print(cli.help_text(__doc__, BenchConfig, rundir.TrainConfig, GPTConfig))
+        print(cli.help_text(__doc__, BenchConfig, GPTConfig))
         return {}
-    bench_overrides, train_overrides, model_overrides = cli.parse_overrides(
-        argv, BenchConfig, rundir.TrainConfig, GPTConfig)
-    bench, cfg = BenchConfig(**bench_overrides), rundir.TrainConfig(**train_overrides)
+    bench_overrides, model_overrides = cli.parse_overrides(argv, BenchConfig, GPTConfig, others_in_files=True)
+    cfg = BenchConfig(**bench_overrides)
     if "vocab_size" not in model_overrides:
         try:
             model_overrides["vocab_size"] = load_meta(os.path.join(cfg.data_root, cfg.dataset))["vocab_size"]
         except DataError:
             pass  # not prepared here: GPT-2's vocabulary
-    base, mc, configs = arm_configs(bench.arms, model_overrides)
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
-    device, device_type, ptdtype, autocast = train.setup_device(cfg)
+    base, mc, configs = arm_configs(cfg.arms, model_overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, device_type, cfg.dtype, ptdtype, autocast = setup_device(cfg.device, cfg.dtype)
     sync = torch.cuda.synchronize if device_type == "cuda" else lambda: None
     tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * mc.block_size
     title = (f"bench: {device}, {cfg.dtype}, {'compiled' if cfg.compile else 'eager'}, {torch.get_num_threads()} "
              f"threads | {mc.n_layer} layers x {mc.n_embd} wide, vocab {mc.vocab_size} | "
              f"{cfg.gradient_accumulation_steps} x {cfg.batch_size} x {mc.block_size} tokens per step | "
-             f"{bench.rounds} rounds x {bench.steps} steps per arm, after {bench.warmup} warm-up steps")
+             f"{cfg.rounds} rounds x {cfg.steps} steps per arm, after {cfg.warmup} warm-up steps")
     print(title, flush=True)
 
     runs = {}
@@ -110,22 +139,16 @@ def main(argv=None):
         torch.manual_seed(cfg.seed)
         before = torch.cuda.memory_allocated(device) if device_type == "cuda" else 0
         model = GPT(configs[arm]).to(device)
-        optimizer = train.configure_optimizer(model, cfg, device_type)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                                      fused=device_type == "cuda")
         scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
         step_model = torch.compile(model) if cfg.compile else model
         shape = (cfg.gradient_accumulation_steps, cfg.batch_size, mc.block_size)  # random tokens per micro-step
         xs, ys = (torch.randint(mc.vocab_size, shape, device=device) for _ in range(2))
-
-        def step(model=model, step_model=step_model, optimizer=optimizer, scaler=scaler, xs=xs, ys=ys,
-                 sparsity=configs[arm].commit_sparsity):
-            for x, y in zip(xs, ys):  # the micro-steps of one iteration, then the update
-                total, loss = train.training_loss(step_model, x, y, autocast, sparsity)
-                scaler.scale(total / len(xs)).backward()
-            train.optimizer_step(model, optimizer, scaler, cfg.grad_clip)
-            return loss.item()  # train.py reads the loss every iteration: the same sync
-
+        step = functools.partial(train_step, model, step_model, optimizer, scaler, xs, ys, autocast,
+                                 configs[arm].commit_sparsity)
         t0 = time.perf_counter()
-        for _ in range(bench.warmup):
+        for _ in range(cfg.warmup):
             step()
         sync()
         resident = torch.cuda.memory_allocated(device) - before if device_type == "cuda" else 0
@@ -133,21 +156,21 @@ def main(argv=None):
                      "warmup_s": time.perf_counter() - t0}
         print(f"  {arm}: warm-up {runs[arm]['warmup_s']:.1f} s", flush=True)
 
-    for _ in range(bench.rounds):
+    for _ in range(cfg.rounds):
         for run in runs.values():
             if device_type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 start = torch.cuda.memory_allocated(device)
             sync()
             t0 = time.perf_counter()
-            for _ in range(bench.steps):
+            for _ in range(cfg.steps):
                 run["step"]()
             sync()
-            run["ms"].append(1000 * (time.perf_counter() - t0) / bench.steps)
+            run["ms"].append(1000 * (time.perf_counter() - t0) / cfg.steps)
             if device_type == "cuda":  # this step's transient memory on top of this arm's own state
                 run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated(device) - start + run["resident"])
 
-    peak, (base_params, base_flops) = train.peak_flops(device), costs(mc)
+    peak, (base_params, base_flops) = peak_flops(device), costs(mc)
     base_ms = statistics.median(runs[base]["ms"]) if base in runs else None
     results, width = {}, max(10, *map(len, runs))
     table = [f"{'arm':{width}s} {'tokens/s':>9s} {'ms/step (min-max)':>21s} {'x vanilla':>9s} {'FLOPs x':>8s} "
@@ -167,34 +190,34 @@ def main(argv=None):
         table.append(f"{arm:{width}s} {r['tokens_per_s']:9,.0f} {spread:>21s} {cell(r['ratio_to_vanilla'], '9.2f')} "
                      f"{r['flop_ratio']:8.2f} {r['param_ratio']:8.2f} {cell(r['peak_memory_gib'], '8.1f')} {mfu:>6s}")
         print(table[-1])
-    os.makedirs(os.path.dirname(bench.out_json) or ".", exist_ok=True)
-    with open(bench.out_json, "w") as f:
+    os.makedirs(os.path.dirname(cfg.out_json) or ".", exist_ok=True)
+    with open(cfg.out_json, "w") as f:
         gpu = torch.cuda.get_device_name(device) if device_type == "cuda" else None
         json.dump({"device": device, "gpu": gpu, "dtype": cfg.dtype, "compile": cfg.compile,
-                   "threads": torch.get_num_threads(), "tokens_per_step": tokens_per_step, "bench": asdict(bench),
-                   "train": asdict(cfg), "model": asdict(mc), "arms": results}, f, indent=1)
-    out_md = os.path.splitext(bench.out_json)[0] + ".md"  # the table with its provenance: a results file
+                   "threads": torch.get_num_threads(), "tokens_per_step": tokens_per_step, "bench": asdict(cfg),
+                   "model": asdict(mc), "arms": results}, f, indent=1)
+    out_md = os.path.splitext(cfg.out_json)[0] + ".md"  # the table with its provenance: a results file
     with open(out_md, "w") as f:
         f.write(cli.results_header("bench.py", argv) +
                 f"\n{title}\n\n```\n" + "\n".join(table) + "\n```\n")
-    print(f"wrote {bench.out_json} and {out_md}")
+    print(f"wrote {cfg.out_json} and {out_md}")
 
-    if bench.profile:  # where each arm's step spends its time
+    if cfg.profile:  # where each arm's step spends its time
         activities = [torch.profiler.ProfilerActivity.CPU] + \
             ([torch.profiler.ProfilerActivity.CUDA] if device_type == "cuda" else [])
         for arm, run in runs.items():
             with torch.profiler.profile(activities=activities) as prof:
-                for _ in range(bench.steps):
+                for _ in range(cfg.steps):
                     run["step"]()
                 sync()
-            print(f"--- {arm}: top ops over {bench.steps} steps")
+            print(f"--- {arm}: top ops over {cfg.steps} steps")
             sort = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40))
     return results
 
 
 if __name__ == "__main__":
-    cli.run_main(main, DataError)
+    cli.run_main(main)
 
 # `make bench` on the idle 2-core Intel Xeon VM (commit eb348a5, 1 min 2 s):
 # bench: cpu, float32, eager, 2 threads | 4 layers x 128 wide, vocab 65 | 1 x 8 x 128 tokens per step | 7 rounds ...

@@ -27,8 +27,10 @@ folder; the progress shown is read from the log.jsonl that train.py writes besid
 every run at the end of its iteration with a saved checkpoint: the same command then resumes them.
 
 Why a file of its own: the Makefile's shell loop could print a line only when a run ended, and the
-run names and the reuse rules are code that tests should run (tests/test_lab.py). What is measured
-and reported is measure.py's and reports.py's; this file only schedules the runs and shows them.
+run names and the reuse rules are code that tests should run (tests/test_lab.py). What is trained,
+measured and reported is train.py's, measure.py's and ledgerlab/reports.py's: this file runs the two
+scripts as a user would, asks them first (--dry_run) whether every setting is right and how long each
+run trains, and only schedules the runs and shows them.
 
 Read top to bottom: config, run names, progress, training, main.
 """
@@ -45,14 +47,13 @@ from typing import Optional
 
 import numpy as np
 
-import cli
-import measure
-import reports
-import rundir
 from ledger import ARCHS, ATTENTIONS, GPTConfig
-from metrics_json import read_metrics
+from ledgerlab import cli, rundir
+from ledgerlab.metrics_json import read_metrics
+from ledgerlab.reports import sweep_report
 
-TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_PY, MEASURE_PY = os.path.join(HERE, "train.py"), os.path.join(HERE, "measure.py")
 POLL_S = 0.5     # how often finished runs are noticed and the next ones started
 
 
@@ -77,10 +78,6 @@ class LabConfig:
     LIMITS = {"jobs": ">= 1", "refresh_s": "> 0"}
 
 
-class LabError(Exception):
-    """A bad input: one line `error: ...` and exit status 2, before any run starts."""
-
-
 class RunFailed(Exception):
     """A training run failed: one line `error: ...` and exit status 1, after the others stopped."""
 
@@ -96,7 +93,7 @@ class Run:
     name: str
     out_dir: str
     argv: list                       # train.py's arguments, --init_from aside
-    max_iters: int
+    max_iters: int = 0               # as train.py --dry_run resolves it
     state: str = "queued"            # queued, reused, running, done, failed
     resume_from: Optional[int] = None  # the iteration of an unfinished ckpt.pt
     log_offset: int = 0              # log.jsonl's size at launch: progress reads only what follows
@@ -106,22 +103,27 @@ class Run:
 
 
 def plan_run(name, cfg):
-    """The Run a name stands for, its settings checked by train.py's own parser."""
+    """The Run a name stands for: its folder and train.py's arguments (check_settings asks train.py
+    whether it takes them)."""
     match = RUN_NAME.fullmatch(name)
     if not match:
-        raise LabError(f"run name {name!r}: expected <arm>[-cs<lambda>][-nopos0]-s<seed>, "
-                       f"e.g. ledger-cs0.02-s1337")
+        raise cli.ConfigError(f"run name {name!r}: expected <arm>[-cs<lambda>][-nopos0]-s<seed>, "
+                              f"e.g. ledger-cs0.02-s1337")
     arm, lam, seed = match["arm"], match["lam"], match["seed"]
     base, plus, attention = arm.partition("+")
     arch, flags = ("vanilla", shlex.split(cfg.sgd_flags)) if base == "vanilla-sgd" else (base, [])
     if arch not in ARCHS:
-        raise LabError(f"run name {name!r}: unknown arm {base!r}; known: {', '.join(ARCHS)}, vanilla-sgd "
-                       f"(each may take +KIND, an attention kind: {', '.join(ATTENTIONS)})")
+        raise cli.ConfigError(f"run name {name!r}: unknown arm {base!r}; known: {', '.join(ARCHS)}, vanilla-sgd "
+                              f"(each may take +KIND, an attention kind: {', '.join(ATTENTIONS)})")
     if plus:
-        flags.append(f"--attention={attention}")   # train.py's parser below rejects an unknown kind
+        if attention not in ATTENTIONS:
+            raise cli.ConfigError(f"run name {name!r}: unknown attention {attention!r}; choose one of "
+                                  f"{', '.join(ATTENTIONS)}")
+        flags.append(f"--attention={attention}")
     if lam is not None:
         if GPTConfig(arch=arch).residual != "ledger":
-            raise LabError(f"run name {name!r}: -cs<lambda> sets the commit sparsity, which only Ledger arms have")
+            raise cli.ConfigError(f"run name {name!r}: -cs<lambda> sets the commit sparsity, which only Ledger arms "
+                                  f"have")
         own = next((a for a in ("ledger", "ledger-hs") if GPTConfig(arch=a).commit_sparsity == float(lam)), None)
         if own:   # ledger-cs0.02 is ledger, and ledger-cs0.3 is ledger-hs: one run, trained once, under the arm's name
             return plan_run(f"{own}{arm[len(base):]}{match['nopos0'] or ''}-s{seed}", cfg)
@@ -131,25 +133,51 @@ def plan_run(name, cfg):
     out_dir = os.path.join(cfg.out_root, name)
     argv = [cfg.config, *shlex.split(cfg.train_flags), f"--arch={arch}", f"--seed={seed}", f"--out_dir={out_dir}",
             *flags]   # after train_flags: what the name says wins
-    try:
-        settings, _ = cli.parse_overrides(argv, rundir.TrainConfig, GPTConfig)
-    except cli.ConfigError as e:
-        raise LabError(f"{name}: {e}") from None
-    return Run(name, out_dir, argv, rundir.TrainConfig(**settings).max_iters)
+    return Run(name, out_dir, argv)
+
+
+def dry_runs(commands, jobs):
+    """Each (label, script argv)'s --dry_run, `jobs` at a time: the settings it printed as JSON (its last
+    line), or its one error line, after the label, as a ConfigError."""
+    settings = []
+    for i in range(0, len(commands), jobs):
+        batch = [(label, subprocess.Popen([sys.executable, *argv, "--dry_run"], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+                 for label, argv in commands[i:i + jobs]]
+        for label, process in batch:
+            out, err = process.communicate()
+            if process.returncode != 0:
+                lines = err.strip().splitlines() or [f"exit status {process.returncode}"]
+                raise cli.ConfigError(f"{label}: {lines[-1].removeprefix('error: ')}")
+            settings.append(json.loads(out.strip().splitlines()[-1]))
+    return settings
+
+
+def check_settings(runs, measure_argv, cfg):
+    """train.py and measure.py, asked before anything starts: is every run's setting right, and how
+    many steps does each train? Runs that differ only in their seed are asked once."""
+    first = {}
+    for run in runs:
+        first.setdefault(tuple(a for a in run.argv if not a.startswith(("--seed=", "--out_dir="))), run)
+    commands = [("--measure_flags (measure.py)", [MEASURE_PY, *measure_argv])] if cfg.measure else []
+    commands += [(f"{r.name} (train.py)", [TRAIN_PY, *r.argv, f"--init_from={'scratch' if r.resume_from is None else 'resume'}"])
+                 for r in first.values()]
+    answers = dry_runs(commands, cfg.jobs)[int(cfg.measure):]
+    steps = {key: answer["train"]["max_iters"] for key, answer in zip(first, answers)}
+    for run in runs:
+        run.max_iters = steps[tuple(a for a in run.argv if not a.startswith(("--seed=", "--out_dir=")))]
 
 
 def check_progress_so_far(run):
-    """Finished (reused), interrupted (resumed) or new (queued from scratch): read from ckpt.pt."""
+    """The iteration of an unfinished or finished ckpt.pt, read before anything starts: a run that has
+    reached its max_iters is reused, one short of it resumed, and one without ckpt.pt starts anew."""
     path = os.path.join(run.out_dir, "ckpt.pt")
     if not os.path.exists(path):
         return
     try:
-        iter_num = rundir.load_checkpoint(path)["iter_num"]
+        run.resume_from = rundir.load_checkpoint(path)["iter_num"]
     except cli.ConfigError as e:
-        raise LabError(f"{run.name}: {e}; move it away to retrain the run") from None
-    if iter_num >= run.max_iters:
-        run.state = "reused"
-    run.resume_from = iter_num
+        raise cli.ConfigError(f"{run.name}: {e}; move it away to retrain the run") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,18 +341,17 @@ def train_runs(runs, cfg):
 
 def run_lab(names, cfg, command=()):
     if not names:
-        raise LabError("name at least one run, e.g. vanilla-s1337 ledger-cs0.02-s1337")
+        raise cli.ConfigError("name at least one run, e.g. vanilla-s1337 ledger-cs0.02-s1337")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise LabError(f"run {', '.join(repeated)} named twice")
-    # checked even when no run uses them, so that a typo never waits for the next vanilla-sgd run
-    for key, configs in (("train_flags", (rundir.TrainConfig, GPTConfig)), ("sgd_flags", (rundir.TrainConfig,))):
+        raise cli.ConfigError(f"run {', '.join(repeated)} named twice")
+    for key in ("train_flags", "sgd_flags", "measure_flags"):
         try:
-            cli.parse_overrides(shlex.split(getattr(cfg, key)), *configs)
-        except (cli.ConfigError, ValueError) as e:   # ValueError: shlex's unclosed quote
-            raise LabError(f"--{key}: {e}") from None
+            shlex.split(getattr(cfg, key))
+        except ValueError as e:   # an unclosed quote
+            raise cli.ConfigError(f"--{key}: {e}") from None
     runs = {}
-    for name in names:   # every name and setting checked before any run starts
+    for name in names:
         run = plan_run(name, cfg)
         if run.name != name:
             print(f"{name} is {run.name}: that lambda is the arm's own commit sparsity")
@@ -332,21 +359,23 @@ def run_lab(names, cfg, command=()):
     runs = list(runs.values())
     measure_dir = cfg.measure_dir or os.path.join(cfg.out_root, "measure")
     measure_argv = [*(r.out_dir for r in runs), *shlex.split(cfg.measure_flags), f"--out_dir={measure_dir}"]
-    if cfg.measure:
-        try:
-            measure.parse_args(measure_argv)
-        except measure.MeasureError as e:
-            raise LabError(f"--measure_flags: {e}") from None
-    for run in runs:
+    for run in runs:   # every name, folder and setting checked before any run starts
         rundir.check_free(run.out_dir, "--out_root")
         check_progress_so_far(run)
+    check_settings(runs, measure_argv, cfg)
+    for run in runs:
+        if run.resume_from is not None and run.resume_from >= run.max_iters:
+            run.state = "reused"
     train_runs(runs, cfg)
     if not cfg.measure:
         return None
     print(f"=== measuring at matched loss -> {measure_dir}", flush=True)
-    results = measure.main(measure_argv)
-    if cfg.sweep:   # from the files, as any later report would read them
-        reports.sweep_report([read_metrics(m["out_dir"]) for m in results], measure_dir, command)
+    if subprocess.run([sys.executable, MEASURE_PY, *measure_argv]).returncode != 0:
+        raise RunFailed(f"measure.py failed on the trained runs; measure them again with: "
+                        f"python measure.py {shlex.join(measure_argv)}")
+    results = [read_metrics(os.path.join(measure_dir, r.name) if len(runs) > 1 else measure_dir) for r in runs]
+    if cfg.sweep:
+        sweep_report(results, measure_dir, command)
         print(f"sweep: {os.path.join(measure_dir, 'sweep.md')}, sweep.png and sweep.json beside it")
     return results
 
@@ -356,12 +385,9 @@ def main(argv=None):
     if cli.wants_help(argv):
         print(cli.help_text(__doc__, LabConfig))
         return None
+    (settings,) = cli.run_main(lambda: cli.parse_overrides([a for a in argv if a.startswith("--")], LabConfig))
     try:
-        (settings,) = cli.parse_overrides([a for a in argv if a.startswith("--")], LabConfig)
-        return run_lab([a for a in argv if not a.startswith("--")], LabConfig(**settings), argv)
-    except (LabError, cli.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        return cli.run_main(lambda: run_lab([a for a in argv if not a.startswith("--")], LabConfig(**settings), argv))
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)

@@ -337,6 +337,12 @@ class GPT(nn.Module):
             n -= self.wte.weight.numel() + self.wpe.weight.numel()
         return n
 
+    def flops_per_token(self):
+        """Training FLOPs per token, PaLM-style: 6 per non-embedding weight (forward and backward),
+        plus attention."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks, identical in every arm

@@ -14,29 +14,32 @@ small CPU models grow only the precursor (one fixed dimension ~20x the median, s
 and by delimiters), so the report counts massive entries by Sun et al.'s own rule and says on which
 tokens the dominant dimension is large outside position 0.
 
-Outputs, per checkpoint: <out_dir>/metrics.json (metrics_json.py lists every key) and PNG figures
-(figures.py); for all inputs together: summary.md (summary.py; printed too), which opens with the
-paper's three claims asked of these runs, plus a comparison figure when several checkpoints are given.
+Outputs, per checkpoint: <out_dir>/metrics.json (ledgerlab/metrics_json.py lists every key) and PNG
+figures (ledgerlab/figures.py); for all inputs together: summary.md (ledgerlab/summary.py; printed
+too), which opens with the paper's three claims asked of these runs, plus a comparison figure when
+several checkpoints are given.
 
 Every attention kind (ledger.ATTENTIONS) is measured in its own terms: the weight on attn_bias's
 explicit sink apart from position 0's, sigmoid's unnormalised weights against their own no-sink
-level, gated attention's output gate at position 0 and elsewhere (metrics.py, "Extreme-token
-phenomena").
+level, gated attention's output gate at position 0 and elsewhere (ledgerlab/metrics.py,
+"Extreme-token phenomena").
 
-A pretrained causal LM (pretrained.py: LLaMA-style, GPT-2 and GPT-NeoX families, through Hugging
+A pretrained causal LM (ledgerlab/pretrained.py: LLaMA-style, GPT-2 and GPT-NeoX families, through Hugging
 Face transformers) goes through the same passes on windows of real text, then the questions a
 massive activation raises: where its dimensions are written and erased, and what setting them at
 position 0 costs, in loss and in each layer's sink.
 
 With --trajectory, every kept snapshot of each run directory is measured the same way, and one
 figure and one table give the headline numbers against training step, every run side by side
-(reports.py).
+(ledgerlab/reports.py).
 
-What each number means, and the running sums it comes from, is in metrics.py, which reads as a
-short tutorial; this file runs those passes over checkpoints. Read top to bottom: config, loading
-(checkpoints, data windows), one checkpoint measured, then several together, then trajectories.
+What each number means, and the running sums it comes from, is in ledgerlab/metrics.py, which reads
+as a short tutorial; this file runs those passes. Read top to bottom: the settings; the measurement
+(load the models, the statistics pass, the interventions, metrics.json, figures, summary.md); its
+two branches, this repo's checkpoints and a pretrained model; the passes both share; trajectories.
 """
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -46,20 +49,23 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-import pretrained
-import rundir
-from cli import ConfigError, help_text, parse_overrides, wants_help
-from figures import plot_checkpoint, plot_comparison, plot_position0_dims
 from ledger import arm_name
-from metrics import (SUN_ABS, SUN_REL, collect_dominant_profiles, collect_extreme_tokens, collect_stream_stats,
-                     ledger_stream_report, mean_loss, run_interventions, run_quantization, top_token_report)
-from metrics_json import write_json
-from reports import trajectory_report, trajectory_row
-from summary import notes, write_pretrained_summary, write_summary
+from ledgerlab import pretrained
+from ledgerlab.cli import ConfigError, help_text, parse_overrides, run_main, wants_help
+from ledgerlab.data import DataError, decoder, load_meta, open_split, random_offsets, sequence_starts
+from ledgerlab.device import resolve_device
+from ledgerlab.figures import plot_checkpoint, plot_comparison, plot_position0_dims
+from ledgerlab.metrics import (SUN_RULE, collect_dominant_profiles, collect_extreme_tokens, collect_stream_stats,
+                               ledger_stream_report, mean_loss, run_interventions, run_quantization, top_token_report)
+from ledgerlab.metrics_json import write_json
+from ledgerlab.reports import trajectory_report, trajectory_row
+from ledgerlab.rundir import build_model, load_checkpoint
+from ledgerlab.sources import load_shakespeare
+from ledgerlab.summary import notes, write_pretrained_summary, write_summary
 
 
 # ----------------------------------------------------------------------------------------------
-# Config
+# The settings
 
 @dataclass
 class MeasureConfig:
@@ -73,7 +79,7 @@ class MeasureConfig:
                                         # "auto": the lowest val loss that every given run reached
     dataset: str = ""                 # "" = the dataset recorded in the checkpoint
     data_root: str = ""               # "" = the data_root recorded in the checkpoint
-    device: str = "cpu"               # cpu, cuda, or auto
+    device: str = "cpu"               # cpu, cuda, mps, or auto (cuda > mps > cpu)
     threads: int = 0                  # CPU threads for torch; 0 = torch's default (1 helps on a busy box)
     interventions: bool = True        # val loss with the dominant dim at position 0 zeroed / set to its mean
     quantization: bool = True         # val loss after weight-only 8- and 4-bit round-to-nearest
@@ -83,10 +89,11 @@ class MeasureConfig:
     align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: as trained
     top_tokens: int = 8               # tokens listed where the dominant dim is largest off position 0
     min_token_count: int = 5          # ... among tokens seen at least this often
-    # pretrained models (pretrained.py): a hub id, a local folder or a .gguf file in place of a checkpoint
+    # pretrained models (ledgerlab/pretrained.py): a hub id, a local folder or a .gguf file in place of a checkpoint
     text: str = ""                    # a text file to cut the windows from; "" = the offline Shakespeare plays
     bos: bool = False                 # open every window on the tokenizer's BOS token; False: on ordinary text
     dtype: str = "float32"            # the weights' dtype
+    dry_run: bool = False             # check the settings, print them as JSON and measure nothing (lab.py asks first)
 
     # Checked by parse_overrides as each setting is read: one line, before anything is loaded
     LIMITS = {"num_windows": ">= 1", "batch_size": ">= 1", "seq_len": ">= 0", "threads": ">= 0",
@@ -94,34 +101,99 @@ class MeasureConfig:
               "dtype": ("float32", "bfloat16", "float16")}
 
 
-class MeasureError(Exception):
-    """A bad input: reported as one line `error: ...` and exit status 2, never a traceback."""
-
-
 def parse_args(argv):
-    """Split argv into input paths and a MeasureConfig from `--key=value` flags (cli.py's parser)."""
+    """Split argv into input paths and a MeasureConfig from `--key=value` flags."""
     paths = [a for a in argv if not a.startswith("--")]
-    try:
-        (settings,) = parse_overrides([a for a in argv if a.startswith("--")], MeasureConfig)
-    except ConfigError as e:
-        raise MeasureError(str(e)) from None
+    (settings,) = parse_overrides([a for a in argv if a.startswith("--")], MeasureConfig)
     cfg = MeasureConfig(**settings)
     if isinstance(cfg.match_loss, str) and cfg.match_loss != "auto":
-        raise MeasureError(f"--match_loss={cfg.match_loss}: expected a val loss or 'auto'")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MeasureError(f"--device={cfg.device} but torch sees no CUDA device; use --device=cpu")
-    if not paths:
-        raise MeasureError("give at least one checkpoint file or run directory to measure")
+        raise ConfigError(f"--match_loss={cfg.match_loss}: expected a val loss or 'auto'")
+    resolve_device(cfg.device)   # a device torch does not see: one line now, not after loading
+    if not paths and not cfg.dry_run:
+        raise ConfigError("give at least one checkpoint file or run directory to measure")
     return paths, cfg
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading: checkpoints, the matched-loss choice, the model, the data windows
+# The measurement
+
+def main(argv=None):
+    """`python measure.py INPUT [INPUT ...] [--key=value ...]`: returns the metrics of every input."""
+    argv = sys.argv[1:] if argv is None else argv
+    return run_main(lambda: measure(argv))
+
+
+def measure(argv):
+    if wants_help(argv):
+        print(help_text(__doc__, MeasureConfig))
+        return []
+    paths, cfg = parse_args(argv)
+    if cfg.dry_run:
+        print(json.dumps(dataclasses.asdict(cfg)))
+        return []
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.trajectory:
+        return run_trajectory(paths, cfg, argv)
+    if any(pretrained.is_pretrained(p) for p in paths):
+        if len(paths) > 1:
+            raise ConfigError("a pretrained model is measured on its own; give it alone")
+        return [run_pretrained(paths[0], cfg, argv)]
+    # 1. the checkpoints, every one loaded (and checked) before any is measured
+    inputs = load_inputs(paths, cfg)
+    archs = [arm_name(ckpt["model_config"]["arch"], ckpt["model_config"].get("attention", "softmax"))
+             for _, ckpt, _, _ in inputs]
+    results, used = [], set()
+    for (ckpt_path, ckpt, from_run_dir, selection), arch in zip(inputs, archs):
+        run_name = os.path.basename(os.path.dirname(os.path.abspath(ckpt_path))) or "run"
+        if cfg.out_dir and len(inputs) > 1:   # one sub-folder per input under --out_dir
+            name = unique_name(run_name, used)
+            used.add(name)
+            out_dir = os.path.join(cfg.out_dir, name)
+        else:
+            out_dir = cfg.out_dir or default_out_dir(ckpt_path, from_run_dir)
+        if selection["distance"] is not None:
+            print(f"{ckpt_path}: val loss {ckpt['val_loss']:.4f}, {selection['distance']:.4f} "
+                  f"from {selection['match_loss']:.4f}")
+        # 2-4. the statistics pass, the interventions, the figures
+        m = measure_checkpoint(ckpt_path, ckpt, cfg, out_dir, selection)
+        # 5. metrics.json; the same arm twice (seeds, matched losses): the run folder tells the rows apart
+        finish(m, f"{arch} ({run_name})" if archs.count(arch) > 1 else arch, out_dir)
+        print(f"{ckpt_path}: measured {m['timing']['tokens']} tokens in {m['timing']['seconds']:.1f} s "
+              f"({m['timing']['tokens_per_s']:.0f} tokens/s) -> {out_dir}")
+        results.append(m)
+    # 6. summary.md (and a comparison figure) for all of them together
+    summary_dir = results[0]["out_dir"] if len(results) == 1 else cfg.out_dir or os.path.join("out", "measure")
+    os.makedirs(summary_dir, exist_ok=True)
+    if len(results) > 1 and cfg.figures:
+        plot_comparison(results, os.path.join(summary_dir, "comparison_decoded.png"))
+    print(write_summary(results, cfg, argv, os.path.join(summary_dir, "summary.md")))
+    return results
+
+
+def run_pretrained(spec, cfg, command):
+    """The same story for one pretrained model: loaded, measured, its metrics.json and summary.md."""
+    out_dir = cfg.out_dir or os.path.join("out", "pretrained", os.path.basename(spec.rstrip("/")))
+    m = measure_pretrained(spec, cfg, out_dir)
+    finish(m, os.path.basename((pretrained.packaged_gguf(spec) or spec).rstrip("/")), out_dir)
+    print(write_pretrained_summary(m, command, os.path.join(out_dir, "summary.md")))
+    return m
+
+
+def finish(m, label, out_dir):
+    """A measurement's row label, folder and plain-words notes, then its metrics.json."""
+    m["label"], m["out_dir"] = label, os.path.abspath(out_dir)
+    m["notes"] = notes(m)
+    write_json(m, os.path.join(out_dir, "metrics.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading this repo's checkpoints: which one of a run, and the windows of its data
 
 def checkpoint_names(run_dir):
     names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt") and n.endswith(".pt"))
     if not names:
-        raise MeasureError(f"no checkpoint in {run_dir} (expected ckpt.pt or ckpt_<iter>.pt)")
+        raise ConfigError(f"no checkpoint in {run_dir} (expected ckpt.pt or ckpt_<iter>.pt)")
     return names
 
 
@@ -129,16 +201,16 @@ def final_checkpoint(run_dir):
     """(path, checkpoint): ckpt.pt, else the latest kept snapshot."""
     names = checkpoint_names(run_dir)
     path = os.path.join(run_dir, "ckpt.pt" if "ckpt.pt" in names else names[-1])
-    return path, rundir.load_checkpoint(path)
+    return path, load_checkpoint(path)
 
 
 def checkpoints_with_val_loss(run_dir):
     """{path: checkpoint} of the kept checkpoints of a run that record a val loss."""
     paths = [os.path.join(run_dir, name) for name in checkpoint_names(run_dir)]
-    kept = {path: ckpt for path, ckpt in zip(paths, map(rundir.load_checkpoint, paths))
+    kept = {path: ckpt for path, ckpt in zip(paths, map(load_checkpoint, paths))
             if ckpt.get("val_loss") is not None}
     if not kept:
-        raise MeasureError(f"no checkpoint in {run_dir} records a val_loss, so --match_loss cannot pick one")
+        raise ConfigError(f"no checkpoint in {run_dir} records a val_loss, so --match_loss cannot pick one")
     return kept
 
 
@@ -153,7 +225,7 @@ def closest_checkpoint(kept, match_loss):
 def check_seq_len(cfg, ckpt, path):
     block = ckpt["model_config"].get("block_size")
     if block is not None and cfg.seq_len > block:
-        raise MeasureError(f"--seq_len={cfg.seq_len} exceeds the checkpoint's block_size={block} ({path})")
+        raise ConfigError(f"--seq_len={cfg.seq_len} exceeds the checkpoint's block_size={block} ({path})")
 
 
 def load_inputs(paths, cfg):
@@ -163,7 +235,7 @@ def load_inputs(paths, cfg):
     run_dirs = [p for p in paths if os.path.isdir(p)]
     target, kept = cfg.match_loss, {}
     if target == "auto" and not run_dirs:
-        raise MeasureError("--match_loss=auto picks among the kept checkpoints of run directories; give some")
+        raise ConfigError("--match_loss=auto picks among the kept checkpoints of run directories; give some")
     if target is not None:
         kept = {d: checkpoints_with_val_loss(d) for d in run_dirs}
     if target == "auto":   # the lowest val loss every run reached: the best matched point all arms share
@@ -179,10 +251,10 @@ def load_inputs(paths, cfg):
             selection = {"checkpoint": "final" if target is None else "matched_loss", "match_loss": target,
                          "auto": cfg.match_loss == "auto", "distance": distance}
         elif os.path.isfile(path):
-            ckpt_path, ckpt = path, rundir.load_checkpoint(path)
+            ckpt_path, ckpt = path, load_checkpoint(path)
             selection = {"checkpoint": "as_given", "match_loss": None, "distance": None}
         else:
-            raise MeasureError(f"{path}: no such checkpoint file or run directory")
+            raise ConfigError(f"{path}: no such checkpoint file or run directory")
         check_seq_len(cfg, ckpt, ckpt_path)
         inputs.append((ckpt_path, ckpt, os.path.isdir(path), selection))
     return inputs
@@ -198,25 +270,20 @@ class Data:
 
 def open_data(ckpt, cfg, path):
     """The split of the dataset the checkpoint was trained on (or --dataset / --data_root)."""
-    import prepare_data   # imported here so that `measure.py --help` and bad flags stay fast
     train_cfg = ckpt.get("train_config") or {}
     dataset = cfg.dataset or train_cfg.get("dataset")
     data_root = cfg.data_root or train_cfg.get("data_root") or "data"
     if not dataset:
-        raise MeasureError(f"{path} records no dataset; pass --dataset=NAME")
+        raise ConfigError(f"{path} records no dataset; pass --dataset=NAME")
     data_dir = os.path.join(data_root, dataset)
-    try:
-        meta = prepare_data.load_meta(data_dir)
-        tokens = prepare_data.open_split(data_dir, cfg.split, meta)
-        decode = prepare_data.decoder(meta)
-    except prepare_data.DataError as e:
-        raise MeasureError(str(e)) from None
+    meta = load_meta(data_dir)
+    tokens, decode = open_split(data_dir, cfg.split, meta), decoder(meta)
     n_vocab, data_vocab = ckpt["model_config"]["vocab_size"], meta.get("vocab_size", 0)
     trained = ckpt.get("dataset_meta") or {}
     # A model trained on other tokens measures nonsense: same size, tokenizer and (char) alphabet.
     differs = any(k in trained and trained[k] != meta.get(k) for k in ("vocab_size", "tokenizer", "itos"))
     if data_vocab > n_vocab or differs:
-        raise MeasureError(f"vocab mismatch: {path} was trained with vocab {trained.get('vocab_size', n_vocab)} "
+        raise ConfigError(f"vocab mismatch: {path} was trained with vocab {trained.get('vocab_size', n_vocab)} "
                            f"({trained.get('tokenizer', '?')}) but {data_dir} has vocab {data_vocab} "
                            f"({meta.get('tokenizer', '?')}); pass the right --dataset")
     return Data(tokens, meta, decode, data_dir)
@@ -226,22 +293,19 @@ def window_starts(data, cfg, seq_len, align):
     """Deterministic window offsets, placed as in training. Unaligned (nanoGPT style), a window
     starts anywhere, so position 0 is an arbitrary token: the paper's setup for its small text
     models. Aligned, every window opens on a start token (<bos>, else the EOT before a document)."""
-    import prepare_data
     span, n = seq_len + 1, len(data.tokens)
     if n < span:
-        raise MeasureError(f"{data.data_dir} {cfg.split} split has {n} tokens, fewer than seq_len+1={span}; "
+        raise ConfigError(f"{data.data_dir} {cfg.split} split has {n} tokens, fewer than seq_len+1={span}; "
                            f"pass --seq_len={n - 1} or less")
-    gen = torch.Generator().manual_seed(cfg.seed)
     if not align:
-        return torch.randint(0, n - span + 1, (cfg.num_windows,), generator=gen)
+        return random_offsets(n, span, cfg.num_windows, cfg.seed)
     try:
-        starts = prepare_data.sequence_starts(data.tokens, data.meta, span)
-    except prepare_data.DataError as e:
-        raise MeasureError(f"{data.data_dir}: {e}; measure with --align_windows=False") from None
+        starts = sequence_starts(data.tokens, data.meta, span)
+    except DataError as e:
+        raise ConfigError(f"{data.data_dir}: {e}; measure with --align_windows=False") from None
     if len(starts) == 0:
-        raise MeasureError(f"no start token in {data.data_dir} {cfg.split} leaves room for a window of {span} tokens")
-    pick = torch.randint(0, len(starts), (cfg.num_windows,), generator=gen)
-    return torch.from_numpy(starts.astype(np.int64))[pick]
+        raise ConfigError(f"no start token in {data.data_dir} {cfg.split} leaves room for a window of {span} tokens")
+    return random_offsets(n, span, cfg.num_windows, cfg.seed, starts)
 
 
 def windows(ckpt, cfg, path, block_size):
@@ -263,46 +327,30 @@ def batches(data, starts, seq_len, batch_size, device):
         yield w[:, :-1], w[:, 1:]
 
 
-# ----------------------------------------------------------------------------------------------
-# One model: every pass of metrics.py over the same windows
-
-def structure(model, batch_fn, seq_len, decode, cfg, lap):
-    """The passes every model gets, a checkpoint or a pretrained one: the statistics of every stream
-    (with the attention's extreme tokens riding along), then the dominant dimension by position and
-    by token. Returns (stats, baseline loss, summaries, extreme tokens, profiles, top tokens)."""
-    names, decoded = model.sublayer_names, model.config.decoded_stream
-    with collect_extreme_tokens(model) as extreme:   # rides along pass 1: no extra forward
-        stats, baseline = collect_stream_stats(model, batch_fn)
-    lap("statistics_s")
-    summaries = {name: s.summarize(names) for name, s in stats.items()}
-    last, peak = len(names) - 1, summaries[decoded]["peak_sublayer"]
-    profiles = collect_dominant_profiles(model, batch_fn, stats, seq_len, sorted({last, peak}))
-    # trap (2) where the head reads the stream, and at the peak; a peak at the last sublayer is reported once
-    top_tokens = {where: top_token_report(profiles[decoded], stats[decoded], i, names[i], decode, cfg.top_tokens,
-                                          cfg.min_token_count)
-                  for where, i in (("last", last), ("peak", peak)) if where == "last" or i != last}
-    lap("dominant_profile_s")
-    return stats, baseline, summaries, extreme.summarize(), profiles, top_tokens
+def default_out_dir(ckpt_path, from_run_dir):
+    parent = os.path.dirname(os.path.abspath(ckpt_path))
+    if from_run_dir or os.path.basename(ckpt_path) == "ckpt.pt":
+        return os.path.join(parent, "measure")
+    return os.path.join(parent, "measure_" + os.path.splitext(os.path.basename(ckpt_path))[0])
 
 
-def stopwatch():
-    """lap(name) records the wall time since the last lap under name: the phases in metrics.json."""
-    phases, tick = {}, [time.time()]
-
-    def lap(name):
-        phases[name], tick[0] = time.time() - tick[0], time.time()
-    return phases, lap
+def unique_name(name, taken):
+    """name, or name_1, name_2, ...: the first not in taken (two run folders of the same name)."""
+    base, k = name, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
 
 
 # ----------------------------------------------------------------------------------------------
-# One checkpoint, and its figures
+# One checkpoint measured: every pass over the same windows, and its figures
 
 def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     """The contents of the checkpoint's metrics.json (metrics_json.py lists every key); its figures
     go to out_dir."""
     t0 = time.time()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    model = rundir.build_model(ckpt, path, device)
+    device = resolve_device(cfg.device)
+    model = build_model(ckpt, path, device)
     data, seq_len, align, starts = windows(ckpt, cfg, path, model.config.block_size)
     batch_fn = lambda: batches(data, starts, seq_len, cfg.batch_size, device)
     names, decoded = model.sublayer_names, model.config.decoded_stream
@@ -338,7 +386,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
         "top_tokens": top_tokens, "extreme_tokens": extreme_tokens,
         "interventions": interventions, "quantization": quantization,
         "ledger_streams": ledger_streams,
-        "sun_rule": f"|x| > {SUN_ABS:g} and |x| >= {SUN_REL:g} x the token's median |x| (Sun et al. 2024)",
+        "sun_rule": SUN_RULE,
         "figures": [os.path.basename(f) for f in figures],
         "timing": {"tokens": n_tokens, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9),
                    **phases},
@@ -346,7 +394,7 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
 
 
 # ----------------------------------------------------------------------------------------------
-# One pretrained model (pretrained.py), measured as a checkpoint is, on windows of real text
+# One pretrained model (ledgerlab/pretrained.py), measured as a checkpoint is, on windows of real text
 
 PRETRAINED_SEQ_LEN = 256   # tokens per window when --seq_len is not given (a pretrained block is 2k-8k)
 
@@ -358,12 +406,11 @@ def pretrained_text(cfg):
             with open(cfg.text, encoding="utf-8") as f:
                 return f.read(), cfg.text
         except (OSError, UnicodeDecodeError) as e:
-            raise MeasureError(f"--text={cfg.text}: {e}") from None
-    import prepare_data
+            raise ConfigError(f"--text={cfg.text}: {e}") from None
     try:
-        plays, source, _ = prepare_data.load_shakespeare(os.path.join(cfg.data_root or "data", ".cache"))
-    except prepare_data.DataError as e:
-        raise MeasureError(f"{e}; or give a text file with --text=FILE") from None
+        plays, source, _ = load_shakespeare(os.path.join(cfg.data_root or "data", ".cache"))
+    except DataError as e:
+        raise ConfigError(f"{e}; or give a text file with --text=FILE") from None
     return "\n\n".join(text for _, text in plays), source
 
 
@@ -371,7 +418,7 @@ def measure_pretrained(spec, cfg, out_dir):
     """The contents of a pretrained model's metrics.json: the passes a checkpoint gets, then where
     its massive dimensions are written and erased, and what setting them at position 0 costs."""
     t0 = time.time()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     model, tokenizer = pretrained.load_pretrained(spec, cfg.dtype, device)
     load_s = time.time() - t0
     text, source = pretrained_text(cfg)
@@ -419,7 +466,7 @@ def measure_pretrained(spec, cfg, out_dir):
         "sublayer_names": names, "measured_val_loss": baseline, "plain_forward_loss": plain_loss,
         "decoded_stream": "h", "streams": summaries, "top_tokens": top_tokens, "extreme_tokens": extreme_tokens,
         "massive_dims": writes, "interventions": interventions, "quantization": quantization,
-        "sun_rule": f"|x| > {SUN_ABS:g} and |x| >= {SUN_REL:g} x the token's median |x| (Sun et al. 2024)",
+        "sun_rule": SUN_RULE,
         "figures": [os.path.basename(f) for f in figures],
         "timing": {"tokens": n_tokens, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9),
                    "statistics_overhead": phases["statistics_s"] / max(phases["plain_forward_s"], 1e-9),
@@ -427,74 +474,35 @@ def measure_pretrained(spec, cfg, out_dir):
     }
 
 
-def run_pretrained(spec, cfg, command=()):
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    out_dir = cfg.out_dir or os.path.join("out", "pretrained", os.path.basename(spec.rstrip("/")))
-    m = measure_pretrained(spec, cfg, out_dir)
-    m["label"] = os.path.basename((pretrained.packaged_gguf(spec) or spec).rstrip("/"))
-    m["out_dir"] = os.path.abspath(out_dir)
-    m["notes"] = notes(m)
-    write_json(m, os.path.join(out_dir, "metrics.json"))
-    print(write_pretrained_summary(m, command, os.path.join(out_dir, "summary.md")))
-    return [m]
-
-
 # ----------------------------------------------------------------------------------------------
-# Several checkpoints measured together: metrics.json and figures for each, one summary.md
+# The passes every model gets
 
-def default_out_dir(ckpt_path, from_run_dir):
-    parent = os.path.dirname(os.path.abspath(ckpt_path))
-    if from_run_dir or os.path.basename(ckpt_path) == "ckpt.pt":
-        return os.path.join(parent, "measure")
-    return os.path.join(parent, "measure_" + os.path.splitext(os.path.basename(ckpt_path))[0])
+def structure(model, batch_fn, seq_len, decode, cfg, lap):
+    """The passes every model gets, a checkpoint or a pretrained one: the statistics of every stream
+    (with the attention's extreme tokens riding along), then the dominant dimension by position and
+    by token. Returns (stats, baseline loss, summaries, extreme tokens, profiles, top tokens)."""
+    names, decoded = model.sublayer_names, model.config.decoded_stream
+    with collect_extreme_tokens(model) as extreme:   # rides along pass 1: no extra forward
+        stats, baseline = collect_stream_stats(model, batch_fn)
+    lap("statistics_s")
+    summaries = {name: s.summarize(names) for name, s in stats.items()}
+    last, peak = len(names) - 1, summaries[decoded]["peak_sublayer"]
+    profiles = collect_dominant_profiles(model, batch_fn, stats, seq_len, sorted({last, peak}))
+    # trap (2) where the head reads the stream, and at the peak; a peak at the last sublayer is reported once
+    top_tokens = {where: top_token_report(profiles[decoded], stats[decoded], i, names[i], decode, cfg.top_tokens,
+                                          cfg.min_token_count)
+                  for where, i in (("last", last), ("peak", peak)) if where == "last" or i != last}
+    lap("dominant_profile_s")
+    return stats, baseline, summaries, extreme.summarize(), profiles, top_tokens
 
 
-def unique_name(name, taken):
-    """name, or name_1, name_2, ...: the first not in taken (two run folders of the same name)."""
-    base, k = name, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
+def stopwatch():
+    """lap(name) records the wall time since the last lap under name: the phases in metrics.json."""
+    phases, tick = {}, [time.time()]
 
-
-def run(paths, cfg, command=()):
-    if any(pretrained.is_pretrained(p) for p in paths):
-        if len(paths) > 1:
-            raise MeasureError("a pretrained model is measured on its own; give it alone")
-        return run_pretrained(paths[0], cfg, command)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    inputs = load_inputs(paths, cfg)
-    archs = [arm_name(ckpt["model_config"]["arch"], ckpt["model_config"].get("attention", "softmax"))
-             for _, ckpt, _, _ in inputs]
-    results, used = [], set()
-    for (ckpt_path, ckpt, from_run_dir, selection), arch in zip(inputs, archs):
-        run_name = os.path.basename(os.path.dirname(os.path.abspath(ckpt_path))) or "run"
-        if cfg.out_dir and len(inputs) > 1:   # one sub-folder per input under --out_dir
-            name = unique_name(run_name, used)
-            used.add(name)
-            out_dir = os.path.join(cfg.out_dir, name)
-        else:
-            out_dir = cfg.out_dir or default_out_dir(ckpt_path, from_run_dir)
-        if selection["distance"] is not None:
-            print(f"{ckpt_path}: val loss {ckpt['val_loss']:.4f}, {selection['distance']:.4f} "
-                  f"from {selection['match_loss']:.4f}")
-        m = measure_checkpoint(ckpt_path, ckpt, cfg, out_dir, selection)
-        # the same arm twice (seeds, matched losses): the run folder tells the rows apart
-        m["label"] = f"{arch} ({run_name})" if archs.count(arch) > 1 else arch
-        m["out_dir"] = os.path.abspath(out_dir)
-        m["notes"] = notes(m)
-        write_json(m, os.path.join(out_dir, "metrics.json"))
-        print(f"{ckpt_path}: measured {m['timing']['tokens']} tokens in {m['timing']['seconds']:.1f} s "
-              f"({m['timing']['tokens_per_s']:.0f} tokens/s) -> {out_dir}")
-        results.append(m)
-    summary_dir = results[0]["out_dir"] if len(results) == 1 else cfg.out_dir or os.path.join("out", "measure")
-    os.makedirs(summary_dir, exist_ok=True)
-    if len(results) > 1 and cfg.figures:
-        plot_comparison(results, os.path.join(summary_dir, "comparison_decoded.png"))
-    print(write_summary(results, cfg, command, os.path.join(summary_dir, "summary.md")))
-    return results
+    def lap(name):
+        phases[name], tick[0] = time.time() - tick[0], time.time()
+    return phases, lap
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,22 +520,20 @@ def trajectory_snapshots(run_dir):
     by_iter = {}
     for name in sorted(checkpoint_names(run_dir), key=lambda n: n == "ckpt.pt"):   # snapshots first
         path = os.path.join(run_dir, name)
-        ckpt = rundir.load_checkpoint(path)
+        ckpt = load_checkpoint(path)
         if ckpt.get("iter_num") is None:
-            raise MeasureError(f"{path} records no iter_num, so it has no place on a trajectory")
+            raise ConfigError(f"{path} records no iter_num, so it has no place on a trajectory")
         by_iter.setdefault(ckpt["iter_num"], (path, ckpt))
     return [by_iter[i] for i in sorted(by_iter)]
 
 
 def run_trajectory(paths, cfg, command=()):
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     if cfg.match_loss is not None:
-        raise MeasureError("--trajectory measures every kept snapshot; drop --match_loss")
+        raise ConfigError("--trajectory measures every kept snapshot; drop --match_loss")
     runs = []   # every snapshot of every run found and loaded first, so that a bad input fails before any work
     for path in paths:
         if not os.path.isdir(path):
-            raise MeasureError(f"{path}: --trajectory takes run directories (it measures their kept snapshots)")
+            raise ConfigError(f"{path}: --trajectory takes run directories (it measures their kept snapshots)")
         runs.append((path, trajectory_snapshots(path)))
         for ckpt_path, ckpt in runs[-1][1]:
             check_seq_len(cfg, ckpt, ckpt_path)
@@ -549,19 +555,6 @@ def run_trajectory(paths, cfg, command=()):
                               "rows": rows, "trained_by": snapshots[-1][1].get("trained_by", [])}
     trajectory_report(trajectories, cfg, out_root, command)
     return trajectories
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv):
-        print(help_text(__doc__, MeasureConfig))
-        return []
-    try:
-        paths, cfg = parse_args(argv)
-        return run_trajectory(paths, cfg, argv) if cfg.trajectory else run(paths, cfg, argv)
-    except (MeasureError, ConfigError) as e:   # ConfigError: rundir's, for a checkpoint it cannot read
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 if __name__ == "__main__":

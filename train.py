@@ -6,10 +6,11 @@ Train any arm of ledger.py on a token dataset from prepare_data.py. One script, 
     python train.py config/cpu_demo.py --arch=ledger           # a laptop CPU, minutes
     torchrun --standalone --nproc_per_node=8 train.py config/paper_160m.py --arch=ledger
 
-Every setting and its default is listed once (rundir.TrainConfig for the loop, ledger.GPTConfig for
-the model); `python train.py --help` prints them with their comments. Positional arguments are
-config files (plain Python assignments); `--key=value` overrides come after them. A value outside
-its range (LIMITS) stops the run with one line, before any data or model is touched. The loop is
+Every setting and its default is listed once: TrainConfig, just below, for the run, and
+ledger.GPTConfig for the model; `python train.py --help` prints them with their comments.
+Positional arguments are config files (plain Python assignments); `--key=value` overrides come
+after them. A value outside its range (LIMITS) stops the run with one line, before any data or
+model is touched. The loop is
 identical for every arm: the arms differ only inside the model, plus the commit-sparsity term that
 the paper adds to the loss of the Ledger arms.
 """
@@ -30,10 +31,66 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from rundir import CHECKPOINT_FORMAT, TrainConfig, check_free, claim_run_dir, load_checkpoint, save_checkpoint
-from cli import ConfigError, duration, help_text, parse_overrides, provenance, run_main, wants_help
 from ledger import GPT, GPTConfig, arm_name
-from prepare_data import DataError, load_meta, open_split, sequence_starts, start_token
+from ledgerlab.cli import ConfigError, duration, help_text, parse_overrides, provenance, run_main, wants_help
+from ledgerlab.data import DataError, load_meta, open_split, sequence_starts, start_token
+from ledgerlab.device import peak_flops, setup_device
+from ledgerlab.rundir import CHECKPOINT_FORMAT, check_free, claim_run_dir, load_checkpoint, save_checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's settings. The defaults are the paper's 160M run (config/paper_160m.py is the full preset),
+# except the dataset: by default, the one a plain `python prepare_data.py` writes, so that the first
+# command after it trains. Each field's comment is its --help text.
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"             # where ckpt.pt, the kept snapshots and log.jsonl go
+    init_from: str = "scratch"       # scratch: a new model; resume: continue from out_dir/ckpt.pt
+    eval_interval: int = 250         # evaluate and write out_dir/ckpt.pt every this many iterations
+    eval_iters: int = 50             # batches per split and evaluation
+    log_interval: int = 10           # print the training loss and speed every this many iterations
+    ckpt_interval: int = 1000        # also keep out_dir/ckpt_<iter>.pt, for matched-loss measurement; 0: never
+    wandb_log: bool = False          # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = "ledger-residuals"  # the Weights & Biases project
+    wandb_run_name: str = ""         # default: the arch
+    # data
+    dataset: str = "shakespeare"     # a folder of data_root written by prepare_data.py (the paper: fineweb_edu)
+    data_root: str = "data"          # where prepare_data.py writes (its --out_root)
+    batch_size: int = 24             # sequences per micro-batch, per process
+    align_windows: Optional[bool] = None  # windows open on a start token (<bos>, else EOT); None: on for bigram_backcopy
+    gradient_accumulation_steps: int = 1  # micro-steps per iteration across ALL processes
+    train_position0: bool = True     # False: leave position 0's target out of the training loss (the lab's test of what grows its outlier)
+    # optimizer: AdamW (or SGD with momentum), warmup then cosine; the defaults are the released code's
+    optimizer: str = "adamw"         # adamw, or sgd (momentum beta1): Guo et al. find no outlier with SGD
+    learning_rate: float = 3e-4      # the peak, reached at the end of warmup
+    min_lr: float = 3e-5             # the cosine decays to this
+    warmup_iters: int = 300          # linear warmup from ~0 to learning_rate
+    lr_decay_iters: int = 0          # 0: decay until max_iters
+    max_iters: int = 14000           # optimizer steps in all
+    weight_decay: float = 0.1        # AdamW's decoupled weight decay (SGD: L2), on matrices and embeddings
+    decay_norms_and_biases: bool = True  # also decay norm gains, biases, gate biases, lam and hc2's mixes (released: every parameter)
+    beta1: float = 0.9               # AdamW's decay of the gradient's running mean
+    beta2: float = 0.999             # AdamW's decay of the squared gradient's running mean (released: torch's default)
+    grad_clip: float = 1.0           # clip the global gradient norm at this; 0: no clipping
+    target_val_loss: float = 0.0     # > 0: stop at the first evaluation at or below it
+    # system
+    seed: int = 1337                 # seeds the initial weights and the order of the batches
+    device: str = "auto"             # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype: str = "auto"              # auto: bf16 where supported, else fp16 on GPU; fp32 on CPU
+    compile: bool = False            # torch.compile the model: faster steps on a GPU, a slow first one
+    dry_run: bool = False            # check every setting, the data and out_dir, print the run's settings as JSON, write nothing
+
+    # Checked as each setting is parsed, so that a bad value is one line before any data or model is
+    # touched, not a traceback from numpy or torch after the model is built.
+    LIMITS = {"eval_interval": ">= 1", "eval_iters": ">= 1", "log_interval": ">= 1", "ckpt_interval": ">= 0",
+              "batch_size": ">= 1", "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0",
+              "min_lr": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_iters": ">= 1",
+              "weight_decay": ">= 0", "beta1": ">= 0 and < 1", "beta2": ">= 0 and < 1", "grad_clip": ">= 0",
+              "target_val_loss": ">= 0", "seed": ">= 0",  # numpy seeds the batches and refuses negative seeds
+              "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+              "optimizer": ("adamw", "sgd")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,30 +146,6 @@ def get_batch(data_dir, meta, split, key, batch_size, block_size, device, align=
     return x.to(device), y.to(device)
 
 
-def setup_device(cfg: TrainConfig, local_rank=None):
-    """Resolve cfg.device ('auto': cuda > mps > cpu; under DDP, cuda:<local_rank>) and cfg.dtype
-    ('auto': bf16 where the GPU has it, fp16 with a GradScaler on older GPUs, fp32 on CPU).
-    Returns (device, device_type, ptdtype, autocast context)."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if not available.get(device.split(":")[0], False):
-        raise ConfigError(f"--device={device} but torch sees no such device here; use --device=cpu")
-    if local_rank is not None and device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    if cfg.dtype == "auto":
-        on_gpu = device.startswith("cuda")
-        cfg.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
-    ptdtype = getattr(torch, cfg.dtype)
-    device_type = "cuda" if device.startswith("cuda") else "mps" if device == "mps" else "cpu"
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    # --dtype=float32 means float32, as the released code trains; TF32 only beside half-precision autocast
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = ptdtype != torch.float32
-    return device, device_type, ptdtype, autocast
-
-
 def configure_optimizer(model, cfg: TrainConfig, device_type):
     """AdamW (or SGD with momentum beta1). Weight decay on matrices and embeddings and, with
     decay_norms_and_biases (the released code's AdamW(model.parameters(), weight_decay=0.1)), on
@@ -127,11 +160,6 @@ def configure_optimizer(model, cfg: TrainConfig, device_type):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.beta1)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
-
-
-def model_flops_per_token(model_config: GPTConfig, n_params_non_embedding):
-    """Training FLOPs per token, PaLM-style: 6 per weight (forward and backward), plus attention."""
-    return 6 * n_params_non_embedding + 12 * model_config.n_layer * model_config.n_embd * model_config.block_size
 
 
 def training_loss(model, x, y, autocast, commit_sparsity):
@@ -151,18 +179,6 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-
-
-# Dense bf16 peak FLOP/s (no sparsity), for MFU. An unknown GPU simply gets no MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-              "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
-
-
-def peak_flops(device):
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +206,7 @@ def start_processes(cfg: TrainConfig) -> Processes:
     rank, local_rank, world = 0, 0, 1
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device, device_type, ptdtype, autocast = setup_device(cfg, local_rank if ddp else None)
+    device, device_type, cfg.dtype, ptdtype, autocast = setup_device(cfg.device, cfg.dtype, local_rank if ddp else None)
     if ddp:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     if cfg.gradient_accumulation_steps % world:
@@ -355,6 +371,9 @@ def main(argv=None):
         if cfg.align_windows and start_token(meta) is None:
             raise ConfigError(f"{data_dir} has no <bos> or EOT token to align windows to; drop --align_windows")
         model_config = model_config_for(cfg, meta, ckpt, model_overrides)
+        if cfg.dry_run:   # what lab.py asks before it starts a run
+            print(json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_config)}))
+            return
         # one writer per run directory: a second run pointed at it stops here, before it writes anything
         with claim_run_dir(cfg.out_dir) if proc.master else nullcontext():
             train(cfg, ckpt, meta, model_config, proc, started)
@@ -391,7 +410,7 @@ def train(cfg: TrainConfig, ckpt, meta, model_config: GPTConfig, proc: Processes
         model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == "cuda" else None)
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_config.block_size
-    flops_per_token = model_flops_per_token(model_config, raw_model.num_params(non_embedding=True))
+    flops_per_token = raw_model.flops_per_token()
     peak = peak_flops(proc.device)
     arm = arm_name(model_config.arch, model_config.attention)   # 'ledger', 'vanilla+gated'
     log = None
@@ -482,4 +501,4 @@ def train(cfg: TrainConfig, ckpt, meta, model_config: GPTConfig, proc: Processes
 
 
 if __name__ == "__main__":
-    run_main(main, DataError)
+    run_main(main)

@@ -1,5 +1,6 @@
-"""bench.py's contracts: its FLOP count is the 6N + 12LdT formula, and one short run of every arm,
-and of arms with another attention kind, prints the table and writes the JSON."""
+"""bench.py's contracts: its FLOP count is the 6N + 12LdT formula, one short run of every arm, and of
+arms with another attention kind, prints the table and writes the JSON, and its step is train.py's."""
+import contextlib
 import json
 
 import pytest
@@ -68,3 +69,30 @@ def test_bad_arms_fail_clearly():
         bench.main([*TINY, "--arms=vanilla+gate"])
     with pytest.raises(bench.cli.ConfigError, match="steps=0: must be >= 1"):
         bench.main([*TINY, "--steps=0"])
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "ledger"])
+def test_benchs_step_is_train_pys_step(arch):
+    # bench.py writes the step out as nanoGPT's bench does; it must stay the step train.py takes
+    import copy
+
+    import train
+    config = ledger.GPTConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=16, gate_rank=4, vocab_size=50)
+    torch.manual_seed(0)
+    trained = ledger.GPT(config)
+    benched = copy.deepcopy(trained)
+    xs, ys = torch.randint(50, (2, 2, 16)), torch.randint(50, (2, 2, 16))   # two micro-steps of 2 x 16 tokens
+    cfg = train.TrainConfig(device="cpu")
+    optimizer = train.configure_optimizer(trained, cfg, "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for x, y in zip(xs, ys):
+        total, _ = train.training_loss(trained, x, y, contextlib.nullcontext(), config.commit_sparsity)
+        scaler.scale(total / len(xs)).backward()
+    train.optimizer_step(trained, optimizer, scaler, cfg.grad_clip)
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.grad_clip) == (bench.LEARNING_RATE, bench.WEIGHT_DECAY,
+                                                                     bench.GRAD_CLIP)
+    bench_optimizer = torch.optim.AdamW(benched.parameters(), lr=bench.LEARNING_RATE, weight_decay=bench.WEIGHT_DECAY)
+    bench.train_step(benched, benched, bench_optimizer, torch.amp.GradScaler("cpu", enabled=False), xs, ys,
+                     contextlib.nullcontext(), config.commit_sparsity)
+    for (name, a), b in zip(trained.state_dict().items(), benched.state_dict().values()):
+        assert torch.equal(a, b), name

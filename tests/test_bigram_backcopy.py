@@ -3,13 +3,14 @@ training, evaluation and measurement look at opens on the start token, so positi
 import numpy as np
 import pytest
 
-import bigram_backcopy
+from ledgerlab import bigram_backcopy
 import measure
 import prepare_data
-import cli
-import rundir
+from ledgerlab import cli
+from ledgerlab import rundir
 import train
-from bigram_backcopy import BOS_ID, bigram_backcopy_sequences, process_loss
+from ledgerlab.bigram_backcopy import BOS_ID, bigram_backcopy_sequences, process_loss
+from ledgerlab import data
 
 SMALL = ["--dataset=bigram_backcopy", "--bb_vocab=8", "--bb_triggers=2", "--bb_seq_len=16",
          "--bb_train_seqs=400", "--bb_val_seqs=50"]
@@ -27,8 +28,8 @@ def bb_data(tmp_path_factory):
 
 
 def read_split(data_root, split="train"):
-    meta = prepare_data.load_meta(f"{data_root}/bigram_backcopy")
-    return np.asarray(prepare_data.open_split(f"{data_root}/bigram_backcopy", split, meta)), meta
+    meta = data.load_meta(f"{data_root}/bigram_backcopy")
+    return np.asarray(data.open_split(f"{data_root}/bigram_backcopy", split, meta)), meta
 
 
 def test_the_generator_is_deterministic_per_seed(tmp_path):
@@ -50,7 +51,7 @@ def test_every_sequence_opens_on_bos_and_every_trigger_is_followed_by_the_token_
     after_trigger = np.isin(seqs[:, 1:-1], triggers)
     assert after_trigger.sum() > 100   # the rule is exercised, not vacuous
     assert (seqs[:, 2:][after_trigger] == seqs[:, :-2][after_trigger]).all()
-    assert prepare_data.decoder(meta)([0, triggers[0]]) == f"<bos> {meta['itos'][triggers[0]]}"
+    assert data.decoder(meta)([0, triggers[0]]) == f"<bos> {meta['itos'][triggers[0]]}"
 
 
 def test_ordinary_transitions_follow_the_bigram_table():
@@ -117,7 +118,7 @@ def test_training_and_evaluation_windows_open_on_bos(bb_data, tmp_path, monkeypa
 def test_unaligned_windows_of_text_can_be_aligned_to_the_end_of_text_token(char_data):
     data_root, dataset = char_data
     data_dir = f"{data_root}/{dataset}"
-    meta = prepare_data.load_meta(data_dir)
+    meta = data.load_meta(data_dir)
     x, _ = train.get_batch(data_dir, meta, "train", [0, 0, 0, 0], 16, 32, "cpu", True)
     assert (x[:, 0] == meta["eot_id"]).all()
     x, _ = train.get_batch(data_dir, meta, "train", [0, 0, 0, 0], 16, 32, "cpu", False)

@@ -12,16 +12,17 @@ import sys
 import pytest
 
 import bench
-import cli
+from ledgerlab import cli
 import ledger
 import measure
 import prepare_data
-import rundir
+from ledgerlab import rundir
 import train
+from ledgerlab import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"train.py": (rundir.TrainConfig, ledger.GPTConfig), "measure.py": (measure.MeasureConfig,),
-           "bench.py": (bench.BenchConfig, rundir.TrainConfig, ledger.GPTConfig)}
+CONFIGS = {"train.py": (train.TrainConfig, ledger.GPTConfig), "measure.py": (measure.MeasureConfig,),
+           "bench.py": (bench.BenchConfig, ledger.GPTConfig)}
 # Small sizes so that the used-by run takes seconds; --arch=ledger --n_layer=12 stay as the README has them.
 TINY = ["--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=2", "--max_iters=4", "--eval_iters=1",
         "--eval_interval=4", "--log_interval=2"]
@@ -60,10 +61,10 @@ def test_the_used_by_commands_work_verbatim_in_a_fresh_folder(tmp_path):
 
 def test_the_default_dataset_is_the_one_prepare_data_writes_by_default():
     defaults = prepare_data.parse_args([])
-    assert rundir.TrainConfig.dataset == prepare_data.dataset_dir_name(defaults.dataset, defaults.tokenizer)
-    assert rundir.TrainConfig.data_root == defaults.out_root
+    assert train.TrainConfig.dataset == data.dataset_dir_name(defaults.dataset, defaults.tokenizer)
+    assert train.TrainConfig.data_root == defaults.out_root
     for preset in ("paper_160m.py", "paper_290m.py"):   # the paper's runs keep their own dataset
-        settings, _ = cli.parse_overrides([os.path.join(REPO, "config", preset)], rundir.TrainConfig, ledger.GPTConfig)
+        settings, _ = cli.parse_overrides([os.path.join(REPO, "config", preset)], train.TrainConfig, ledger.GPTConfig)
         assert settings["dataset"] == "fineweb_edu"
 
 
@@ -147,7 +148,7 @@ def test_prepare_data_takes_key_value_flags_like_the_other_scripts():
 
 
 def test_every_setting_has_a_comment_to_show_as_help():
-    for config_type in (rundir.TrainConfig, ledger.GPTConfig, measure.MeasureConfig, bench.BenchConfig):
+    for config_type in (train.TrainConfig, ledger.GPTConfig, measure.MeasureConfig, bench.BenchConfig):
         rows = [row for row in cli.documented_fields(config_type) if row[0] is not None]
         assert [name for name, _ in rows] == [f.name for f in dataclasses.fields(config_type)]
         assert [name for name, comment in rows if not comment] == [], config_type.__name__
@@ -229,7 +230,7 @@ def test_a_block_longer_than_a_split_is_one_line_before_the_model_is_built(char_
                                                                             capsys):
     data_root, dataset = char_data
     data_files = files_under(data_root)
-    val_tokens = prepare_data.load_meta(os.path.join(data_root, dataset))["val_tokens"]
+    val_tokens = data.load_meta(os.path.join(data_root, dataset))["val_tokens"]
     argv = [f"--data_root={data_root}", f"--dataset={dataset}", f"--out_dir={tmp_path / 'out'}", "--device=cpu",
             "--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=2", "--max_iters=1", "--eval_iters=1",
             f"--block_size={val_tokens - 1}"]

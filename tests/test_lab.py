@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-import cli
+from ledgerlab import cli
 import lab
 import measure
-import rundir
+from ledgerlab import rundir
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,14 +27,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_a_run_name_gives_the_arm_seed_commit_sparsity_and_folder():
     cfg = lab.LabConfig(out_root="runs")
     run = lab.plan_run("ledger-cs0.005-s1338", cfg)
-    assert run.out_dir == os.path.join("runs", "ledger-cs0.005-s1338") and run.max_iters == 2000
+    assert run.out_dir == os.path.join("runs", "ledger-cs0.005-s1338")
     assert run.argv == ["config/lab.py", "--arch=ledger", "--seed=1338", f"--out_dir={run.out_dir}",
                         "--commit_sparsity=0.005"]
     assert lab.plan_run("ledger-hs-s7", cfg).argv[1:3] == ["--arch=ledger-hs", "--seed=7"]
     assert "--commit_sparsity=0" in lab.plan_run("ledger-cs0-s1", cfg).argv
     sgd = lab.plan_run("vanilla-sgd-s1337", cfg).argv
     assert sgd[1] == "--arch=vanilla" and "--optimizer=sgd" in sgd and "--weight_decay=0" in sgd
-    assert lab.plan_run("vanilla-s1337", dataclasses.replace(cfg, config="config/cpu_demo.py")).max_iters == 4000
     # the positive controls: ARCH+KIND is ARCH with that attention kind
     assert lab.plan_run("vanilla+gated-s1337", cfg).argv[1:] == [
         "--arch=vanilla", "--seed=1337", f"--out_dir={os.path.join('runs', 'vanilla+gated-s1337')}", "--attention=gated"]
@@ -53,10 +52,26 @@ def test_a_run_name_gives_the_arm_seed_commit_sparsity_and_folder():
 def test_train_flags_set_every_run_but_never_what_its_name_says():
     cfg = lab.LabConfig(out_root="runs", train_flags="--max_iters=500 --seed=9")
     run = lab.plan_run("ledger-cs0.005-s1338", cfg)
-    assert run.max_iters == 500
     assert run.argv == ["config/lab.py", "--max_iters=500", "--seed=9", "--arch=ledger", "--seed=1338",
                         f"--out_dir={run.out_dir}", "--commit_sparsity=0.005"]   # the later --seed wins
-    assert lab.plan_run("vanilla-s1", lab.LabConfig()).max_iters == 2000
+
+
+@pytest.mark.slow
+def test_train_py_says_how_long_each_run_trains_asked_once_per_setting_not_per_seed(char_data, tmp_path, monkeypatch):
+    data_root, dataset = char_data
+    data = f"--dataset={dataset} --data_root={data_root}"
+    asked = []
+    dry_runs = lab.dry_runs
+    monkeypatch.setattr(lab, "dry_runs", lambda commands, jobs: asked.append(commands) or dry_runs(commands, jobs))
+    for config, flags, steps in [("config/cpu_demo.py", "", 4000), ("config/lab.py", " --block_size=64", 2000),
+                                 ("config/lab.py", " --max_iters=500 --block_size=64", 500)]:
+        cfg = lab.LabConfig(out_root=str(tmp_path), config=os.path.join(REPO, config), train_flags=data + flags,
+                            measure=False)
+        runs = [lab.plan_run(name, cfg) for name in ("vanilla-s1", "vanilla-s2", "ledger-s1")]
+        lab.check_settings(runs, [], cfg)
+        assert [r.max_iters for r in runs] == [steps] * 3
+        assert [label for label, _ in asked[-1]] == ["vanilla-s1 (train.py)", "ledger-s1 (train.py)"]
+    assert not os.listdir(tmp_path)   # a dry run writes nothing
 
 
 def test_ledger_hs_trains_exactly_as_ledger_at_its_lambda(char_data, tmp_path):
@@ -80,11 +95,11 @@ def test_ledger_hs_trains_exactly_as_ledger_at_its_lambda(char_data, tmp_path):
     (["vanilla-cs0.1-s1"], "only Ledger arms have"),
     (["ledger-s1", "ledger-s1"], "named twice"),
     (["ledger-s1", "--jobs=0"], "jobs=0: must be >= 1"),
-    (["ledger-s1", "--sgd_flags=--optimiser=sgd"], "--sgd_flags: unknown setting 'optimiser'"),   # checked though unused
-    (["vanilla-sgd-s1", "--sgd_flags=--optimiser=sgd"], "did you mean 'optimizer'"),
-    (["ledger-s1", "--measure_flags=--num_window=3"], "--measure_flags: unknown setting 'num_window'"),
-    (["ledger-s1", "--train_flags=--max_iter=5"], "--train_flags: unknown setting 'max_iter'"),
-    (["ledger-s1", "--train_flags=--max_iters=0"], "--train_flags: max_iters=0: must be >= 1"),
+    (["vanilla-sgd-s1", "--sgd_flags=--optimiser=sgd"], "vanilla-sgd-s1 (train.py): unknown setting 'optimiser'; "
+                                                        "did you mean 'optimizer'"),
+    (["ledger-s1", "--measure_flags=--num_window=3"], "--measure_flags (measure.py): unknown setting 'num_window'"),
+    (["ledger-s1", "--train_flags=--max_iter=5"], "ledger-s1 (train.py): unknown setting 'max_iter'"),
+    (["ledger-s1", "--train_flags=--max_iters=0"], "ledger-s1 (train.py): max_iters=0: must be >= 1"),
     (["ledger-s1", "--train_flags=--seed='1"], "--train_flags: No closing quotation"),
     ([], "name at least one run"),
 ])
@@ -231,7 +246,7 @@ def test_the_sweep_trains_no_run_that_lab_all_trains_again():
 
 def test_a_run_in_use_by_another_process_is_one_line_and_nothing_is_written(tmp_path, capsys):
     held = tmp_path / "runs" / "vanilla-s1"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, rundir\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ledgerlab import rundir\n"
                                f"with rundir.claim_run_dir({str(held)!r}):\n"
                                "    print('held', flush=True); time.sleep(60)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import measure
-import summary
+from ledgerlab import summary
 from ledger import ARCHS, ATTENTIONS, GPT, CausalSelfAttention, GPTConfig
-from rundir import CHECKPOINT_FORMAT as CKPT_FORMAT
-from measure import (Data, MeasureError, checkpoints_with_val_loss, closest_checkpoint, final_checkpoint, parse_args,
+from ledgerlab.rundir import CHECKPOINT_FORMAT as CKPT_FORMAT
+from measure import (Data, ConfigError, checkpoints_with_val_loss, closest_checkpoint, final_checkpoint, parse_args,
                      window_starts)
-from metrics import (DominantDimProfile, ExtremeTokenStats, StreamStats, collect_extreme_tokens,
+from ledgerlab.metrics import (DominantDimProfile, ExtremeTokenStats, StreamStats, collect_extreme_tokens,
                      fake_quantize_weights, position0_hook, top_token_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -464,11 +464,11 @@ def test_parse_args():
     paths, cfg = parse_args(["runs/a", "--num_windows=3", "--figures=False", "--match_loss=2.5", "runs/b"])
     assert paths == ["runs/a", "runs/b"] and cfg.num_windows == 3 and cfg.figures is False and cfg.match_loss == 2.5
     assert parse_args(["x", "--match_loss=auto"])[1].match_loss == "auto"
-    with pytest.raises(MeasureError, match="did you mean 'num_windows'"):
+    with pytest.raises(ConfigError, match="did you mean 'num_windows'"):
         parse_args(["x", "--num_window=3"])
-    with pytest.raises(MeasureError, match="batch_size='big'"):
+    with pytest.raises(ConfigError, match="batch_size='big'"):
         parse_args(["x", "--batch_size=big"])
-    with pytest.raises(MeasureError, match="checkpoint"):
+    with pytest.raises(ConfigError, match="checkpoint"):
         parse_args(["--seed=1"])
 
 
@@ -480,7 +480,7 @@ def test_select_checkpoint_picks_the_kept_checkpoint_closest_in_val_loss(tmp_pat
     path, ckpt = final_checkpoint(str(tmp_path))
     assert os.path.basename(path) == "ckpt.pt" and ckpt["val_loss"] == 2.2
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MeasureError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         final_checkpoint(str(tmp_path / "empty"))
 
 
@@ -608,8 +608,8 @@ def test_auto_match_loss_is_the_lowest_loss_every_run_reached(runs, tmp_path, mo
     dirs = [runs["vanilla"], runs["delta"]]
     target = max(min(c["val_loss"] for c in checkpoints_with_val_loss(d).values()) for d in dirs)
     opened = []
-    load = measure.rundir.load_checkpoint
-    monkeypatch.setattr(measure.rundir, "load_checkpoint", lambda path: opened.append(path) or load(path))
+    load = measure.load_checkpoint
+    monkeypatch.setattr(measure, "load_checkpoint", lambda path: opened.append(path) or load(path))
     results = measure.main([*dirs, "--match_loss=auto", f"--out_dir={tmp_path}", "--figures=False",
                             "--interventions=False", "--quantization=False", *FAST])
     kept = [os.path.join(d, n) for d in dirs for n in os.listdir(d) if n.endswith(".pt")]

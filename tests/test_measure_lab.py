@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import measure
-import metrics
-import reports
-from summary import normalized_table
+from ledgerlab import metrics
+from ledgerlab import reports
+from ledgerlab.summary import normalized_table
 from ledger import GPT, GPTConfig
-from metrics import StreamStats
+from ledgerlab.metrics import StreamStats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--num_windows=6", "--batch_size=4", "--seq_len=32", "--threads=1", "--quantization=False"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import measure
-import metrics_json
+from ledgerlab import metrics_json
 from ledger import ATTENTIONS, GPT, GPTConfig
-from rundir import CHECKPOINT_FORMAT
+from ledgerlab.rundir import CHECKPOINT_FORMAT
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 from compare_metrics import differences  # noqa: E402

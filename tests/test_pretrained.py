@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
-import pretrained
-from cli import ConfigError
-from metrics import StreamStats
+from ledgerlab import metrics
+from ledgerlab import pretrained
+from ledgerlab.cli import ConfigError
+from ledgerlab.metrics import StreamStats
 
 transformers = pytest.importorskip("transformers", reason="pip install -r requirements-pretrained.txt")
 
@@ -246,7 +246,7 @@ def tiny_folder(tmp_path_factory):
 @pytest.mark.parametrize("bos", [False, True])
 def test_measure_py_on_a_model_folder_writes_the_documented_report(tiny_folder, tmp_path, bos):
     import measure
-    import metrics_json
+    from ledgerlab import metrics_json
     from test_metrics_json import documented, written
     out = tmp_path / "m"
     (m,) = measure.main([tiny_folder, f"--text={FIXTURE_TEXT}", "--num_windows=6", "--seq_len=24", "--batch_size=4",

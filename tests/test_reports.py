@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-import reports
-from cli import ConfigError
+from ledgerlab import reports
+from ledgerlab.cli import ConfigError
 
 
 # ----------------------------------------------------------------------------------------------

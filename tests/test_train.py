@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-import cli
+from ledgerlab import cli
 import ledger
-import rundir
+from ledgerlab import rundir
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,9 +91,9 @@ def test_checkpoints_are_self_describing_and_safe_to_load(char_data, tmp_path):
 
 def optimizer_of(preset, arch="ledger"):
     """The optimizer train.py builds for a preset, on a small model of the preset's arm."""
-    train_settings, model_settings = cli.parse_overrides([os.path.join(REPO, preset)], rundir.TrainConfig,
+    train_settings, model_settings = cli.parse_overrides([os.path.join(REPO, preset)], train.TrainConfig,
                                                            ledger.GPTConfig)
-    cfg = rundir.TrainConfig(**train_settings)
+    cfg = train.TrainConfig(**train_settings)
     model = ledger.GPT(ledger.GPTConfig(arch=arch, n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11,
                                         gate_rank=4))
     return model, train.configure_optimizer(model, cfg, "cpu")
@@ -210,7 +210,7 @@ def test_unknown_and_ill_typed_flags_fail_with_one_line(char_data, tmp_path):
     with pytest.raises(cli.ConfigError, match="unknown arch 'ledgr'"):
         train.main(args(char_data, tmp_path, "--arch=ledgr"))
     with pytest.raises(cli.ConfigError, match="compile='maybe': expected bool"):
-        cli.parse_overrides(["--compile=maybe"], rundir.TrainConfig)
+        cli.parse_overrides(["--compile=maybe"], train.TrainConfig)
     assert not os.path.exists(tmp_path / "ckpt.pt")
 
 
@@ -218,11 +218,11 @@ def test_config_files_and_overrides_compose(tmp_path):
     preset = tmp_path / "preset.py"
     preset.write_text("n_layer = 6\nlearning_rate = 1e-3\narch = 'ledger'\ncompile = True\n")
     train_settings, model_settings = cli.parse_overrides([str(preset), "--n_layer=2", "--compile"],
-                                                           rundir.TrainConfig, ledger.GPTConfig)
+                                                           train.TrainConfig, ledger.GPTConfig)
     assert train_settings == {"learning_rate": 1e-3, "compile": True}
     assert model_settings == {"n_layer": 2, "arch": "ledger"}
     with pytest.raises(cli.ConfigError, match="expected int"):
-        cli.parse_overrides(["--n_layer=2.5"], rundir.TrainConfig, ledger.GPTConfig)
+        cli.parse_overrides(["--n_layer=2.5"], train.TrainConfig, ledger.GPTConfig)
 
 
 def start_training(char_data, out_dir, *extra):
@@ -319,7 +319,7 @@ def test_a_second_writer_of_a_run_directory_gets_one_line_and_writes_nothing(cha
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(char_data, tmp_path):
-    killed = subprocess.Popen([sys.executable, "-c", "import sys, time, rundir\n"
+    killed = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ledgerlab import rundir\n"
                                f"with rundir.claim_run_dir({str(tmp_path)!r}):\n"
                                "    print('held', flush=True); time.sleep(60)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -335,6 +335,6 @@ def test_resume_without_dataset_goes_on_with_the_checkpoints_dataset(char_data, 
     data_root, dataset = char_data
     common = [f"--data_root={data_root}", f"--out_dir={tmp_path}", *TINY, "--eval_interval=2"]
     train.main([f"--dataset={dataset}", *common, "--max_iters=2"])
-    assert dataset != rundir.TrainConfig.dataset
+    assert dataset != train.TrainConfig.dataset
     train.main([*common, "--max_iters=4", "--init_from=resume"])   # no --dataset
     assert load(tmp_path)["iter_num"] == 4 and load(tmp_path)["train_config"]["dataset"] == dataset

@@ -20,7 +20,7 @@ NOT_COMPARED = {"checkpoint", "run_dir", "data_dir", "out_dir", "settings.out_di
                 "timing.load_s", "timing.plain_forward_s", "timing.statistics_overhead",
                 # settings a checkpoint's measurement does not use (a pretrained model's), and the prose
                 # summary.md writes from the numbers, whose wording may change while the numbers do not
-                "settings.text", "settings.bos", "settings.dtype", "notes"}
+                "settings.text", "settings.bos", "settings.dtype", "settings.dry_run", "notes"}
 
 
 def differences(new, old, rtol=1e-9, atol=0.0, path=""):

@@ -18,6 +18,7 @@ import io
 import operator
 import os
 import platform
+import secrets
 import shlex
 import subprocess
 import sys
@@ -49,13 +50,24 @@ def parse_value(key, value, annotation, text=None):
     raise ConfigError(f"{key}={text if text is not None else value!r}: expected {names}")
 
 
-def parse_overrides(argv, *config_types):
+def read_config_file(path):
+    """A config file's settings: its plain Python assignments, as {name: value}."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (settings are --key=value)")
+    namespace = {}
+    exec(open(path).read(), namespace)
+    return {key: value for key, value in namespace.items()
+            if not key.startswith("_") and not callable(value) and not isinstance(value, type(os))}
+
+
+def parse_overrides(argv, *config_types, others_in_files=False):
     """Config files and `--key=value` overrides -> one dict of settings per dataclass type.
 
     A key belongs to the first dataclass that has a field of that name. Unknown keys, values of the
     wrong type or outside the dataclass's LIMITS, and settings its own __post_init__ rejects raise
     ConfigError with a one-line message that names the key: every script that parses its settings
-    here gets these checks before it touches any data."""
+    here gets these checks before it touches any data. With others_in_files, a config file's key that
+    none of config_types has is skipped (bench.py reads train.py's presets for their model and batch)."""
     hints = [typing.get_type_hints(t) for t in config_types]
     known = [k for h in hints for k in h]
     settings = [{} for _ in config_types]
@@ -80,12 +92,8 @@ def parse_overrides(argv, *config_types):
                 value = text  # a bare word: a string setting such as --arch=ledger
             assign(key, value, text)
         else:
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg!r} not found (settings are --key=value)")
-            namespace = {}
-            exec(open(arg).read(), namespace)
-            for key, value in namespace.items():
-                if not key.startswith("_") and not callable(value) and not isinstance(value, type(os)):
+            for key, value in read_config_file(arg).items():
+                if key in known or not others_in_files:
                     assign(key, value)
     for config_type, chosen in zip(config_types, settings):
         try:  # the config's own checks across settings (heads that divide the width, ...), now too
@@ -169,14 +177,30 @@ def help_text(doc, *config_types):
 # ----------------------------------------------------------------------------------------------
 # Errors, durations and provenance
 
-def run_main(main, *errors):
-    """Run a script's main(); an expected error (ConfigError, or one of `errors`) becomes one
-    `error: ...` line on stderr and exit status 2."""
+def run_main(main):
+    """Run a script's main() and return what it returns; a bad input (ConfigError, and DataError
+    with it) becomes one `error: ...` line on stderr and exit status 2, never a traceback."""
     try:
-        main()
-    except (ConfigError, *errors) as e:
+        return main()
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def atomic_write(path, write):
+    """A file written whole or not at all: write(f) fills a temp file beside `path` (.tmp-*, which
+    prepare_data.py sweeps away), flushed to disk, then renamed over it: a crash leaves the old file."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def duration(seconds):
@@ -197,7 +221,7 @@ def provenance():
     steps that moves a lab's numbers as much as a seed does, so every results file names these."""
     import torch   # here, so that a script's --help and its bad flags stay fast
 
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
     def git(*args):
         try:

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from metrics import NORM_FRACTION, no_sink_level
+from ledgerlab.metrics import NORM_FRACTION, no_sink_level
 
 
 def pyplot():

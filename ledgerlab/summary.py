@@ -9,9 +9,9 @@ by side, and the notes: plain-words lines on what each run's numbers do and do n
 import math
 import os
 
-from cli import results_header
-from metrics import NORM_FRACTION, SUN_ABS, SUN_REL, head_name, no_sink_level
-from reports import (across_seeds_table, claims, decoded, fmt, markdown_table, massive_activation_table,
+from ledgerlab.cli import results_header
+from ledgerlab.metrics import NORM_FRACTION, SUN_ABS, SUN_REL, head_name, no_sink_level
+from ledgerlab.reports import (across_seeds_table, claims, decoded, fmt, markdown_table, massive_activation_table,
                      short_run, significant)
 
 

@@ -18,15 +18,14 @@ import sys
 
 import numpy as np
 
-import figures
-import rundir
-from cli import ConfigError, parse_overrides, results_header
 from ledger import GPTConfig, arm_name
-from metrics import where_written
-from metrics_json import read_metrics, write_json
+from ledgerlab import figures
+from ledgerlab.cli import ConfigError, read_config_file, results_header
+from ledgerlab.metrics import where_written
+from ledgerlab.metrics_json import read_metrics, write_json
 
 FIVE_SEEDS = "docs/results/lab-seeds.md"
-LAB_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "lab.py")
+LAB_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "lab.py")
 
 
 def decoded(m):
@@ -94,20 +93,20 @@ VERDICTS = {
 
 # Settings that say where a run went or how it was watched, not what it learned.
 NOT_THE_EXPERIMENT = {"seed", "out_dir", "init_from", "wandb_log", "wandb_project", "wandb_run_name", "log_interval",
-                      "eval_interval", "eval_iters", "ckpt_interval", "device", "dtype", "compile"}
+                      "eval_interval", "eval_iters", "ckpt_interval", "device", "dtype", "compile", "dry_run"}
 
 
 def experiments(results, min_runs=2):
     """{label: runs} for every experiment with at least min_runs runs: runs are seeds of one
-    experiment when every training and model setting but the seed agrees (a setting a checkpoint
-    predates counts as its default, as resume reads it). Experiments that trained_as cannot tell
-    apart get the settings they differ in, e.g. 'vanilla (data_root=data_t1)'."""
-    train_defaults = dataclasses.asdict(rundir.TrainConfig())
+    experiment when every training and model setting but the seed agrees (a setting that one of the
+    checkpoints predates is left out, as it cannot tell them apart). Experiments that trained_as
+    cannot tell apart get the settings they differ in, e.g. 'vanilla (data_root=data_t1)'."""
+    saved = [set(m.get("train_config") or {}) for m in results]
+    shared = (set.intersection(*saved) if saved else set()) - NOT_THE_EXPERIMENT
     groups = {}   # json key -> (the settings it stands for, runs)
     for m in results:
         settings = {"as": trained_as(m),
-                    "train": {k: v for k, v in {**train_defaults, **(m.get("train_config") or {})}.items()
-                              if k not in NOT_THE_EXPERIMENT},
+                    "train": {k: v for k, v in (m.get("train_config") or {}).items() if k in shared},
                     "model": {**dataclasses.asdict(GPTConfig(arch=m["arch"])), **m["model_config"]}}
         key = json.dumps(settings, sort_keys=True, default=str)
         groups.setdefault(key, (settings, []))[1].append(m)
@@ -222,7 +221,7 @@ def claims(results):
 
 def short_run(results):
     """A line when runs on the lab's data were trained for fewer steps than config/lab.py's max_iters."""
-    lab, _ = parse_overrides([LAB_CONFIG], rundir.TrainConfig, GPTConfig)
+    lab = read_config_file(LAB_CONFIG)
     steps = sorted({(m.get("train_config") or {}).get("max_iters") for m in results
                     if (m.get("train_config") or {}).get("dataset") == lab["dataset"]} - {None})
     short = [s for s in steps if s < lab["max_iters"]]
@@ -268,7 +267,7 @@ def massive_activation_report(out_dirs, path, command=()):
     answer = "\n\n".join(part for part in (short_run(runs), claims(runs)) if part)
     sources = "\n".join(f"> {m['label']}: {os.path.join(d, 'metrics.json')}" for m, d in zip(results, out_dirs))
     trained = {os.path.basename(m["run_dir"]): m["trained_by"] for m in runs}
-    text = (results_header("reports.py", command, trained) + sources + "\n\n" + (answer + "\n\n" if answer else "")
+    text = (results_header("-m ledgerlab.reports", command, trained) + sources + "\n\n" + (answer + "\n\n" if answer else "")
             + "A massive activation beside the lab's outliers (README, \"What a real massive activation looks "
               "like\"):\n\n" + massive_activation_table(results) + "\n")
     with open(path, "w") as f:
@@ -277,12 +276,12 @@ def massive_activation_report(out_dirs, path, command=()):
 
 
 def main(argv=None):
-    """python reports.py OUT_DIR [OUT_DIR ...] --out=FILE.md: massive_activation_report."""
+    """python -m ledgerlab.reports OUT_DIR [OUT_DIR ...] --out=FILE.md (make answer): massive_activation_report."""
     argv = sys.argv[1:] if argv is None else argv
     dirs, out = [a for a in argv if not a.startswith("--")], [a[6:] for a in argv if a.startswith("--out=")]
     missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "metrics.json"))]
     if not dirs or len(out) != 1 or missing or len(dirs) + 1 != len(argv):
-        print("error: usage: python reports.py OUT_DIR [OUT_DIR ...] --out=FILE.md, each OUT_DIR a measure.py folder "
+        print("error: usage: python -m ledgerlab.reports OUT_DIR [OUT_DIR ...] --out=FILE.md, each OUT_DIR a measure.py folder "
               "with its metrics.json" + (f" ({', '.join(missing)} has none)" if missing else ""), file=sys.stderr)
         return 2
     print(massive_activation_report(dirs, out[0], argv))

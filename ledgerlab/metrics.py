@@ -34,6 +34,7 @@ import torch.nn as nn
 
 NORM_FRACTION = 0.25     # a sublayer counts for "peak" only if its stream norm is >= 25% of the final
 SUN_ABS, SUN_REL = 100.0, 1000.0   # Sun et al.: massive if |x| > 100 and |x| >= 1000 x token median
+SUN_RULE = f"|x| > {SUN_ABS:g} and |x| >= {SUN_REL:g} x the token's median |x| (Sun et al. 2024)"
 SHARED_FRACTION = 0.5    # a token whose mean |x_dom| is >= half of position 0's shares the feature
 RMS_EPS = 1e-6           # ledger.RMSNorm's eps: the per-token normalised metrics divide as it does
 

@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import ConfigError
-from metrics import mean_loss, position0_hook, where_written
+from ledgerlab.cli import ConfigError
+from ledgerlab.data import random_offsets
+from ledgerlab.metrics import mean_loss, position0_hook, where_written
 
 INSTALL = "pip install -r requirements-pretrained.txt"
 
@@ -283,7 +284,7 @@ def text_windows(tokenizer, text, seq_len, num_windows, bos, seed=0):
     if len(ids) < span:
         raise ConfigError(f"the text has {len(ids)} tokens, fewer than a window of {span}; give a longer --text "
                           f"or a smaller --seq_len")
-    starts = torch.randint(0, len(ids) - span + 1, (num_windows,), generator=torch.Generator().manual_seed(seed))
+    starts = random_offsets(len(ids), span, num_windows, seed)
     windows = torch.stack([ids[s:s + span] for s in starts.tolist()])
     if bos:
         if tokenizer.bos_token_id is None:
