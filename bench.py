@@ -12,9 +12,8 @@ with sigmoid attention, one of the positive controls; a bare ARCH runs with --at
 default), and vanilla with that kind is the baseline of every ratio. Each arm takes train.py's step,
 written out below as nanoGPT's bench.py writes its own (the forward with the commit-sparsity term,
 backward, clip, AdamW; tests/test_bench.py holds it equal to train.py's), on random tokens: no
-dataset is needed. A preset of train.py's gives the model and the batch; its other settings do not
-change a step and are skipped. The vocabulary is --vocab_size, else the config's dataset's meta.json
-when it is prepared, else GPT-2's. After `warmup` untimed steps per arm (compilation happens
+dataset is needed: the vocabulary is --vocab_size (GPT-2's by default). A preset of train.py's gives
+the model and the batch; its other settings do not change a step and are skipped. After `warmup` untimed steps per arm (compilation happens
 there), the arms take turns for `rounds` rounds of `steps` timed steps each, so that machine noise
 hits them alike. Per arm it prints tokens/s and ms/step (median over rounds, and the min-max
 spread); the step-time ratio to vanilla; the analytic FLOP ratio (6N + 12LdT per token) and the
@@ -32,7 +31,6 @@ import torch
 
 from ledger import ARCHS, ATTENTIONS, GPT, GPTConfig, arm_name
 from ledgerlab import cli
-from ledgerlab.data import DataError, load_meta
 from ledgerlab.device import peak_flops, setup_device
 
 
@@ -52,8 +50,6 @@ class BenchConfig:
     device: str = "auto"             # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype: str = "auto"              # auto: bf16 where supported, else fp16 on GPU; fp32 on CPU
     compile: bool = False            # torch.compile the model
-    dataset: str = "shakespeare"     # without --vocab_size: the vocabulary of this prepared dataset, else GPT-2's
-    data_root: str = "data"          # where prepare_data.py writes
 
     # Checked by cli.parse_overrides as each setting is read
     LIMITS = {"steps": ">= 1", "rounds": ">= 1", "warmup": ">= 0", "threads": ">= 0", "batch_size": ">= 1",
@@ -117,11 +113,6 @@ def main(argv=None):
         return {}
     bench_overrides, model_overrides = cli.parse_overrides(argv, BenchConfig, GPTConfig, others_in_files=True)
     cfg = BenchConfig(**bench_overrides)
-    if "vocab_size" not in model_overrides:
-        try:
-            model_overrides["vocab_size"] = load_meta(os.path.join(cfg.data_root, cfg.dataset))["vocab_size"]
-        except DataError:
-            pass  # not prepared here: GPT-2's vocabulary
     base, mc, configs = arm_configs(cfg.arms, model_overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

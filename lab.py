@@ -26,13 +26,9 @@ in its own process on one thread (OMP_NUM_THREADS=1), its output appended to tra
 folder; the progress shown is read from the log.jsonl that train.py writes beside it. Ctrl-C stops
 every run at the end of its iteration with a saved checkpoint: the same command then resumes them.
 
-Why a file of its own: the Makefile's shell loop could print a line only when a run ended, and the
-run names and the reuse rules are code that tests should run (tests/test_lab.py). What is trained,
-measured and reported is train.py's, measure.py's and ledgerlab/reports.py's: this file runs the two
-scripts as a user would, asks them first (--dry_run) whether every setting is right and how long each
-run trains, and only schedules the runs and shows them.
-
-Read top to bottom: config, run names, progress, training, main.
+What is trained and measured is train.py's and measure.py's: this file runs them as a user would,
+asks them first (--dry_run) whether every setting is right and how long each run trains, and only
+schedules the runs and shows them. Read top to bottom: config, run names, progress, training, main.
 """
 import json
 import os
@@ -136,36 +132,28 @@ def plan_run(name, cfg):
     return Run(name, out_dir, argv)
 
 
-def dry_runs(commands, jobs):
-    """Each (label, script argv)'s --dry_run, `jobs` at a time: the settings it printed as JSON (its last
-    line), or its one error line, after the label, as a ConfigError."""
-    settings = []
-    for i in range(0, len(commands), jobs):
-        batch = [(label, subprocess.Popen([sys.executable, *argv, "--dry_run"], stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
-                 for label, argv in commands[i:i + jobs]]
-        for label, process in batch:
-            out, err = process.communicate()
-            if process.returncode != 0:
-                lines = err.strip().splitlines() or [f"exit status {process.returncode}"]
-                raise cli.ConfigError(f"{label}: {lines[-1].removeprefix('error: ')}")
-            settings.append(json.loads(out.strip().splitlines()[-1]))
-    return settings
+def ask(label, script, argv):
+    """The settings `script argv --dry_run` resolves (its last line, JSON), or its error line after the label."""
+    done = subprocess.run([sys.executable, script, *argv, "--dry_run"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise cli.ConfigError(f"{label}: {error.removeprefix('error: ')}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def check_settings(runs, measure_argv, cfg):
-    """train.py and measure.py, asked before anything starts: is every run's setting right, and how
-    many steps does each train? Runs that differ only in their seed are asked once."""
-    first = {}
+    """train.py and measure.py, asked before anything starts: is every setting right, and how many
+    steps does each run train? Runs that differ only in their seed are asked once."""
+    if cfg.measure:
+        ask("--measure_flags (measure.py)", MEASURE_PY, measure_argv)
+    steps = {}
     for run in runs:
-        first.setdefault(tuple(a for a in run.argv if not a.startswith(("--seed=", "--out_dir="))), run)
-    commands = [("--measure_flags (measure.py)", [MEASURE_PY, *measure_argv])] if cfg.measure else []
-    commands += [(f"{r.name} (train.py)", [TRAIN_PY, *r.argv, f"--init_from={'scratch' if r.resume_from is None else 'resume'}"])
-                 for r in first.values()]
-    answers = dry_runs(commands, cfg.jobs)[int(cfg.measure):]
-    steps = {key: answer["train"]["max_iters"] for key, answer in zip(first, answers)}
-    for run in runs:
-        run.max_iters = steps[tuple(a for a in run.argv if not a.startswith(("--seed=", "--out_dir=")))]
+        setting = tuple(a for a in run.argv if not a.startswith(("--seed=", "--out_dir=")))
+        if setting not in steps:
+            init = "scratch" if run.resume_from is None else "resume"
+            steps[setting] = ask(f"{run.name} (train.py)", TRAIN_PY, [*run.argv, f"--init_from={init}"])["train"]["max_iters"]
+        run.max_iters = steps[setting]
 
 
 def check_progress_so_far(run):

@@ -1,6 +1,7 @@
 """
-Measure the residual-stream structure of trained checkpoints: where the outlier dimension lives,
-how big it is, whether it sits on the start token, and whether the model needs it.
+Measure the residual-stream structure of trained checkpoints, or of a pretrained model: where the
+outlier dimension lives, how big it is, whether it sits on the start token, and whether the model
+needs it.
 
     python measure.py CKPT_OR_RUN_DIR [more ...] [--key=value ...]
     python measure.py MODEL [--key=value ...]     # a pretrained model: a hub id, a folder, a .gguf file
@@ -8,35 +9,23 @@ how big it is, whether it sits on the start token, and whether the model needs i
 Trained transformers grow "massive activations" (Sun et al. 2024): a few fixed hidden dimensions
 of the residual stream, 100-1000x the median magnitude, concentrated on the first token. The paper
 asks whether they survive when the residual is split into an erasable scratch stream D and an
-append-only commitment stream C that alone is decoded (Ledger). This script measures, for every
-sublayer output and every stream, the statistics the paper reports, and makes it hard to overclaim:
-small CPU models grow only the precursor (one fixed dimension ~20x the median, shared by position 0
-and by delimiters), so the report counts massive entries by Sun et al.'s own rule and says on which
-tokens the dominant dimension is large outside position 0.
+append-only commitment stream C that alone is decoded (Ledger). For every sublayer output and every
+stream this measures the statistics the paper reports, each attention kind in its own terms, and
+what the model loses without the dimension. It makes overclaiming hard: small CPU models grow only
+the precursor (one fixed dimension ~20x the median, shared by position 0 and by delimiters), so the
+report counts massive entries by Sun et al.'s own rule and names the tokens where the dimension is
+large outside position 0. A pretrained causal LM (LLaMA-style, GPT-2 and GPT-NeoX families, through
+Hugging Face transformers) goes through the same passes on windows of real text, then: where its
+massive dimensions are written and erased, and what setting them at position 0 costs.
 
-Outputs, per checkpoint: <out_dir>/metrics.json (ledgerlab/metrics_json.py lists every key) and PNG
-figures (ledgerlab/figures.py); for all inputs together: summary.md (ledgerlab/summary.py; printed
-too), which opens with the paper's three claims asked of these runs, plus a comparison figure when
-several checkpoints are given.
-
-Every attention kind (ledger.ATTENTIONS) is measured in its own terms: the weight on attn_bias's
-explicit sink apart from position 0's, sigmoid's unnormalised weights against their own no-sink
-level, gated attention's output gate at position 0 and elsewhere (ledgerlab/metrics.py,
-"Extreme-token phenomena").
-
-A pretrained causal LM (ledgerlab/pretrained.py: LLaMA-style, GPT-2 and GPT-NeoX families, through Hugging
-Face transformers) goes through the same passes on windows of real text, then the questions a
-massive activation raises: where its dimensions are written and erased, and what setting them at
-position 0 costs, in loss and in each layer's sink.
-
+Per model: metrics.json (ledgerlab/metrics_json.py lists every key) and PNG figures; for all of them
+together: summary.md, printed too, which opens with the paper's three claims asked of these runs.
 With --trajectory, every kept snapshot of each run directory is measured the same way, and one
-figure and one table give the headline numbers against training step, every run side by side
-(ledgerlab/reports.py).
+figure and one table give the headline numbers against training step.
 
-What each number means, and the running sums it comes from, is in ledgerlab/metrics.py, which reads
-as a short tutorial; this file runs those passes. Read top to bottom: the settings; the measurement
-(load the models, the statistics pass, the interventions, metrics.json, figures, summary.md); its
-two branches, this repo's checkpoints and a pretrained model; the passes both share; trajectories.
+Read top to bottom: the settings; the measurement (load, statistics, interventions, metrics.json,
+figures, summary.md); its two branches, this repo's checkpoints and a pretrained model; the passes
+both share; trajectories. What each number means is in ledgerlab/metrics.py.
 """
 import dataclasses
 import json
@@ -346,51 +335,32 @@ def unique_name(name, taken):
 # One checkpoint measured: every pass over the same windows, and its figures
 
 def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
-    """The contents of the checkpoint's metrics.json (metrics_json.py lists every key); its figures
-    go to out_dir."""
+    """The contents of the checkpoint's metrics.json (ledgerlab/metrics_json.py lists every key); its
+    figures go to out_dir."""
     t0 = time.time()
     device = resolve_device(cfg.device)
     model = build_model(ckpt, path, device)
     data, seq_len, align, starts = windows(ckpt, cfg, path, model.config.block_size)
     batch_fn = lambda: batches(data, starts, seq_len, cfg.batch_size, device)
-    names, decoded = model.sublayer_names, model.config.decoded_stream
-
     phases, lap = stopwatch()
-    stats, baseline, summaries, extreme_tokens, profiles, top_tokens = structure(model, batch_fn, seq_len,
-                                                                                 data.decode, cfg, lap)
-    interventions = run_interventions(model, batch_fn, stats, summaries[decoded], baseline, cfg.seed) \
-        if cfg.interventions else None
+    stats, profiles, m = structure(model, batch_fn, seq_len, data.decode, cfg, lap)
+    baseline, summaries = m["measured_val_loss"], m["streams"]
+    m["interventions"] = (run_interventions(model, batch_fn, stats, summaries[m["decoded_stream"]], baseline, cfg.seed)
+                          if cfg.interventions else None)
     lap("interventions_s")
-    quantization = run_quantization(model, batch_fn, baseline) if cfg.quantization else None
-    lap("quantization_s")
-    ledger_streams = (ledger_stream_report(model, batch_fn, summaries, baseline)
-                      if model.config.residual == "ledger" else None)
+    m["ledger_streams"] = (ledger_stream_report(model, batch_fn, summaries, baseline)
+                           if model.config.residual == "ledger" else None)
     lap("ledger_streams_s")
-    os.makedirs(out_dir, exist_ok=True)
-    figures = (plot_checkpoint(stats, summaries, profiles, extreme_tokens, names, decoded, out_dir)
-               if cfg.figures else [])
-    lap("figures_s")
-    seconds, n_tokens, train_cfg = time.time() - t0, len(starts) * seq_len, ckpt.get("train_config") or {}
-    return {
+    train_cfg = ckpt.get("train_config") or {}
+    m.update({
         "checkpoint": os.path.abspath(path), "format": ckpt["format"], "arch": model.config.arch,
-        "attention": model.config.attention,
-        "run_dir": os.path.dirname(os.path.abspath(path)),
+        "attention": model.config.attention, "run_dir": os.path.dirname(os.path.abspath(path)),
         "iter_num": ckpt.get("iter_num"), "val_loss_recorded": ckpt.get("val_loss"), "selection": selection,
         "dataset": os.path.basename(data.data_dir), "data_dir": data.data_dir,
         "train_seed": train_cfg.get("seed"), "optimizer": train_cfg.get("optimizer", "adamw"),
-        "trained_by": ckpt.get("trained_by", []),
-        "train_config": train_cfg,
-        "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device, "align_windows": align},
-        "model_config": ckpt["model_config"], "sublayer_names": names,
-        "measured_val_loss": baseline, "decoded_stream": decoded, "streams": summaries,
-        "top_tokens": top_tokens, "extreme_tokens": extreme_tokens,
-        "interventions": interventions, "quantization": quantization,
-        "ledger_streams": ledger_streams,
-        "sun_rule": SUN_RULE,
-        "figures": [os.path.basename(f) for f in figures],
-        "timing": {"tokens": n_tokens, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9),
-                   **phases},
-    }
+        "trained_by": ckpt.get("trained_by", []), "train_config": train_cfg, "model_config": ckpt["model_config"],
+        "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device, "align_windows": align}})
+    return quantize_and_draw(m, model, batch_fn, stats, profiles, cfg, out_dir, phases, lap, t0, len(starts) * seq_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,43 +405,32 @@ def measure_pretrained(spec, cfg, out_dir):
     lap("plain_forward_s")
     print(f"{spec}: a plain forward pass over the windows: {phases['plain_forward_s']:.1f} s; now the statistics",
           flush=True)
-    stats, baseline, summaries, extreme_tokens, profiles, top_tokens = structure(
-        model, batch_fn, seq_len, lambda ids: tokenizer.decode(list(ids)), cfg, lap)
-    stream, summary = stats["h"], summaries["h"]
+    stats, profiles, m = structure(model, batch_fn, seq_len, lambda ids: tokenizer.decode(list(ids)), cfg, lap)
+    stream, summary = stats["h"], m["streams"]["h"]
     massive = pretrained.massive_dims(summary, stream)
-    writes = [pretrained.writes_and_erasures(stream, d, names) for d in massive]
+    m["massive_dims"] = [pretrained.writes_and_erasures(stream, d, names) for d in massive]
     print(f"{spec}: dimension {summary['dominant_dim']} is {summary['peak_pos0_ratio']:.0f}x the median at position 0 "
           f"({summary['peak_sublayer_name']}), |x| up to {max(summary['max_abs_per_sublayer']):.0f}; statistics "
           f"{phases['statistics_s']:.1f} s; now the interventions on dims {massive}", flush=True)
-    interventions = None
+    m["interventions"] = None
     if cfg.interventions:
-        sinks = np.mean(extreme_tokens["sink_per_layer_head"], axis=1).tolist()
-        interventions = pretrained.block_interventions(model, batch_fn, stream, massive,
-                                                       min(w["written_at"] for w in writes), baseline, sinks)
+        sinks = np.mean(m["extreme_tokens"]["sink_per_layer_head"], axis=1).tolist()
+        written_at = min(w["written_at"] for w in m["massive_dims"])
+        m["interventions"] = pretrained.block_interventions(model, batch_fn, stream, massive, written_at,
+                                                            m["measured_val_loss"], sinks)
     lap("interventions_s")
-    quantization = run_quantization(model, batch_fn, baseline) if cfg.quantization else None
-    lap("quantization_s")
-    os.makedirs(out_dir, exist_ok=True)
-    figures = []
-    if cfg.figures:
-        figures = plot_checkpoint(stats, summaries, profiles, extreme_tokens, names, "h", out_dir)
-        figures.append(plot_position0_dims(stream, names, out_dir))
-    lap("figures_s")
-    seconds, n_tokens = time.time() - t0, windows.shape[0] * seq_len
-    return {
+    m.update({
         "model": spec, "arch": c.arch, "attention": c.attention, "model_config": dataclasses.asdict(c),
         "text": {"source": source, "bos": cfg.bos, "bos_token": tokenizer.bos_token if cfg.bos else None,
                  "position_0": "the BOS token" if cfg.bos else "ordinary text (a window starts mid-text)"},
-        "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device},
-        "sublayer_names": names, "measured_val_loss": baseline, "plain_forward_loss": plain_loss,
-        "decoded_stream": "h", "streams": summaries, "top_tokens": top_tokens, "extreme_tokens": extreme_tokens,
-        "massive_dims": writes, "interventions": interventions, "quantization": quantization,
-        "sun_rule": SUN_RULE,
-        "figures": [os.path.basename(f) for f in figures],
-        "timing": {"tokens": n_tokens, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9),
-                   "statistics_overhead": phases["statistics_s"] / max(phases["plain_forward_s"], 1e-9),
-                   **phases},
-    }
+        "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device}, "plain_forward_loss": plain_loss})
+    if cfg.figures:
+        os.makedirs(out_dir, exist_ok=True)
+        m["figures"] = [os.path.basename(plot_position0_dims(stream, names, out_dir))]
+        lap("figures_s")
+    m = quantize_and_draw(m, model, batch_fn, stats, profiles, cfg, out_dir, phases, lap, t0, windows.shape[0] * seq_len)
+    m["timing"]["statistics_overhead"] = phases["statistics_s"] / max(phases["plain_forward_s"], 1e-9)
+    return m
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +439,7 @@ def measure_pretrained(spec, cfg, out_dir):
 def structure(model, batch_fn, seq_len, decode, cfg, lap):
     """The passes every model gets, a checkpoint or a pretrained one: the statistics of every stream
     (with the attention's extreme tokens riding along), then the dominant dimension by position and
-    by token. Returns (stats, baseline loss, summaries, extreme tokens, profiles, top tokens)."""
+    by token. Returns (stats, profiles, the entries of metrics.json they give)."""
     names, decoded = model.sublayer_names, model.config.decoded_stream
     with collect_extreme_tokens(model) as extreme:   # rides along pass 1: no extra forward
         stats, baseline = collect_stream_stats(model, batch_fn)
@@ -493,7 +452,24 @@ def structure(model, batch_fn, seq_len, decode, cfg, lap):
                                           cfg.min_token_count)
                   for where, i in (("last", last), ("peak", peak)) if where == "last" or i != last}
     lap("dominant_profile_s")
-    return stats, baseline, summaries, extreme.summarize(), profiles, top_tokens
+    return stats, profiles, {"sublayer_names": names, "measured_val_loss": baseline, "decoded_stream": decoded,
+                             "streams": summaries, "top_tokens": top_tokens, "extreme_tokens": extreme.summarize(),
+                             "sun_rule": SUN_RULE}
+
+
+def quantize_and_draw(m, model, batch_fn, stats, profiles, cfg, out_dir, phases, lap, t0, n_tokens):
+    """The last passes every model gets, the loss after weight-only quantization and the figures,
+    then the timing: m, completed."""
+    m["quantization"] = run_quantization(model, batch_fn, m["measured_val_loss"]) if cfg.quantization else None
+    lap("quantization_s")
+    os.makedirs(out_dir, exist_ok=True)
+    figures = (plot_checkpoint(stats, m["streams"], profiles, m["extreme_tokens"], m["sublayer_names"],
+                               m["decoded_stream"], out_dir) if cfg.figures else [])
+    m["figures"] = [os.path.basename(f) for f in figures] + m.get("figures", [])
+    lap("figures_s")
+    seconds = time.time() - t0
+    m["timing"] = {"tokens": n_tokens, "seconds": seconds, "tokens_per_s": n_tokens / max(seconds, 1e-9), **phases}
+    return m
 
 
 def stopwatch():
@@ -501,7 +477,7 @@ def stopwatch():
     phases, tick = {}, [time.time()]
 
     def lap(name):
-        phases[name], tick[0] = time.time() - tick[0], time.time()
+        phases[name], tick[0] = phases.get(name, 0.0) + time.time() - tick[0], time.time()
     return phases, lap
 
 
