@@ -108,10 +108,8 @@ def arm_configs(arms, model_overrides):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if cli.wants_help(argv):
-        print(cli.help_text(__doc__, BenchConfig, GPTConfig))
-        return {}
-    bench_overrides, model_overrides = cli.parse_overrides(argv, BenchConfig, GPTConfig, others_in_files=True)
+    bench_overrides, model_overrides = cli.parse_overrides(argv, BenchConfig, GPTConfig, others_in_files=True,
+                                                           doc=__doc__)
     cfg = BenchConfig(**bench_overrides)
     base, mc, configs = arm_configs(cfg.arms, model_overrides)
     if cfg.threads:

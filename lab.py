@@ -370,10 +370,8 @@ def run_lab(names, cfg, command=()):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if cli.wants_help(argv):
-        print(cli.help_text(__doc__, LabConfig))
-        return None
-    (settings,) = cli.run_main(lambda: cli.parse_overrides([a for a in argv if a.startswith("--")], LabConfig))
+    (settings,) = cli.run_main(lambda: cli.parse_overrides([a for a in argv if a.startswith("--")], LabConfig,
+                                                           doc=__doc__))
     try:
         return cli.run_main(lambda: run_lab([a for a in argv if not a.startswith("--")], LabConfig(**settings), argv))
     except RunFailed as e:

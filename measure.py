@@ -40,8 +40,8 @@ import torch
 
 from ledger import arm_name
 from ledgerlab import pretrained
-from ledgerlab.cli import ConfigError, help_text, parse_overrides, run_main, wants_help
-from ledgerlab.data import DataError, decoder, load_meta, open_split, random_offsets, sequence_starts
+from ledgerlab.cli import ConfigError, parse_overrides, run_main
+from ledgerlab.data import DataError, decoder, load_meta, load_shakespeare, open_split, random_offsets, sequence_starts
 from ledgerlab.device import resolve_device
 from ledgerlab.figures import plot_checkpoint, plot_comparison, plot_position0_dims
 from ledgerlab.metrics import (SUN_RULE, collect_dominant_profiles, collect_extreme_tokens, collect_stream_stats,
@@ -49,7 +49,6 @@ from ledgerlab.metrics import (SUN_RULE, collect_dominant_profiles, collect_extr
 from ledgerlab.metrics_json import write_json
 from ledgerlab.reports import trajectory_report, trajectory_row
 from ledgerlab.rundir import build_model, load_checkpoint
-from ledgerlab.sources import load_shakespeare
 from ledgerlab.summary import notes, write_pretrained_summary, write_summary
 
 
@@ -93,7 +92,7 @@ class MeasureConfig:
 def parse_args(argv):
     """Split argv into input paths and a MeasureConfig from `--key=value` flags."""
     paths = [a for a in argv if not a.startswith("--")]
-    (settings,) = parse_overrides([a for a in argv if a.startswith("--")], MeasureConfig)
+    (settings,) = parse_overrides([a for a in argv if a.startswith("--")], MeasureConfig, doc=__doc__)
     cfg = MeasureConfig(**settings)
     if isinstance(cfg.match_loss, str) and cfg.match_loss != "auto":
         raise ConfigError(f"--match_loss={cfg.match_loss}: expected a val loss or 'auto'")
@@ -113,9 +112,6 @@ def main(argv=None):
 
 
 def measure(argv):
-    if wants_help(argv):
-        print(help_text(__doc__, MeasureConfig))
-        return []
     paths, cfg = parse_args(argv)
     if cfg.dry_run:
         print(json.dumps(dataclasses.asdict(cfg)))

@@ -13,13 +13,12 @@ documents separated by the end-of-text token (Bigram-Backcopy sequences open on 
 own <bos> instead); meta.json says how to read and decode them. A directory is complete
 iff meta.json exists and its token counts match the .bin sizes; meta.json is written
 last, so an interrupted run never looks complete. Re-running with the same request does
-nothing; --force rebuilds. Read top to bottom: the sources (ledgerlab/sources.py) are
-split, tokenized (ledgerlab/data.py's tokenizers) and written; training and measurement
-read the files back through ledgerlab/data.py.
+nothing; --force rebuilds. Read top to bottom: the sources (ledgerlab/data.py) are split,
+tokenized and written; training and measurement read the files back through ledgerlab/data.py.
 """
-import argparse
 import collections
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -29,14 +28,15 @@ import secrets
 import shlex
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from ledgerlab import bigram_backcopy, cli
 from ledgerlab.data import (FORMAT, TOKENIZERS, CharTokenizer, DataError, GPT2Tokenizer, complete_meta,
-                            dataset_dir_name, dtype_for_vocab, tokenizer_from_meta)
-from ledgerlab.sources import (load_shakespeare, load_text_files, load_tinyshakespeare, fineweb_texts,
-                               iter_fineweb_records)
+                            dataset_dir_name, dtype_for_vocab, fineweb_texts, iter_fineweb_records, load_shakespeare,
+                            load_text_files, load_tinyshakespeare, tokenizer_from_meta)
 
 # ----------------------------------------------------------------------------- config
 
@@ -53,13 +53,6 @@ CHUNK_CHARS = 1 << 20  # text per tokenization task: big enough to amortise IPC
 
 def load_bigram_backcopy(args, cache_dir):
     """The lab's synthetic task (bigram_backcopy.py): (vocabulary, documents as ids, meta entries)."""
-    if args.bb_bigram not in ("dirichlet", "shakespeare"):
-        raise DataError(f"--bb_bigram must be dirichlet or shakespeare, not {args.bb_bigram!r}")
-    for key, low in (("bb_vocab", 2), ("bb_seq_len", 2), ("bb_train_seqs", 1), ("bb_val_seqs", 1), ("bb_triggers", 0)):
-        if getattr(args, key) < low:
-            raise DataError(f"--{key} must be at least {low}")
-    if not args.bb_alpha > 0:
-        raise DataError(f"--bb_alpha must be positive, not {args.bb_alpha}")
     plays = "".join(t for _, t in load_shakespeare(cache_dir)[0]) if args.bb_bigram == "shakespeare" else None
     P, names = bigram_backcopy.bigram_table(args, plays)
     if args.bb_triggers >= len(P):
@@ -154,14 +147,6 @@ def tokenize(docs, tokenizer, num_proc):
 # ----------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _mkstemp(directory, prefix):
     # Temp files live in the target directory so that the final rename is atomic.
     # Not tempfile.mkstemp: its files stay private (0600) after the rename.
@@ -246,7 +231,6 @@ def write_dataset(out_dir, tokenizer, documents, meta, max_tokens=None, progress
         for split, w in writers.items():
             os.replace(w.tmp_path, os.path.join(out_dir, f"{split}.bin"))
         cli.atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        _fsync_dir(out_dir)
         return meta
     finally:
         for w in writers.values():
@@ -256,53 +240,38 @@ def write_dataset(out_dir, tokenizer, documents, meta, max_tokens=None, progress
 
 # ----------------------------------------------------------------------------- the command
 
+@dataclass
+class PrepareConfig:
+    dataset: str = "shakespeare"     # the corpus; text: your files (--input)
+    tokenizer: str = "gpt2"          # GPT-2's BPE, or one token per character
+    out_root: str = "data"           # the parent of the output folder (and of .cache/)
+    input: str = ""                  # --dataset=text: a file or a glob, several separated by spaces
+    max_tokens: int = DEFAULT_MAX_TOKENS  # fineweb_edu: stop here
+    val_fraction: Optional[float] = None  # None: shakespeare, tinyshakespeare and text 0.1, fineweb_edu 0.01
+    num_proc: int = os.cpu_count() or 1  # tokenizer processes
+    force: bool = False              # rebuild even if a complete output exists
+    # --dataset=bigram_backcopy, the lab's synthetic task (ledgerlab/bigram_backcopy.py)
+    bb_vocab: int = 64               # ordinary tokens (plus one <bos>)
+    bb_triggers: int = 1             # trigger tokens: the next token copies the one before (the lab: 1, its strongest outlier)
+    bb_seq_len: int = 16             # tokens per sequence after its <bos>
+    bb_bigram: str = "dirichlet"     # dirichlet (random rows) or shakespeare (char bigrams of the plays)
+    bb_alpha: float = 0.3            # dirichlet: row concentration, smaller is more peaked
+    bb_train_seqs: int = 200_000     # training sequences
+    bb_val_seqs: int = 2_000         # validation sequences
+    seed: int = 0                    # seeds the table and the sequences
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error here
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    LIMITS = {"dataset": DATASETS, "tokenizer": TOKENIZERS, "max_tokens": ">= 1", "num_proc": ">= 1",
+              "bb_vocab": ">= 2", "bb_triggers": ">= 0", "bb_seq_len": ">= 2", "bb_bigram": ("dirichlet", "shakespeare"),
+              "bb_alpha": "> 0", "bb_train_seqs": ">= 1", "bb_val_seqs": ">= 1", "seed": ">= 0"}
 
 
-def _bool(text):
-    # --force, --force=True and --force=False, like the bool settings of train.py and measure.py
-    if text not in ("True", "False"):
-        raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
-    return text == "True"
-
-
-def parse_args(argv=None):
-    # --key=value as in train.py and measure.py; --help shows every default
-    p = _ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="shakespeare", help="|".join(DATASETS))
-    p.add_argument("--tokenizer", default="gpt2", help="|".join(TOKENIZERS))
-    p.add_argument("--out_root", default="data", help="parent of the output directory (and of .cache/)")
-    p.add_argument("--input", action="append", default=[], help="--dataset=text: file or glob, repeatable")
-    p.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="fineweb_edu: stop here")
-    p.add_argument("--val_fraction", type=float, default=None,
-                   help="None: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_VAL_FRACTION.items()))
-    p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--force", type=_bool, nargs="?", const=True, default=False,
-                   help="rebuild even if a complete output exists")
-    bb = p.add_argument_group("--dataset=bigram_backcopy (the lab's synthetic task; see bigram_backcopy.py)")
-    bb.add_argument("--bb_vocab", type=int, default=64, help="ordinary tokens (plus one <bos>)")
-    bb.add_argument("--bb_triggers", type=int, default=1,
-                    help="trigger tokens: the next token copies the one before (the lab: 1, its strongest outlier)")
-    bb.add_argument("--bb_seq_len", type=int, default=16, help="tokens per sequence after its <bos>")
-    bb.add_argument("--bb_bigram", default="dirichlet", help="dirichlet (random rows) | shakespeare (char bigrams of the plays)")
-    bb.add_argument("--bb_alpha", type=float, default=0.3, help="dirichlet: row concentration, smaller is more peaked")
-    bb.add_argument("--bb_train_seqs", type=int, default=200_000, help="training sequences")
-    bb.add_argument("--bb_val_seqs", type=int, default=2_000, help="validation sequences")
-    bb.add_argument("--seed", type=int, default=0, help="bigram_backcopy: seeds the table and the sequences")
-    return p.parse_args(argv)
+def parse_args(argv):
+    (settings,) = cli.parse_overrides(argv, PrepareConfig, doc=__doc__)
+    return PrepareConfig(**settings)
 
 
 def prepare(args):
     """Check the request, then build its output unless a complete one from the same request is there."""
-    if args.dataset not in DATASETS:
-        raise DataError(f"unknown dataset {args.dataset!r} (choose from: {', '.join(DATASETS)})")
-    if args.tokenizer not in TOKENIZERS:
-        raise DataError(f"unknown tokenizer {args.tokenizer!r} (choose from: {', '.join(TOKENIZERS)})")
     if args.dataset == "bigram_backcopy":  # sizes come in sequences
         if args.val_fraction is not None:
             raise DataError("bigram_backcopy sizes its splits in sequences; use --bb_val_seqs, not --val_fraction")
@@ -320,13 +289,13 @@ def prepare(args):
     # Everything that changes the output; a complete output with the same request is kept.
     if args.dataset == "bigram_backcopy":
         request = {"dataset": args.dataset, "seed": args.seed,
-                   **{k: v for k, v in sorted(vars(args).items()) if k.startswith("bb_")}}
+                   **{k: v for k, v in sorted(dataclasses.asdict(args).items()) if k.startswith("bb_")}}
     else:
         request = {"dataset": args.dataset, "tokenizer": args.tokenizer, "val_fraction": val_fraction}
     if args.dataset == "fineweb_edu":
         request["max_tokens"] = args.max_tokens
     if args.dataset == "text":  # edited files need --force: we compare the request, not the files
-        request["input"] = sorted(args.input)
+        request["input"] = sorted(shlex.split(args.input))
     meta = complete_meta(out_dir)
     if meta is not None and meta.get("request") == request and not args.force:
         print(f"{out_dir} is already complete ({meta['train_tokens']:,} train + {meta['val_tokens']:,} "
@@ -366,7 +335,7 @@ def build(args, out_dir, request, val_fraction):
     elif args.dataset == "tinyshakespeare":
         docs, meta["source"], meta["source_sha256"] = load_tinyshakespeare(cache_dir)
     else:
-        docs, meta["source"], meta["source_sha256"] = load_text_files(args.input)
+        docs, meta["source"], meta["source_sha256"] = load_text_files(request["input"])
     docs = [(name, text) for name, text in docs if text]  # an empty file is no document
     if not docs:
         raise DataError(f"the input is empty: {meta['source']}")
@@ -391,15 +360,14 @@ def _command(args, request):
     out_root = f" --out_root={shlex.quote(args.out_root)}" if args.out_root != "data" else ""
     if args.dataset == "bigram_backcopy":
         return "python prepare_data.py " + " ".join(f"--{k}={v}" for k, v in request.items()) + out_root
-    inputs = "".join(f" --input={shlex.quote(p)}" for p in request.get("input", []))
+    inputs = f" --input={shlex.quote(shlex.join(request['input']))}" if "input" in request else ""
     max_tokens = f" --max_tokens={args.max_tokens}" if "max_tokens" in request else ""
     return (f"python prepare_data.py --dataset={args.dataset} --tokenizer={args.tokenizer}{inputs}{max_tokens}"
             f"{out_root} --val_fraction={request['val_fraction']}")
 
 
 def main(argv=None):
-    args = parse_args(argv)  # argparse's own errors are one line too (_ArgumentParser)
-    cli.run_main(lambda: prepare(args))
+    cli.run_main(lambda: prepare(parse_args(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

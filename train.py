@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ledger import GPT, GPTConfig, arm_name
-from ledgerlab.cli import ConfigError, duration, help_text, parse_overrides, provenance, run_main, wants_help
+from ledgerlab.cli import ConfigError, duration, parse_overrides, provenance, run_main
 from ledgerlab.data import DataError, load_meta, open_split, sequence_starts, start_token
 from ledgerlab.device import peak_flops, setup_device
 from ledgerlab.rundir import CHECKPOINT_FORMAT, check_free, claim_run_dir, load_checkpoint, save_checkpoint
@@ -354,10 +354,7 @@ class RunLog:
 def main(argv=None):
     started = time.time()
     argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv):
-        print(help_text(__doc__, TrainConfig, GPTConfig))
-        return
-    train_overrides, model_overrides = parse_overrides(argv, TrainConfig, GPTConfig)
+    train_overrides, model_overrides = parse_overrides(argv, TrainConfig, GPTConfig, doc=__doc__)
     cfg = TrainConfig(**train_overrides)
     check_free(cfg.out_dir)   # first: another run's half-written folder would explain every later error
     proc = start_processes(cfg)

