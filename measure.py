@@ -293,16 +293,6 @@ def window_starts(data, cfg, seq_len, align):
     return random_offsets(n, span, cfg.num_windows, cfg.seed, starts)
 
 
-def windows(ckpt, cfg, path, block_size):
-    """(data, seq_len, align, starts): the windows every pass reads, placed as in training."""
-    data = open_data(ckpt, cfg, path)
-    seq_len = cfg.seq_len or block_size   # never shortened behind the user's back
-    align = cfg.align_windows
-    if align is None:   # as trained; a checkpoint that does not record it was trained unaligned
-        align = bool((ckpt.get("train_config") or {}).get("align_windows"))
-    return data, seq_len, align, window_starts(data, cfg, seq_len, align)
-
-
 def batches(data, starts, seq_len, batch_size, device):
     """Yield (x, y) batches; only one batch of tokens is ever held in memory."""
     for i in range(0, len(starts), batch_size):
@@ -336,7 +326,11 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     t0 = time.time()
     device = resolve_device(cfg.device)
     model = build_model(ckpt, path, device)
-    data, seq_len, align, starts = windows(ckpt, cfg, path, model.config.block_size)
+    data, train_cfg = open_data(ckpt, cfg, path), ckpt.get("train_config") or {}
+    seq_len = cfg.seq_len or model.config.block_size   # never shortened behind the user's back
+    # windows placed as in training (a checkpoint that does not record it was trained unaligned)
+    align = bool(train_cfg.get("align_windows")) if cfg.align_windows is None else cfg.align_windows
+    starts = window_starts(data, cfg, seq_len, align)
     batch_fn = lambda: batches(data, starts, seq_len, cfg.batch_size, device)
     phases, lap = stopwatch()
     stats, profiles, m = structure(model, batch_fn, seq_len, data.decode, cfg, lap)
@@ -347,7 +341,6 @@ def measure_checkpoint(path, ckpt, cfg, out_dir, selection):
     m["ledger_streams"] = (ledger_stream_report(model, batch_fn, summaries, baseline)
                            if model.config.residual == "ledger" else None)
     lap("ledger_streams_s")
-    train_cfg = ckpt.get("train_config") or {}
     m.update({
         "checkpoint": os.path.abspath(path), "format": ckpt["format"], "arch": model.config.arch,
         "attention": model.config.attention, "run_dir": os.path.dirname(os.path.abspath(path)),

@@ -41,7 +41,6 @@ from ledgerlab.data import (FORMAT, TOKENIZERS, CharTokenizer, DataError, GPT2To
 # ----------------------------------------------------------------------------- config
 
 DATASETS = ("shakespeare", "tinyshakespeare", "fineweb_edu", "text", "bigram_backcopy")
-
 # Fraction of the corpus held out for validation. Shakespeare gets ~10% of its text as
 # whole plays; tinyshakespeare's 10% matches nanoGPT; FineWeb is big enough for 1%.
 DEFAULT_VAL_FRACTION = {"shakespeare": 0.1, "tinyshakespeare": 0.1, "text": 0.1, "fineweb_edu": 0.01}

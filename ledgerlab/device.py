@@ -1,8 +1,5 @@
-"""
-The machine a script runs on: the device (--device=auto: cuda > mps > cpu), the dtype and its
-autocast (--dtype=auto: bf16 where the GPU has it, fp16 on older GPUs, fp32 on a CPU), and the GPU's
-peak FLOP/s for MFU. train.py, bench.py and measure.py resolve their settings here.
-"""
+"""The device (auto: cuda > mps > cpu), the dtype and its autocast (auto: bf16 where the GPU has it,
+fp16 on older GPUs, fp32 on a CPU) that train.py, bench.py and measure.py run with; a GPU's peak FLOP/s."""
 from contextlib import nullcontext
 
 import torch
