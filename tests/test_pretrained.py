@@ -225,22 +225,31 @@ def test_smollm2_has_one_fixed_dimension_hundreds_of_times_its_median_at_positio
 # ----------------------------------------------------------------------------------------------
 # measure.py FOLDER: the whole measurement of a tiny pretrained model saved as a local folder
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny LLaMA with a character-level tokenizer, saved as transformers saves any causal LM."""
+def save_tiny(folder, kind):
+    """A tiny LLaMA or GPT-2 (context 64) with a character-level tokenizer, saved as transformers saves any
+    causal LM."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     chars = sorted(set(open(FIXTURE_TEXT).read()))
     vocab = {"<s>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<s>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
-    folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    if kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64)
+        transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    else:
+        config = transformers.GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 @pytest.mark.parametrize("bos", [False, True])
@@ -275,3 +284,38 @@ def test_measure_py_on_an_unreachable_hub_id_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: nobody-here/no-such-model-135M: no such file or folder") \
         and err.count("\n") == 1
+
+
+def one_line_error(capsys, argv):
+    import measure
+    capsys.readouterr()   # what came before (transformers' progress bars) is not measure.py's
+    with pytest.raises(SystemExit) as e:
+        measure.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_name_that_is_no_checkpoint_and_no_model_is_one_line_that_says_what_may_be_measured(tmp_path, capsys):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    for name in (readme, str(weights), "model.safetensors", "notes.txt"):
+        err = one_line_error(capsys, [name])
+        assert "measure.py takes a checkpoint file, a run folder, or a pretrained model" in err, err
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_windows_longer_than_a_pretrained_models_context_are_one_line(kind, tmp_path, capsys):
+    folder = save_tiny(tmp_path / kind, kind)
+    err = one_line_error(capsys, [folder, f"--text={FIXTURE_TEXT}", "--num_windows=2", "--seq_len=65",
+                                  f"--out_dir={tmp_path / 'm'}"])
+    assert "--seq_len=65 exceeds" in err and "context of 64 tokens" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_one_line_and_the_file_is_kept(tiny_folder, tmp_path, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("keep me")
+    err = one_line_error(capsys, [tiny_folder, f"--text={FIXTURE_TEXT}", f"--out_dir={taken}"])
+    assert f"--out_dir={taken} is a file" in err and taken.read_text() == "keep me"
