@@ -62,8 +62,13 @@ def plot_stream(name, stats, summary, profile, sublayer_names, out_dir):
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * L + 2.5), sharey=True)
     for ax, data, title in zip(axes, (stats.mean_abs(), stats.mean_abs_pos0()), ("all positions", "position 0")):
-        im = ax.imshow(data, aspect="auto", interpolation="nearest", norm=log_norm(data), cmap="viridis")
-        ax.set(title=f"stream {name}: mean |x|, {title}", xlabel="hidden dimension")
+        pooled, width = max_pooled_columns(data)
+        im = ax.imshow(pooled, aspect="auto", interpolation="nearest", norm=log_norm(pooled), cmap="viridis",
+                       extent=(-0.5, pooled.shape[1] * width - 0.5, L - 0.5, -0.5))
+        binned = f" (max of each {width} dims)" if width > 1 else ""
+        ax.set(title=f"stream {name}: mean |x|, {title}{binned}", xlabel="hidden dimension")
+        labelled = top_dims(data)
+        ax.secondary_xaxis("top").set_xticks(labelled, [str(d) for d in labelled])
         fig.colorbar(im, ax=ax, label="mean |x| (log)")
     axes[0].set_yticks(**ticks)
     axes[0].set_ylabel("sublayer output")
@@ -80,15 +85,32 @@ def plot_stream(name, stats, summary, profile, sublayer_names, out_dir):
 
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * L + 3), 4))
     for key, label in (("top1", "top-1"), ("top2", "top-2"), ("top3", "top-3"), ("median", "median")):
-        ax.plot(range(L), summary[f"{key}_per_sublayer"], marker="o", label=f"{label} |x|")
+        ax.plot(range(L), summary[f"layer_{key}_per_sublayer"], marker="o", label=f"{label} |x|")
     ax.set_yscale("log")
     readable_log_axis(ax)
     ax.set_xticks(**ticks)
     ax.tick_params(axis="x", rotation=60)
-    ax.set(title=f"stream {name}: per-token magnitudes (Sun et al. profile)", ylabel="mean over tokens",
-           xlabel="sublayer output")
+    ax.set(title=f"stream {name}: Sun et al.'s layer-wise |x|, over a window's whole output",
+           ylabel="mean over windows", xlabel="sublayer output")
     ax.legend()
-    return paths + [save(fig, path("profile"))]
+    return paths + [save(fig, path("sun_layerwise"))]
+
+
+def max_pooled_columns(data, max_columns=128):
+    """(sublayer, bin) maxima of a (sublayer, dimension) map, bins of `width` neighbouring dimensions, and
+    width. At page width a 576-dimension heatmap gets under one pixel per dimension and resampling thins a
+    single massive column out; its bin's max keeps it, a few pixels wide."""
+    width = -(-data.shape[1] // max_columns)
+    padded = np.pad(data, ((0, 0), (0, -data.shape[1] % width)))   # |x| >= 0: a padded zero is never a max
+    return padded.reshape(len(data), -1, width).max(-1), width
+
+
+def top_dims(data, k=3, stands_out=10.0):
+    """The columns a heatmap labels: of the k dimensions whose largest value over sublayers is largest,
+    the first and those >= stands_out x the median dimension's (a label on noise would crowd them)."""
+    peak = data.max(0)
+    ranked = np.argsort(-peak, kind="stable")[:k]
+    return [int(d) for d in ranked if d == ranked[0] or peak[d] >= stands_out * np.median(peak)]
 
 
 def plot_position0_dims(stats, sublayer_names, out_dir, k=5):
@@ -156,10 +178,9 @@ def plot_comparison(results, path):
         depth = [(i + 1) / L for i in range(L)]
         label = f"{m['label']} ({m['decoded_stream']})"
         axes[0].plot(depth, s["ratio_per_sublayer"], marker="o", label=label)
-        top_over_median = np.array(s["top1_per_sublayer"]) / np.maximum(s["median_per_sublayer"], 1e-30)
-        axes[1].plot(depth, top_over_median, marker="o", label=label)
+        axes[1].plot(depth, s["top1_over_layer_median_per_sublayer"], marker="o", label=label)
     axes[0].set(title="decoded channel: top dim / median dim of mean |x|", ylabel="fixed-dimension ratio")
-    axes[1].set(title="decoded channel: mean top-1 |x| / mean median |x| of a token", ylabel="ratio")
+    axes[1].set(title="decoded channel: top-1 |x| / layer-wide median |x| (Sun et al.)", ylabel="ratio")
     for ax in axes:
         ax.set_yscale("log")
         readable_log_axis(ax)

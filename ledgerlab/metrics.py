@@ -11,7 +11,10 @@ reduced at every sublayer output to running float64 sums over the windows, and f
                    code's: over all positions, position 0 included, so it never exceeds T)
   peak             the sublayer where the ratio is largest, among those with >= 25% of the final norm
   kurtosis         excess kurtosis over the dimensions of a token (0 for a Gaussian)
-  Sun-massive      entries with |x| > 100 and >= 1000x their token's median (Sun et al.'s rule)
+  Sun layer-wise   per window, the top-1, top-2, top-3 and median |x| of the sublayer's whole output,
+                   every token and dimension (Sun et al.'s Table 1 and Figure 2), and top-1 over median
+  Sun-massive      entries with |x| > 100 and >= 1000x that window median (Sun et al.'s rule); over
+                   each token's own median instead, a token whose whole vector grows hides its outlier
   residual peak    position 0's L2 norm over the mean norm of later positions (Guo et al. 2024)
   released         the released code's definitions: peak over all sublayers, kurtosis as the max
   normalised       pos-0 ratio, concentration and residual peak after x / rms(x), as a norm reads it:
@@ -33,8 +36,9 @@ import torch
 import torch.nn as nn
 
 NORM_FRACTION = 0.25     # a sublayer counts for "peak" only if its stream norm is >= 25% of the final
-SUN_ABS, SUN_REL = 100.0, 1000.0   # Sun et al.: massive if |x| > 100 and |x| >= 1000 x token median
-SUN_RULE = f"|x| > {SUN_ABS:g} and |x| >= {SUN_REL:g} x the token's median |x| (Sun et al. 2024)"
+SUN_ABS, SUN_REL = 100.0, 1000.0   # Sun et al.: massive if |x| > 100 and |x| >= 1000 x the window median
+SUN_RULE = (f"|x| > {SUN_ABS:g} and |x| >= {SUN_REL:g} x the median |x| of the sublayer's whole output for that "
+            f"window, every token and dimension (Sun et al. 2024)")
 SHARED_FRACTION = 0.5    # a token whose mean |x_dom| is >= half of position 0's shares the feature
 RMS_EPS = 1e-6           # ledger.RMSNorm's eps: the per-token normalised metrics divide as it does
 
@@ -65,16 +69,18 @@ class StreamStats:
         self.sum_pos0 = torch.zeros(L, dim, dtype=f64)         # signed, for the mean intervention
         self.n_tokens = torch.zeros(L, dtype=f64)
         self.n_seqs = torch.zeros(L, dtype=f64)
-        self.top_sum = torch.zeros(L, 3, dtype=f64)            # per token top-1/2/3 |x| (Sun et al.)
-        self.median_sum = torch.zeros(L, dtype=f64)            # per token median |x|
+        self.layer_top_sum = torch.zeros(L, 3, dtype=f64)      # per window top-1/2/3 |x| (Sun et al.)
+        self.layer_median_sum = torch.zeros(L, dtype=f64)      # per window median |x|
+        self.sun_count = torch.zeros(L, dtype=torch.int64)     # Sun et al.'s massive entries
+        self.sun_count_pos0 = torch.zeros(L, dtype=torch.int64)
         self.kurtosis_sum = torch.zeros(L, dtype=f64)          # excess kurtosis over dims, per token
-        self.ratio_sum = torch.zeros(L, dtype=f64)             # per token max |x| / median |x|
+        self.ratio_sum = torch.zeros(L, dtype=f64)             # per token max |x| / the token's median |x|
         self.ratio_max = torch.zeros(L, dtype=f64)
+        self.per_token_count = torch.zeros(L, dtype=torch.int64)   # Sun's rule over the token's median
+        self.per_token_count_pos0 = torch.zeros(L, dtype=torch.int64)
         self.norm_sum = torch.zeros(L, dtype=f64)              # per token L2 norm
         self.norm_sum_pos0 = torch.zeros(L, dtype=f64)         # ... at position 0 only (residual peak)
         self.max_abs = torch.zeros(L, dtype=f64)
-        self.sun_count = torch.zeros(L, dtype=torch.int64)     # Sun et al.'s massive entries
-        self.sun_count_pos0 = torch.zeros(L, dtype=torch.int64)
         # The same sums over x / rms(x), each token's own scale divided out: what an RMSNorm that
         # reads this stream sees (the head's for C; every sublayer's and the head's for h). A token's
         # shape (top-k over median, kurtosis) does not change when it is divided by its own scale, so
@@ -102,22 +108,28 @@ class StreamStats:
         if self.normalized is None:
             return
         self.normalized.update(i, torch.nn.functional.rms_norm(x, (D,), eps=RMS_EPS))
-        flat, signed = a.reshape(-1, D), x.reshape(-1, D)
-        top = flat.topk(min(3, D), dim=-1).values
-        median = flat.median(dim=-1).values      # the lower middle value when D is even
-        ratio = top[:, 0] / median.clamp_min(1e-30)
-        centred = signed - signed.mean(-1, keepdim=True)
+        # Sun et al.'s code (main_llm.py) takes, per sequence, torch.median(feat_abs) of the layer's whole
+        # output, every token and dimension: over T x D entries, the lower middle value when that is even
+        window = a.reshape(B, T * D)
+        window_top, window_median = window.topk(3, dim=-1).values, window.median(dim=-1).values   # (B, 3), (B,)
+        token_median = a.median(dim=-1).values   # (B, T), the lower middle value when D is even
+        ratio = a.amax(-1) / token_median.clamp_min(1e-30)
+        centred = x - x.mean(-1, keepdim=True)
         var = centred.pow(2).mean(-1)
         kurtosis = centred.pow(4).mean(-1) / var.pow(2).clamp_min(1e-30) - 3.0
-        massive = (flat > SUN_ABS) & (flat >= SUN_REL * median[:, None])
-        self.top_sum[i, :top.shape[1]] += top.sum(0, dtype=f64).cpu()
-        self.median_sum[i] += median.sum(dtype=f64).cpu()
+        large = a > SUN_ABS
+        massive = large & (a >= SUN_REL * window_median[:, None, None])
+        per_token = large & (a >= SUN_REL * token_median[..., None])
+        self.layer_top_sum[i] += window_top.sum(0, dtype=f64).cpu()
+        self.layer_median_sum[i] += window_median.sum(dtype=f64).cpu()
+        self.sun_count[i] += int(massive.sum())
+        self.sun_count_pos0[i] += int(massive[:, 0].sum())
         self.kurtosis_sum[i] += kurtosis.sum(dtype=f64).cpu()
         self.ratio_sum[i] += ratio.sum(dtype=f64).cpu()
         self.ratio_max[i] = torch.maximum(self.ratio_max[i], ratio.max().double().cpu())
-        self.max_abs[i] = torch.maximum(self.max_abs[i], flat.max().double().cpu())
-        self.sun_count[i] += int(massive.sum())
-        self.sun_count_pos0[i] += int(massive.view(B, T, D)[:, 0].sum())
+        self.per_token_count[i] += int(per_token.sum())
+        self.per_token_count_pos0[i] += int(per_token[:, 0].sum())
+        self.max_abs[i] = torch.maximum(self.max_abs[i], window_top[:, 0].max().double().cpu())
 
     # per (sublayer, dim) means, as numpy arrays
     def mean_abs(self):
@@ -166,7 +178,10 @@ class StreamStats:
         emerged = np.flatnonzero(eligible & (top_dim == dom))
         # The residual peak's max uses the same eligible sublayers as the ratio's peak.
         top_peak = int(np.where(eligible, r.residual_peak, -np.inf).argmax())
-        top, median = self.top_sum.numpy() / n[:, None], self.median_sum.numpy() / n
+        n_seqs = self.n_seqs.numpy()
+        top, median = self.layer_top_sum.numpy() / n_seqs[:, None], self.layer_median_sum.numpy() / n_seqs
+        # the ratio of the two means, as a reader of Sun et al.'s Table 1 divides its columns
+        top_over_median = top[:, 0] / np.maximum(median, 1e-30)
         kurtosis = self.kurtosis_sum.numpy() / n
         released = released_definitions(self, dom, names)
         return {
@@ -187,8 +202,10 @@ class StreamStats:
             "dominant_mean_abs_rest_per_sublayer": self.mean_abs_rest()[:, dom].tolist(),
             "top5_dims_at_peak": [[int(d), float(mean_abs[peak, d])] for d in np.argsort(-mean_abs[peak])[:5]],
             "mean_norm_per_sublayer": r.norm.tolist(),
-            "top1_per_sublayer": top[:, 0].tolist(), "top2_per_sublayer": top[:, 1].tolist(),
-            "top3_per_sublayer": top[:, 2].tolist(), "median_per_sublayer": median.tolist(),
+            "layer_top1_per_sublayer": top[:, 0].tolist(), "layer_top2_per_sublayer": top[:, 1].tolist(),
+            "layer_top3_per_sublayer": top[:, 2].tolist(), "layer_median_per_sublayer": median.tolist(),
+            "top1_over_layer_median_per_sublayer": top_over_median.tolist(),
+            "peak_top1_over_layer_median": float(top_over_median[peak]),
             "kurtosis_per_sublayer": kurtosis.tolist(),
             "kurtosis_peak": float(kurtosis[peak]), "kurtosis_final": float(kurtosis[-1]),
             "token_max_median_ratio_mean_per_sublayer": (self.ratio_sum.numpy() / n).tolist(),
@@ -197,6 +214,9 @@ class StreamStats:
             "sun_massive_count_per_sublayer": self.sun_count.tolist(),
             "sun_massive_count_total": int(self.sun_count.sum()),
             "sun_massive_count_pos0": int(self.sun_count_pos0.sum()),
+            "per_token_median_massive_count_per_sublayer": self.per_token_count.tolist(),
+            "per_token_median_massive_count_total": int(self.per_token_count.sum()),
+            "per_token_median_massive_count_pos0": int(self.per_token_count_pos0.sum()),
             "residual_peak": {"per_sublayer": r.residual_peak.tolist(), "max": float(r.residual_peak[top_peak]),
                               "max_sublayer": top_peak, "max_sublayer_name": names[top_peak],
                               "final": float(r.residual_peak[-1])},

@@ -3,7 +3,7 @@ metrics.json, key by key: what measure.py writes for each checkpoint it measures
 the reports over many runs (reports.py) and the docs read from it. metrics.py says how each number is
 computed; this table says where it is written.
 
-A key in braces stands for several ({top1,top2}_per_sublayer: top1_per_sublayer and top2_per_sublayer),
+A key in braces stands for several ({peak,final}_ratio: peak_ratio and final_ratio),
 <stream> for every stream the model carries (h; D and C; h0, h1 and their sum h0+h1), <where> for
 "last" (the last sublayer) and "peak" (the peak sublayer, when it is another), [] for every entry of a
 list. A tag says when a key is written: [ledger] for Ledger arms only; [attn_bias], [sigmoid], [gated]
@@ -37,7 +37,8 @@ sublayer_names                                      "0.attn", "0.mlp", ...: the 
 measured_val_loss                                   val loss on the measured windows, the baseline of every Δloss
 plain_forward_loss                                  [pretrained] the same from a forward pass without hooks
 decoded_stream                                      the stream the head reads: h, C, or h0+h1
-sun_rule                                            Sun et al.'s rule for a massive entry, in words
+sun_rule                                            Sun et al.'s rule for a massive entry, in words (their median: of
+                                                    a window's whole sublayer output)
 figures                                             the PNG files written beside this file
 timing.{tokens,seconds,tokens_per_s}                tokens measured and the wall time of the whole measurement
 timing.{statistics_s,dominant_profile_s,interventions_s,quantization_s,figures_s}
@@ -67,15 +68,25 @@ streams.<stream>.dominant_mean_abs_{pos0,rest}_per_sublayer
 streams.<stream>.top5_dims_at_peak                  [dim, mean |x|] of the five largest dimensions at the peak sublayer
 streams.<stream>.mean_norm_{per_sublayer,pos0_per_sublayer,later_per_sublayer}
                                                     mean token L2 norm: all positions, position 0, positions 1..T-1
-streams.<stream>.{top1,top2,top3,median}_per_sublayer
-                                                    a token's 1st, 2nd, 3rd largest and median |x|, mean over tokens
+streams.<stream>.layer_{top1,top2,top3,median}_per_sublayer
+                                                    Sun et al.'s Table 1: a window's 1st, 2nd, 3rd largest and median
+                                                    |x| over the sublayer's whole output (T x D entries), mean over
+                                                    windows
+streams.<stream>.{top1_over_layer_median_per_sublayer,peak_top1_over_layer_median}
+                                                    layer_top1 / layer_median (the ratio of the two means): each
+                                                    sublayer, and at the peak sublayer
 streams.<stream>.kurtosis_{per_sublayer,peak,final}
                                                     mean excess kurtosis over a token's dimensions (0: Gaussian)
 streams.<stream>.token_max_median_ratio_{mean,max}_per_sublayer
-                                                    a token's largest |x| over its median |x|: mean and max over tokens
+                                                    a token's largest |x| over its own (per-token) median |x|: mean
+                                                    and max over tokens
 streams.<stream>.max_abs_per_sublayer               the largest |x| anywhere
 streams.<stream>.sun_massive_count_{per_sublayer,total,pos0}
-                                                    Sun et al.'s massive entries: per sublayer, in all, at position 0
+                                                    Sun et al.'s massive entries, |x| > 100 and >= 1000x the window's
+                                                    layer-wide median (sun_rule): per sublayer, in all, at position 0
+streams.<stream>.per_token_median_massive_count_{per_sublayer,total,pos0}
+                                                    the same over each token's own median instead, which a token
+                                                    whose whole vector grows (position 0) raises with its outlier
 streams.<stream>.residual_peak.{per_sublayer,max,max_sublayer,max_sublayer_name,final}
                                                     position 0's L2 norm / the mean at positions 1..T-1 (Guo et al.);
                                                     max over eligible sublayers

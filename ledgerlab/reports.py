@@ -124,7 +124,7 @@ def experiments(results, min_runs=2):
 
 ACROSS_SEEDS = {   # column: value from a run's metrics m and its decoded stream s
     "val loss": lambda m, s: m["measured_val_loss"],
-    "pos-0 ratio (peak)": lambda m, s: s["peak_pos0_ratio"],
+    "pos 0: dom dim / median dim (peak)": lambda m, s: s["peak_pos0_ratio"],
     "start-token conc. (peak)": lambda m, s: s["start_token_concentration_peak"],
     # what the RMSNorm before the head or the next sublayer reads: the footing on which vanilla's h
     # and Ledger's nearly empty C compare (docs/metrics.md)
@@ -234,8 +234,10 @@ def short_run(results):
 # ----------------------------------------------------------------------------------------------
 # A real massive activation beside the lab's outliers: the README's table, one row per model
 
-MASSIVE_COLUMNS = ["model", "stream", "dominant dim", "pos-0 ratio (peak)", "largest \\|x\\|", "Sun-massive entries (pos 0)",
-                   "sink max", "Δloss, dim zeroed at pos 0", "written at (erased at)"]
+MASSIVE_COLUMNS = ["model", "stream", "dominant dim", "pos 0: dom dim / median dim (peak)",
+                   "top \\|x\\| / layer-wide median (peak)", "largest \\|x\\|",
+                   "Sun-massive entries, layer-wide median (pos 0)", "sink max", "Δloss, dim zeroed at pos 0",
+                   "written at (erased at)"]
 
 
 def massive_activation_row(m):
@@ -248,7 +250,7 @@ def massive_activation_row(m):
     where = where_written(s["dominant_mean_abs_pos0_per_sublayer"], m["sublayer_names"])
     name = m.get("label") or m["arch"]
     return [name, m["decoded_stream"], str(s["dominant_dim"]), f"{s['peak_pos0_ratio']:.1f}x",
-            significant(max(s["max_abs_per_sublayer"])),
+            f"{s['peak_top1_over_layer_median']:.1f}x", significant(max(s["max_abs_per_sublayer"])),
             f"{s['sun_massive_count_total']} ({s['sun_massive_count_pos0']})",
             f"{m['extreme_tokens']['sink_max']:.2f}", "—" if delta is None else f"{delta:+.3f}",
             f"{where['written_at_name']} ({where['erased_at_name'] or 'never'})"]
@@ -323,8 +325,8 @@ def trajectory_table(trajectories):
                          fmt(r["zero_delta"], "+.3f"), fmt(r["commit_gate_mean"], ".4f"),
                          " ".join(f"{g:.4f}" for g in gates) if gates else "—", fmt(r["C_over_D_norm_final"], ".4f"),
                          "—" if r["C_carries_D_dim"] is None else ("yes" if r["C_carries_D_dim"] else "no")])
-    return markdown_table(["run", "iter", "val loss", "decoded, dom dim", "pos-0 ratio", "start-token conc.",
-                           "conc., released", "conc., normalised", "sink max", "residual peak",
+    return markdown_table(["run", "iter", "val loss", "decoded, dom dim", "pos 0: dom dim / median dim",
+                           "start-token conc.", "conc., released", "conc., normalised", "sink max", "residual peak",
                            "Δloss, dim zeroed at pos 0", "mean commit gate", "commit gate per sublayer", "‖C‖ / ‖D‖ (last)",
                            "C's dom dim is D's"], rows)
 

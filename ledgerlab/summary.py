@@ -29,11 +29,13 @@ def write_summary(results, cfg, command, path):
             + f"{checkpoint_choice(results)}\n\n{summary_tables(results)}\n\n"
             + (f"Across runs of the same arm, mean [min, max], decoded stream:\n\n{seeds}\n\n" if seeds else "")
             + f"{normalized_table(results)}\n\n"
-            + f"Ratios are mean |x| of the top dimension over the median dimension (pos-0 ratio: at position 0 "
-            f"only); start-token concentration is the dominant dimension's mean |x| at position 0 over "
-            f"positions 1..T-1. Peaks skip sublayers whose "
-            f"stream norm is under {NORM_FRACTION:.0%} of the final norm. Sun-massive entries: |x| > {SUN_ABS:g} "
-            f"and >= {SUN_REL:g}x the token's median. Losses: val loss on the same windows.\n\n"
+            + f"Ratios named top dim / median dim are mean |x| of the top dimension over the median dimension "
+            f"(pos 0: of the dominant dimension, at position 0 only); start-token concentration is the dominant "
+            f"dimension's mean |x| at position 0 over positions 1..T-1. Peaks skip sublayers whose "
+            f"stream norm is under {NORM_FRACTION:.0%} of the final norm. Sun-massive entries (Sun et al.'s rule): "
+            f"|x| > {SUN_ABS:g} and >= {SUN_REL:g}x the layer-wide median, the median |x| of a window's whole "
+            f"sublayer output, every token and dimension; top |x| / layer-wide median is the mean over windows of "
+            f"that output's largest |x| over the mean of its median. Losses: val loss on the same windows.\n\n"
             + "\n".join(f"- {line}" for m in results for line in m["notes"]) + "\n")
     with open(path, "w") as f:
         f.write(text)
@@ -70,8 +72,9 @@ def structure_row(m):
     return [m["label"], str(m["iter_num"]), fmt(m["measured_val_loss"]), m["decoded_stream"],
             str(s["dominant_dim"]), fmt(s["persistence"], ".2f"),
             f"{s['peak_ratio']:.1f}x ({s['peak_sublayer_name']})", f"{s['final_ratio']:.1f}x",
-            f"{s['peak_pos0_ratio']:.1f}x", f"{s['start_token_concentration_peak']:.1f}x",
-            fmt(s["kurtosis_final"], ".1f"), str(s["sun_massive_count_total"]),
+            f"{s['peak_pos0_ratio']:.1f}x", f"{s['peak_top1_over_layer_median']:.1f}x",
+            f"{s['start_token_concentration_peak']:.1f}x", fmt(s["kurtosis_final"], ".1f"),
+            str(s["sun_massive_count_total"]),
             f"{d['dominant_dim']}, {d['peak_ratio']:.1f}x" if d else "—"]
 
 
@@ -105,7 +108,8 @@ def summary_tables(results):
     Guo et al.'s extreme-token phenomena, and the released code's definitions beside this repo's."""
     kinds = {m["extreme_tokens"].get("attention", "softmax") for m in results}
     return (markdown_table(["arm", "iter", "val loss", "decoded", "dom dim", "persistence",
-                            "peak ratio (sublayer)", "final ratio", "pos-0 ratio (peak)",
+                            "top dim / median dim, peak (sublayer)", "top dim / median dim, final",
+                            "pos 0: dom dim / median dim (peak)", "top \\|x\\| / layer-wide median (peak)",
                             "start-token conc. (peak)", "kurtosis (final)", "Sun-massive entries",
                             "scratch D: dom dim, peak ratio"], map(structure_row, results))
             + "\n\n" + markdown_table(["arm", "val loss", "zero pos-0 dom dim", "mean pos-0 dom dim",
@@ -169,12 +173,13 @@ def normalized_table(results):
                      f"{s['start_token_concentration_peak']:.1f}x", f"{u['start_token_concentration_peak']:.1f}x",
                      f"{s['residual_peak']['max']:.1f}x", f"{u['residual_peak']['max']:.2f}x"])
     return ("Raw and per-token normalised (x / rms(x): what the RMSNorm before the head reads), decoded stream:\n\n"
-            + markdown_table(["arm", "decoded", "pos-0 ratio", "pos-0 ratio, normalised", "start-token conc.",
-                              "start-token conc., normalised", "residual peak", "residual peak, normalised"], rows)
-            + "\n\nThe pos-0 ratio divides two dimensions of one token, so vanilla's h and Ledger's C compare on it "
-              "raw; the concentration and the residual peak divide position 0 by later tokens, so compare them "
-              "normalised: raw, C's are large whenever C holds little outside position 0, which nothing but the "
-              "final norm reads while lam stays near 0, so the loss hardly constrains it.")
+            + markdown_table(["arm", "decoded", "pos 0: dom dim / median dim", "the same, normalised",
+                              "start-token conc.", "start-token conc., normalised", "residual peak",
+                              "residual peak, normalised"], rows)
+            + "\n\nAt position 0, dom dim / median dim divides two dimensions of one token, so vanilla's h and "
+              "Ledger's C compare on it raw; the concentration and the residual peak divide position 0 by later "
+              "tokens, so compare them normalised: raw, C's are large whenever C holds little outside position 0, "
+              "which nothing but the final norm reads while lam stays near 0, so the loss hardly constrains it.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,14 +191,14 @@ def outlier_note(m):
     s, label = decoded(m), m["label"]
     dim, ratio = s["dominant_dim"], s["peak_ratio"]
     pos0, conc = s["peak_pos0_ratio"], s["start_token_concentration_peak"]
+    rule = f"Sun et al.'s rule (|x| > {SUN_ABS:g} and >= {SUN_REL:g}x the layer-wide median)"
     if s["sun_massive_count_total"] > 0:
-        return (f"{label}: {s['sun_massive_count_total']} massive entries by Sun et al.'s rule "
+        return (f"{label}: {s['sun_massive_count_total']} massive entries by {rule} "
                 f"({s['sun_massive_count_pos0']} at position 0).")
     if pos0 >= 100 and conc >= 10:
         shape = (f"fixed dimension {dim} is {pos0:.0f}x the median dimension at position 0 and {conc:.0f}x "
                  f"larger there than at later positions: a start-token outlier in the 100-1000x range by this "
-                 f"ratio, under the 1000x of Sun et al.'s rule (whether the model needs it: the Δloss when it is "
-                 f"zeroed)")
+                 f"ratio, short of Sun et al.'s rule (whether the model needs it: the Δloss when it is zeroed)")
     elif pos0 >= 10 and conc >= 10:
         shape = (f"fixed dimension {dim} is {pos0:.0f}x the median dimension at position 0 and {conc:.0f}x "
                  f"larger there than at later positions: a start-token outlier, short of the 100-1000x of "
@@ -205,7 +210,7 @@ def outlier_note(m):
         shape = f"fixed dimension {dim} at {ratio:.1f}x the median dimension is at most the precursor, not a 100-1000x outlier"
     else:
         shape = f"no pronounced fixed dimension (peak {ratio:.1f}x)"
-    return (f"{label}: no massive activations by Sun et al.'s rule in {m['decoded_stream']} "
+    return (f"{label}: no massive activations by {rule} in {m['decoded_stream']} "
             f"(largest |x| {max(s['max_abs_per_sublayer']):.1f}); {shape}.")
 
 
@@ -306,15 +311,17 @@ def write_pretrained_summary(m, command, path):
                      f"means instead: {iv['mean_every_block_loss']:.3f} and {iv['mean_where_written_loss']:.3f}.")
     per_dim = [w["mean_abs_pos0_per_sublayer"] for w in dims]
     lines += ["", massive_activation_table([m]), "",
-              "Per sublayer output, position 0: the massive dimensions' mean |x|, the dominant one's ratio to the "
-              "median dimension, the median, and Sun et al.'s massive entries:", "",
-              markdown_table(["sublayer", *(f"dim {w['dim']}" for w in dims), "pos-0 ratio", "median \\|x\\| at pos 0",
-                              "Sun-massive entries"],
+              "Per sublayer output: at position 0 the massive dimensions' mean |x|, the dominant one's over the median "
+              "dimension's, and that median; over each window's whole output (Sun et al.), the largest |x| over the "
+              "median (layer-wide), and the massive entries by their rule:", "",
+              markdown_table(["sublayer", *(f"dim {w['dim']}" for w in dims), "pos 0: dom dim / median dim",
+                              "median dim at pos 0", "top \\|x\\| / layer-wide median", "Sun-massive entries"],
                              [[name, *(significant(v[i]) for v in per_dim), f"{r:.1f}x", significant(a / max(r, 1e-30)),
-                               str(n)]
-                              for i, (name, a, r, n) in enumerate(zip(names, s["dominant_mean_abs_pos0_per_sublayer"],
-                                                                      s["pos0_ratio_per_sublayer"],
-                                                                      s["sun_massive_count_per_sublayer"]))]), ""]
+                               f"{t:.1f}x", str(n)]
+                              for i, (name, a, r, t, n) in enumerate(zip(names, s["dominant_mean_abs_pos0_per_sublayer"],
+                                                                         s["pos0_ratio_per_sublayer"],
+                                                                         s["top1_over_layer_median_per_sublayer"],
+                                                                         s["sun_massive_count_per_sublayer"]))]), ""]
     sinks = m["extreme_tokens"]["sink_per_layer_head"]
     head = ["layer", "sink, mean over heads", "max head"]
     rows = [[str(l), f"{sum(h) / len(h):.3f}", f"{max(h):.3f} (H{h.index(max(h))})"] for l, h in enumerate(sinks)]

@@ -17,6 +17,7 @@ from ledger import ARCHS, ATTENTIONS, GPT, CausalSelfAttention, GPTConfig
 from ledgerlab.rundir import CHECKPOINT_FORMAT as CKPT_FORMAT
 from measure import (Data, ConfigError, checkpoints_with_val_loss, closest_checkpoint, final_checkpoint, parse_args,
                      window_starts)
+from ledgerlab.figures import max_pooled_columns, top_dims
 from ledgerlab.metrics import (DominantDimProfile, ExtremeTokenStats, StreamStats, collect_extreme_tokens,
                      fake_quantize_weights, position0_hook, top_token_report)
 
@@ -52,8 +53,9 @@ def test_planted_outlier_gives_its_dim_ratio_and_concentration():
     assert s["final_ratio"] == pytest.approx((value + T - 1) / T)
     assert s["start_token_concentration_peak"] == pytest.approx(value)
     assert s["peak_pos0_ratio"] == pytest.approx(value)   # at position 0 alone: 40 over a median of 1
-    assert s["top1_per_sublayer"][0] == pytest.approx((value + T - 1) / T)
-    assert s["median_per_sublayer"][0] == pytest.approx(1.0)
+    # Sun et al.'s layer-wise numbers: each window's largest entries are 40, 1, 1, its median 1
+    assert [s[f"layer_{k}_per_sublayer"][0] for k in ("top1", "top2", "top3", "median")] == [value, 1.0, 1.0, 1.0]
+    assert s["peak_top1_over_layer_median"] == value
     assert s["sun_massive_count_total"] == 0          # 40 is far from |x| > 100
 
 
@@ -65,18 +67,84 @@ def test_planted_massive_activation_is_counted_on_every_layer_at_position_0():
 
 def test_sun_rule_needs_both_the_absolute_and_the_relative_threshold():
     D = 32
-    x = torch.ones(1, 4, D)
-    x[0, 2] *= 0.01
-    x[0, 3] *= 0.1
-    x[0, 0, 5] = 2000.0   # > 100 and >= 1000 x median 1: massive
+    x = torch.ones(2, 2, D)
+    x[1] *= 0.01          # window 1's median is 0.01, window 0's is 1
+    x[0, 0, 5] = 2000.0   # > 100 and >= 1000 x its window's median 1: massive
     x[0, 1, 5] = 500.0    # > 100 but only 500 x the median: not massive
-    x[0, 2, 5] = 50.0     # 5000 x its median 0.01 but not > 100: not massive
-    x[0, 3, 5] = 150.0    # > 100 and 1500 x its median 0.1: massive
+    x[1, 0, 5] = 50.0     # 5000 x its window's median 0.01 but not > 100: not massive
+    x[1, 1, 5] = 150.0    # > 100 and 15000 x the median 0.01: massive
     stats = StreamStats(1, D)
     stats.update(0, x)
     s = stats.summarize()
     assert s["sun_massive_count_total"] == 2
     assert s["sun_massive_count_pos0"] == 1
+
+
+def test_sun_rule_divides_by_the_median_of_the_windows_whole_output_not_the_tokens():
+    """Sun et al.'s code takes torch.median over one sequence's whole layer output. Three windows of
+    4 tokens x 8 dims (32 entries: the median is the 16th smallest, the lower middle one) where each
+    token's own median says otherwise."""
+    x = torch.ones(3, 4, 8)
+    # SmolLM2's position 0: the whole vector grows (to 50) with its outlier (20000). Token 0's median is
+    # 50 and 20000 < 1000 x 50, but the window's is 1 (24 of 32 entries are 1): massive.
+    x[0, 0], x[0, 0, 5] = 50.0, 20000.0
+    # A quiet token: its median 0.01 makes 150 massive per token, but the window's median is 1.
+    x[1, 3], x[1, 3, 2] = 0.01, 150.0
+    # Half the window at 0.05: the lower middle entry is 0.05 (the mean of the two middle ones would
+    # be 0.525, over which 200 is under 1000x), so 200 is massive; token 1's own median is 1.
+    x[2, 2:], x[2, 1, 4] = 0.05, 200.0
+    stats = StreamStats(1, 8)
+    stats.update(0, x)
+    s = stats.summarize()
+    assert (s["sun_massive_count_total"], s["sun_massive_count_pos0"]) == (2, 1)   # 20000 (pos 0), 200
+    assert (s["per_token_median_massive_count_total"], s["per_token_median_massive_count_pos0"]) == (1, 0)   # 150
+    # their Table 1 columns, the mean over the three windows
+    assert s["layer_top1_per_sublayer"] == [pytest.approx((20000 + 150 + 200) / 3)]
+    assert s["layer_top2_per_sublayer"] == s["layer_top3_per_sublayer"] == [pytest.approx((50 + 1 + 1) / 3)]
+    assert s["layer_median_per_sublayer"] == [pytest.approx((1 + 1 + 0.05) / 3)]
+    assert s["top1_over_layer_median_per_sublayer"] == [pytest.approx(20350 / 2.05)]   # the ratio of the means
+
+
+def test_sun_sums_over_batches_equal_one_computation_over_all_windows():
+    """Windows fed in batches of 2, 3 and 1 give what sorting each window's entries at once gives."""
+    gen, B, T, D = torch.Generator().manual_seed(0), 6, 8, 16
+    xs = [torch.randn(B, T, D, generator=gen) for _ in range(2)]          # two sublayers
+    for x in xs:
+        x[:, 0] *= 30.0 * torch.rand(B, 1, generator=gen)                 # position 0 grows as a whole, by window
+        x[::2, 0, 3] = 5000.0                                              # and holds an outlier in every other window
+    stats = StreamStats(2, D)
+    for i, x in enumerate(xs):
+        for batch in x.split([2, 3, 1]):
+            stats.update(i, batch)
+    s = stats.summarize()
+    for i, x in enumerate(xs):
+        a = x.abs()
+        ordered = a.reshape(B, -1).sort(-1).values.double()
+        top, median = ordered.flip(-1)[:, :3].mean(0), ordered[:, (T * D - 1) // 2]   # lower middle of T x D
+        massive = (a > 100) & (a >= 1000 * median[:, None, None])
+        per_token = (a > 100) & (a >= 1000 * a.sort(-1).values[..., (D - 1) // 2, None])
+        assert [s[f"layer_top{k}_per_sublayer"][i] for k in (1, 2, 3)] == pytest.approx(top.tolist())
+        assert s["layer_median_per_sublayer"][i] == pytest.approx(float(median.mean()))
+        assert s["top1_over_layer_median_per_sublayer"][i] == pytest.approx(float(top[0] / median.mean()))
+        assert s["sun_massive_count_per_sublayer"][i] == int(massive.sum()) > 0
+        assert s["per_token_median_massive_count_per_sublayer"][i] == int(per_token.sum())
+    assert s["sun_massive_count_pos0"] == s["sun_massive_count_total"]
+    assert s["per_token_median_massive_count_total"] < s["sun_massive_count_total"]   # position 0's growth hides some
+
+
+def test_the_heatmap_keeps_one_massive_column_at_page_width_and_labels_it():
+    """SmolLM2's shape: 576 dims, one of them (507) massive at some sublayers. Binned to at most 128
+    columns, its bin keeps its peak, and it is the first dimension labelled."""
+    data = np.ones((4, 576))
+    data[2, 507], data[0, 12] = 26000.0, 50.0
+    pooled, width = max_pooled_columns(data)
+    assert width == 5 and pooled.shape == (4, 116)         # 576 = 115 bins of 5 and one of 1, padded
+    assert pooled[2, 507 // width] == 26000.0 and pooled[0, 12 // width] == 50.0
+    assert (pooled[1] == 1.0).all()                          # a padded zero never shows
+    assert top_dims(data) == [507, 12]                      # the third largest, 1, is no more than the median
+    assert top_dims(np.ones((4, 576))) == [0]                # nothing stands out: only the largest is labelled
+    narrow, width = max_pooled_columns(data[:, :100])
+    assert width == 1 and np.array_equal(narrow, data[:, :100])   # a narrow model: every dim its own column
 
 
 def test_gaussian_stream_has_no_structure():
@@ -549,7 +617,8 @@ def test_every_arm_is_measured_end_to_end(runs, arch, tmp_path):
     for s in m["streams"].values():
         assert len(s["ratio_per_sublayer"]) == 4 and 0 <= s["dominant_dim"] < 32 and 0 <= s["persistence"] <= 1
         for key in ("peak_ratio", "final_ratio", "start_token_concentration_peak", "kurtosis_final",
-                    "sun_massive_count_total", "top1_per_sublayer", "median_per_sublayer", "peak_sublayer_name"):
+                    "sun_massive_count_total", "layer_top1_per_sublayer", "layer_median_per_sublayer",
+                    "peak_sublayer_name"):
             assert s[key] is not None, key
     assert m["measured_val_loss"] > 0 and m["val_loss_recorded"] > 0
     iv, q = m["interventions"], m["quantization"]
@@ -660,7 +729,8 @@ def test_cli_measures_several_arms_with_figures(runs, tmp_path):
         files = set(os.listdir(tmp_path / run))
         assert {"metrics.json", "extreme_tokens.png"} <= files
         for s in streams:
-            assert {f"{s}_dims.png", f"{s}_dominant_positions.png", f"{s}_profile.png"} <= files
+            assert {f"{s}_dims.png", f"{s}_dominant_positions.png", f"{s}_sun_layerwise.png"} <= files
+            assert (tmp_path / run / f"{s}_sun_layerwise.png").stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------------------------

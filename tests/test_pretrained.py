@@ -272,6 +272,7 @@ def test_measure_py_on_a_model_folder_writes_the_documented_report(tiny_folder, 
     summary = (out / "summary.md").read_text()
     assert summary.startswith("> Written by `python measure.py ") and "**Position 0 is " in summary
     assert ("the BOS token" in summary) is bos
+    assert {"h_dims.png", "h_sun_layerwise.png"} <= set(m["figures"])
     for figure in m["figures"]:
         assert (out / figure).stat().st_size > 0
 
