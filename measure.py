@@ -244,8 +244,8 @@ def load_inputs(paths, cfg):
         elif os.path.isfile(path):
             try:
                 ckpt_path, ckpt = path, load_checkpoint(path)
-            except ConfigError as e:
-                raise ConfigError(f"{e}; measure.py takes {INPUTS}") from None
+            except ConfigError as e:   # a file that is no checkpoint may be meant as a model
+                raise ConfigError(str(e) if path.endswith(".pt") else f"{e}; measure.py takes {INPUTS}") from None
             selection = {"checkpoint": "as_given", "match_loss": None, "distance": None}
         else:
             raise ConfigError(f"{path}: no such file or folder; measure.py takes {INPUTS}")

@@ -755,7 +755,7 @@ def test_clear_one_line_errors(runs, tmp_path, capsys):
     torch.save({"format": CKPT_FORMAT, "model_config": {"arch": "vanilla", "attention": "sigmod"}},
                tmp_path / "kind.pt")
     expect_error(capsys, [str(tmp_path / "kind.pt"), f"--out_dir={tmp_path}"], "unknown attention 'sigmod'")
-    expect_error(capsys, [str(tmp_path / "missing")], "no such checkpoint")
+    expect_error(capsys, [str(tmp_path / "missing")], "no such file or folder; measure.py takes a checkpoint file")
     ckpt = os.path.join(runs["vanilla"], "ckpt.pt")
     expect_error(capsys, [ckpt, f"--out_dir={tmp_path}", f"--data_root={tmp_path / 'nowhere'}"], "prepare_data.py")
     other = make_char_dataset(tmp_path, ["abc abc\n" * 300, "cab\n" * 300], name="small")
