@@ -58,6 +58,16 @@ def stream_tensor(streams, name):
 # ----------------------------------------------------------------------------------------------
 # Statistics: running sums over batches, so memory never grows with the number of windows
 
+def lower_median(a):
+    """torch.median over the last dimension, the lower middle value when the count is even, as Sun et
+    al.'s code takes it. On a CPU numpy's partition finds the same value several times faster, which
+    keeps the statistics pass near the cost of a plain forward pass."""
+    if a.is_cuda:
+        return a.median(dim=-1).values
+    k = (a.shape[-1] - 1) // 2
+    return torch.from_numpy(np.partition(a.numpy(), k, axis=-1)[..., k])
+
+
 class StreamStats:
     """Running float64 sums for one stream over all sublayers. Each update reduces a (B, T, D)
     activation to per-dimension and per-sublayer vectors at once; nothing scales with batches."""
@@ -111,8 +121,8 @@ class StreamStats:
         # Sun et al.'s code (main_llm.py) takes, per sequence, torch.median(feat_abs) of the layer's whole
         # output, every token and dimension: over T x D entries, the lower middle value when that is even
         window = a.reshape(B, T * D)
-        window_top, window_median = window.topk(3, dim=-1).values, window.median(dim=-1).values   # (B, 3), (B,)
-        token_median = a.median(dim=-1).values   # (B, T), the lower middle value when D is even
+        window_top, window_median = window.topk(3, dim=-1).values, lower_median(window)   # (B, 3), (B,)
+        token_median = lower_median(a)   # (B, T)
         ratio = a.amax(-1) / token_median.clamp_min(1e-30)
         centred = x - x.mean(-1, keepdim=True)
         var = centred.pow(2).mean(-1)

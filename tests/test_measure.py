@@ -80,6 +80,14 @@ def test_sun_rule_needs_both_the_absolute_and_the_relative_threshold():
     assert s["sun_massive_count_pos0"] == 1
 
 
+def test_the_fast_median_is_torchs_lower_median():
+    # numpy's partition stands in for torch.median on a CPU: the same value, ties and even counts included
+    from ledgerlab.metrics import lower_median
+    torch.manual_seed(0)
+    for a in (torch.randn(4, 6).abs(), torch.randn(3, 5, 7).abs(), torch.tensor([[1.0, 1.0, 2.0, 3.0]])):
+        assert torch.equal(lower_median(a), a.median(dim=-1).values)
+
+
 def test_sun_rule_divides_by_the_median_of_the_windows_whole_output_not_the_tokens():
     """Sun et al.'s code takes torch.median over one sequence's whole layer output. Three windows of
     4 tokens x 8 dims (32 entries: the median is the 16th smallest, the lower middle one) where each
