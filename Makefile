@@ -167,7 +167,7 @@ RESULTS = $(LAB_OUT)/measure-s$(SEED)/summary.md:lab-s$(SEED).md \
   $(LAB_OUT)/trajectory-s$(SEED)/trajectory.png:trajectory-s$(SEED).png \
   $(DEMO_OUT)/summary.md:text-demo-s$(SEED).md out/bench.md:bench-cpu.md out/bench-gpu.md:bench-gpu.md \
   $(PRETRAINED_OUT)/summary.md:smollm2-135m.md $(PRETRAINED_OUT)-bos/summary.md:smollm2-135m-bos.md \
-  $(PRETRAINED_OUT)/h_dims.png:smollm2-135m-h_dims.png \
+  $(PRETRAINED_OUT)/h_dims.png:smollm2-135m-h_dims.png $(PRETRAINED_OUT)/h_sun_layerwise.png:smollm2-135m-h_sun_layerwise.png \
   $(PRETRAINED_OUT)/h_position0_dims.png:smollm2-135m-h_position0_dims.png \
   $(PRETRAINED_OUT)/extreme_tokens.png:smollm2-135m-extreme_tokens.png $(LAB_OUT)/answer-s$(SEED).md:answer-s$(SEED).md
 results:
