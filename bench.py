@@ -13,9 +13,9 @@ default), and vanilla with that kind is the baseline of every ratio. Each arm ta
 written out below as nanoGPT's bench.py writes its own (the forward with the commit-sparsity term,
 backward, clip, AdamW; tests/test_bench.py holds it equal to train.py's), on random tokens: no
 dataset is needed: the vocabulary is --vocab_size (GPT-2's by default). A preset of train.py's gives
-the model and the batch; its other settings do not change a step and are skipped. After `warmup` untimed steps per arm (compilation happens
-there), the arms take turns for `rounds` rounds of `steps` timed steps each, so that machine noise
-hits them alike. Per arm it prints tokens/s and ms/step (median over rounds, and the min-max
+the model and the batch; its other settings do not change a step and are skipped. After `warmup`
+untimed steps per arm (compilation happens there), the arms take turns for `rounds` rounds of
+`steps` timed steps each, so that machine noise hits them alike. Per arm it prints tokens/s and ms/step (median over rounds, and the min-max
 spread); the step-time ratio to vanilla; the analytic FLOP ratio (6N + 12LdT per token) and the
 parameter ratio; on CUDA the peak memory and MFU. The same numbers go to `out_json`.
 """
@@ -53,7 +53,8 @@ class BenchConfig:
 
     # Checked by cli.parse_overrides as each setting is read
     LIMITS = {"steps": ">= 1", "rounds": ">= 1", "warmup": ">= 0", "threads": ">= 0", "batch_size": ">= 1",
-              "gradient_accumulation_steps": ">= 1", "seed": ">= 0", "dtype": ("auto", "float32", "bfloat16", "float16")}
+              "gradient_accumulation_steps": ">= 1", "seed": ">= 0",
+              "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 # train.py's defaults for what a step does but a benchmark does not vary
 LEARNING_RATE, WEIGHT_DECAY, GRAD_CLIP = 3e-4, 0.1, 1.0
@@ -208,18 +209,14 @@ def main(argv=None):
 if __name__ == "__main__":
     cli.run_main(main)
 
-# `make bench` on the idle 2-core Intel Xeon VM (commit eb348a5, 1 min 2 s):
-# bench: cpu, float32, eager, 2 threads | 4 layers x 128 wide, vocab 65 | 1 x 8 x 128 tokens per step | 7 rounds ...
-#   vanilla: warm-up 0.3 s
-#   ...
+# `make bench` on the idle 2-core Intel Xeon VM, commit 60ce0b1 (1 x 8 x 128 tokens per step, vocab 65):
 # arm                tokens/s     ms/step (min-max) x vanilla  FLOPs x params x peak GiB    MFU
-# vanilla              14,146      72.4 (71.9-75.3)      1.00     1.00     1.00        -      -
-# suppress             12,058      84.9 (79.1-85.8)      1.17     1.00     1.00        -      -
-# ledger                7,601   134.7 (112.7-143.6)      1.86     1.09     1.10        -      -
-# ledger-hs             7,643   134.0 (116.7-136.0)      1.85     1.09     1.10        -      -
-# delta                 8,551   119.7 (113.8-126.7)      1.65     1.42     1.48        -      -
-# hc2                  10,220    100.2 (91.4-103.6)      1.38     1.00     1.00        -      -
-# vanilla+attn_bias    12,913      79.3 (76.4-87.0)      1.10     1.00     1.00        -      -
-# vanilla+sigmoid      11,296      90.7 (87.2-97.2)      1.25     1.00     1.00        -      -
-# vanilla+gated        12,564      81.5 (79.3-93.9)      1.13     1.07     1.08        -      -
-# wrote out/bench.json and out/bench.md
+# vanilla              24,603      41.6 (37.9-43.1)      1.00     1.00     1.00        -      -
+# suppress             20,438      50.1 (47.8-51.6)      1.20     1.00     1.00        -      -
+# ledger               12,550      81.6 (77.0-86.5)      1.96     1.09     1.10        -      -
+# ledger-hs            12,661      80.9 (74.6-85.5)      1.94     1.09     1.10        -      -
+# delta                15,291      67.0 (65.5-69.1)      1.61     1.42     1.48        -      -
+# hc2                  18,424      55.6 (51.7-57.8)      1.34     1.00     1.00        -      -
+# vanilla+attn_bias    23,561      43.5 (43.1-46.8)      1.04     1.00     1.00        -      -
+# vanilla+sigmoid      18,587      55.1 (52.3-55.6)      1.32     1.00     1.00        -      -
+# vanilla+gated        22,430      45.7 (44.3-47.3)      1.10     1.07     1.08        -      -

@@ -152,7 +152,8 @@ def check_settings(runs, measure_argv, cfg):
         setting = tuple(a for a in run.argv if not a.startswith(("--seed=", "--out_dir=")))
         if setting not in steps:
             init = "scratch" if run.resume_from is None else "resume"
-            steps[setting] = ask(f"{run.name} (train.py)", TRAIN_PY, [*run.argv, f"--init_from={init}"])["train"]["max_iters"]
+            settings = ask(f"{run.name} (train.py)", TRAIN_PY, [*run.argv, f"--init_from={init}"])
+            steps[setting] = settings["train"]["max_iters"]
         run.max_iters = steps[setting]
 
 

@@ -424,12 +424,14 @@ def measure_pretrained(spec, cfg, out_dir):
         "model": spec, "arch": c.arch, "attention": c.attention, "model_config": dataclasses.asdict(c),
         "text": {"source": source, "bos": cfg.bos, "bos_token": tokenizer.bos_token if cfg.bos else None,
                  "position_0": "the BOS token" if cfg.bos else "ordinary text (a window starts mid-text)"},
-        "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device}, "plain_forward_loss": plain_loss})
+        "settings": {**dataclasses.asdict(cfg), "seq_len": seq_len, "device": device},
+        "plain_forward_loss": plain_loss})
     if cfg.figures:
         os.makedirs(out_dir, exist_ok=True)
         m["figures"] = [os.path.basename(plot_position0_dims(stream, names, out_dir))]
         lap("figures_s")
-    m = quantize_and_draw(m, model, batch_fn, stats, profiles, cfg, out_dir, phases, lap, t0, windows.shape[0] * seq_len)
+    n_tokens = windows.shape[0] * seq_len
+    m = quantize_and_draw(m, model, batch_fn, stats, profiles, cfg, out_dir, phases, lap, t0, n_tokens)
     m["timing"]["statistics_overhead"] = phases["statistics_s"] / max(phases["plain_forward_s"], 1e-9)
     return m
 

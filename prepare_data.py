@@ -251,7 +251,8 @@ class PrepareConfig:
     force: bool = False              # rebuild even if a complete output exists
     # --dataset=bigram_backcopy, the lab's synthetic task (ledgerlab/bigram_backcopy.py)
     bb_vocab: int = 64               # ordinary tokens (plus one <bos>)
-    bb_triggers: int = 1             # trigger tokens: the next token copies the one before (the lab: 1, its strongest outlier)
+    bb_triggers: int = 1             # trigger tokens, after which the next token copies the one before (the lab's 1:
+                                       # its strongest outlier)
     bb_seq_len: int = 16             # tokens per sequence after its <bos>
     bb_bigram: str = "dirichlet"     # dirichlet (random rows) or shakespeare (char bigrams of the plays)
     bb_alpha: float = 0.3            # dirichlet: row concentration, smaller is more peaked
@@ -260,7 +261,8 @@ class PrepareConfig:
     seed: int = 0                    # seeds the table and the sequences
 
     LIMITS = {"dataset": DATASETS, "tokenizer": TOKENIZERS, "max_tokens": ">= 1", "num_proc": ">= 1",
-              "bb_vocab": ">= 2", "bb_triggers": ">= 0", "bb_seq_len": ">= 2", "bb_bigram": ("dirichlet", "shakespeare"),
+              "bb_vocab": ">= 2", "bb_triggers": ">= 0", "bb_seq_len": ">= 2",
+              "bb_bigram": ("dirichlet", "shakespeare"),
               "bb_alpha": "> 0", "bb_train_seqs": ">= 1", "bb_val_seqs": ">= 1", "seed": ">= 0"}
 
 
