@@ -371,10 +371,10 @@ def run_lab(names, cfg, command=()):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    (settings,) = cli.run_main(lambda: cli.parse_overrides([a for a in argv if a.startswith("--")], LabConfig,
+    (settings,) = cli.run_main(lambda: cli.parse_overrides([a for a in argv if a.startswith("-")], LabConfig,
                                                            doc=__doc__))
     try:
-        return cli.run_main(lambda: run_lab([a for a in argv if not a.startswith("--")], LabConfig(**settings), argv))
+        return cli.run_main(lambda: run_lab([a for a in argv if not a.startswith("-")], LabConfig(**settings), argv))
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)

@@ -95,8 +95,8 @@ INPUTS = ("a checkpoint file, a run folder, or a pretrained model: a model folde
 
 def parse_args(argv):
     """Split argv into input paths and a MeasureConfig from `--key=value` flags."""
-    paths = [a for a in argv if not a.startswith("--")]
-    (settings,) = parse_overrides([a for a in argv if a.startswith("--")], MeasureConfig, doc=__doc__)
+    paths = [a for a in argv if not a.startswith("-")]
+    (settings,) = parse_overrides([a for a in argv if a.startswith("-")], MeasureConfig, doc=__doc__)
     cfg = MeasureConfig(**settings)
     if isinstance(cfg.match_loss, str) and cfg.match_loss != "auto":
         raise ConfigError(f"--match_loss={cfg.match_loss}: expected a val loss or 'auto'")

@@ -195,10 +195,7 @@ class Processes:
     device_type: str
     ptdtype: torch.dtype
     autocast: object
-
-    @property
-    def master(self):   # rank 0 alone evaluates, prints, logs and saves
-        return self.rank == 0
+    master: bool                     # rank 0 alone evaluates, prints, logs and saves
 
 
 def start_processes(cfg: TrainConfig) -> Processes:
@@ -215,7 +212,7 @@ def start_processes(cfg: TrainConfig) -> Processes:
     if device_type == "cpu" and ptdtype != torch.float32 and rank == 0:
         print(f"warning: --dtype={cfg.dtype} is slow on a CPU (most CPUs emulate half-precision matmuls); "
               f"--dtype=float32 is usually faster there", file=sys.stderr, flush=True)
-    return Processes(ddp, rank, local_rank, world, device, device_type, ptdtype, autocast)
+    return Processes(ddp, rank, local_rank, world, device, device_type, ptdtype, autocast, rank == 0)
 
 
 def resume_checkpoint(cfg: TrainConfig, dataset_given: bool):

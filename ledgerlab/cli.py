@@ -69,7 +69,7 @@ def parse_overrides(argv, *config_types, others_in_files=False, doc=None):
     here gets these checks before it touches any data. With others_in_files, a config file's key that
     none of config_types has is skipped (bench.py reads train.py's presets for their model and batch).
     Given the script's docstring, `--help` prints it with every setting (help_text) and exits."""
-    if doc is not None and wants_help(argv):
+    if doc is not None and any(arg in ("-h", "--help") for arg in argv):
         print(help_text(doc, *config_types))
         sys.exit(0)
     hints = [typing.get_type_hints(t) for t in config_types]
@@ -148,10 +148,6 @@ def documented_fields(config_type):
     return rows
 
 
-def wants_help(argv):
-    return any(arg in ("-h", "--help") for arg in argv)
-
-
 def help_text(doc, *config_types):
     """--help: the script's docstring, then every setting of each config with its type, default,
     limit and the comment the source gives it."""
@@ -191,9 +187,8 @@ def run_main(main):
 
 
 def atomic_write(path, write):
-    """A file written whole or not at all: write(f) fills a temp file beside `path` (.tmp-*, which
-    prepare_data.py sweeps away), flushed to disk, then renamed over it, and the rename (with any
-    before it in that folder) flushed too: a crash leaves the old file."""
+    """A file written whole or not at all: write(f) fills a temp file beside `path` (.tmp-*, which prepare_data.py
+    sweeps away), flushed to disk and renamed over it, the folder flushed too: a crash leaves the old file."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}")
     try:

@@ -334,8 +334,7 @@ def start_token(meta):
 
 def random_offsets(n_tokens, span, count, seed, starts=None):
     """`count` seeded window offsets, the same for every model measured with that seed: uniform among
-    `starts` (the offsets that open on a start token) when given, else among all that leave room for
-    `span` tokens."""
+    `starts` (offsets on a start token) when given, else among all that leave room for `span` tokens."""
     import torch   # here, so that writing token files needs numpy alone
     generator = torch.Generator().manual_seed(seed)
     if starts is None:

@@ -8,8 +8,7 @@ from ledgerlab.cli import ConfigError
 
 
 def resolve_device(device, local_rank=None):
-    """'auto' -> the best device torch sees; under DDP, cuda becomes cuda:<local_rank>. A device torch
-    does not see is one error line."""
+    """'auto': the best device torch sees; under DDP, cuda:<local_rank>; one error line for an absent one."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}

@@ -1,7 +1,6 @@
 """
-A run directory: the checkpoints train.py leaves in it, written atomically and loaded safely
-(weights_only, a format check), the model rebuilt from one, and the lock that keeps a second run out.
-train.py writes them; lab.py, measure.py and the reports read them.
+A run directory: the checkpoints train.py leaves in it, written atomically and loaded safely (weights_only,
+a format check), the model rebuilt from one, and the lock that keeps a second writer out.
 """
 import fcntl
 import os
