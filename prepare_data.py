@@ -51,7 +51,7 @@ CHUNK_CHARS = 1 << 20  # text per tokenization task: big enough to amortise IPC
 
 
 def load_bigram_backcopy(args, cache_dir):
-    """The lab's synthetic task (bigram_backcopy.py): (vocabulary, documents as ids, meta entries)."""
+    """The lab's synthetic task (ledgerlab/bigram_backcopy.py): (vocabulary, documents as ids, meta entries)."""
     plays = "".join(t for _, t in load_shakespeare(cache_dir)[0]) if args.bb_bigram == "shakespeare" else None
     P, names = bigram_backcopy.bigram_table(args, plays)
     if args.bb_triggers >= len(P):

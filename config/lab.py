@@ -1,5 +1,5 @@
 # The laptop lab: a start-token massive activation grown on 2 CPU cores, on Guo et al.'s (2024)
-# synthetic Bigram-Backcopy task (bigram_backcopy.py, written by prepare_data.py
+# synthetic Bigram-Backcopy task (ledgerlab/bigram_backcopy.py, written by prepare_data.py
 # --dataset=bigram_backcopy). Every window opens on <bos> (align_windows resolves to True for this
 # dataset), with one trigger token (prepare_data's default --bb_triggers=1: 3 grew a weaker,
 # seed-dependent outlier; docs/lab.md). Use with any arm:
