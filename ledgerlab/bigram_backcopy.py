@@ -84,6 +84,9 @@ class TokenNames:
     def decode(self, ids):
         return " ".join(self.itos[i] for i in ids)
 
+    def spec(self):
+        return {"tokenizer": self.name, "itos": self.itos}
+
 
 def dataset(args, P, names, dtype, chunk=10_000):
     """What prepare_data.py writes for table P: (vocabulary, documents, meta entries). Each sequence

