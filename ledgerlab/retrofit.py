@@ -21,6 +21,8 @@ Two routes to the paper's Ledger (gamma = 0, the head reads C only):
                model but with gates that learn; the training loop anneals gamma (the decode_gamma
                buffer) from 1 to 0.
 """
+import hashlib
+
 import torch
 import torch.nn as nn
 
@@ -51,7 +53,10 @@ def retrofit_config(hf_config, arch, **settings):
         raise ConfigError(f"arch {arch!r} cannot be retrofitted; choose one of {', '.join(ARCHS)}")
     # Mistral attends within a sliding window; longer sequences would need its mask, not a causal one.
     context = min(hf_config.max_position_embeddings, getattr(hf_config, "sliding_window", None) or float("inf"))
-    return ledger.GPTConfig(arch=arch, vocab_size=hf_config.vocab_size, block_size=context,
+    block_size = settings.pop("block_size", context)   # a training run's windows may be shorter
+    if block_size > context:
+        raise ConfigError(f"block_size={block_size} exceeds the pretrained model's context of {context} tokens")
+    return ledger.GPTConfig(arch=arch, vocab_size=hf_config.vocab_size, block_size=block_size,
                             n_layer=hf_config.num_hidden_layers, n_head=hf_config.num_attention_heads,
                             n_embd=hf_config.hidden_size, **settings)
 
@@ -125,6 +130,18 @@ class RetrofitLM(ledger.GPT):
             raise KeyError(f"not a checkpoint of this retrofit (model and arm): {', '.join(wrong[:3])}")
 
 
+    @torch.no_grad()
+    def weights_sha256(self):
+        """The frozen pretrained weights' fingerprint, whatever file they came from: a checkpoint names
+        its model with it, and loading it onto other weights is refused."""
+        digest, frozen = hashlib.sha256(), self.frozen_names()
+        for name, tensor in sorted(self.state_dict().items()):
+            if name in frozen:
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
 @torch.no_grad()
 def soft_vanilla_corner(model, b=SOFT_CORNER_BIAS):
     """Route (b): the vanilla corner with finite gate biases, so that the gates can learn: erase
@@ -147,3 +164,20 @@ def load_retrofit(spec, arch="ledger", route="released", dtype="float32", device
     if route == "corner" and model.config.residual == "ledger":
         soft_vanilla_corner(model)
     return model.to(device), tokenizer
+
+
+# Settings a checkpoint's model_config holds that the pretrained model fixes, not the arm
+FROM_THE_MODEL = ("arch", "vocab_size", "n_layer", "n_head", "n_embd")
+
+
+def load_retrofit_checkpoint(ckpt, device="cpu"):
+    """The retrofit a checkpoint holds: its pretrained model loaded again, checked against the
+    checkpoint's fingerprint, with the trained residual operators and gamma filled in."""
+    named = ckpt["retrofit"]
+    settings = {k: v for k, v in ckpt["model_config"].items() if k not in FROM_THE_MODEL}
+    model, _ = load_retrofit(named["model"], ckpt["model_config"]["arch"], "released", device=device, **settings)
+    if model.weights_sha256() != named["weights_sha256"]:
+        raise ConfigError(f"{named['model']} is not the model this checkpoint was built on (its weights differ "
+                          f"from the fingerprint the checkpoint names)")
+    model.load_trainable_state(ckpt["model"])
+    return model

@@ -49,6 +49,9 @@ def load_checkpoint(path):
 
 def build_model(ckpt, path, device="cpu"):
     """The model a checkpoint holds, in eval mode on `device`."""
+    if "retrofit" in ckpt:   # its pretrained model, loaded again, with the trained residual
+        from ledgerlab.retrofit import load_retrofit_checkpoint
+        return load_retrofit_checkpoint(ckpt, device).eval()
     try:
         config = GPTConfig(**ckpt["model_config"])
     except (TypeError, ValueError) as e:

@@ -199,7 +199,7 @@ def files_under(folder):
     ("--beta1=1", "beta1=1.0: must be >= 0 and < 1"),
     ("--beta2=-0.1", "beta2=-0.1: must be >= 0 and < 1"),
     ("--seed=-1", "seed=-1: must be >= 0"),
-    ("--init_from=resum", "init_from='resum': must be one of scratch, resume"),
+    ("--init_from=resum", "--init_from=resum: scratch, resume, or a pretrained LLaMA-family model"),
     ("--dtype=fp16", "dtype='fp16': must be one of auto, float32, bfloat16, float16"),
     ("--n_head=5 --n_embd=48", "n_embd=48 is not divisible by n_head=5"),   # the config's own check
     ("--attention=sigmod", "unknown attention 'sigmod'; choose one of softmax, attn_bias, sigmoid, gated"),

@@ -8,6 +8,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+transformers = pytest.importorskip("transformers")
 
 import ledger
 from ledgerlab import metrics, pretrained
@@ -198,3 +199,74 @@ def test_smollm2_retrofitted_at_the_corner_has_the_models_own_loss(capsys):
     assert abs(corner - own) <= 1e-4, losses
     assert abs(soft - corner) <= SOFT_CORNER_LOSS, losses
     assert released > own + 1, losses   # the released route has to rebuild the model's answer in C
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py --init_from=MODEL: a retrofit trained, resumed, measured
+
+@pytest.fixture(scope="module")
+def retrofit_data(tmp_path_factory):
+    """A tiny LLaMA folder and a corpus prepared in its own tokens (prepare_data.py --tokenizer=FOLDER)."""
+    import prepare_data
+    root = tmp_path_factory.mktemp("retrofit")
+    folder = save_tiny(root / "tiny-llama", "llama")
+    text = open(FIXTURE_TEXT).read()
+    (root / "docs").mkdir()
+    for i in range(6):
+        (root / "docs" / f"{i}.txt").write_text(text * 3)
+    prepare_data.main(["--dataset=text", f"--input={root}/docs/*.txt", f"--tokenizer={folder}",
+                       f"--out_root={root / 'data'}", "--num_proc=1"])
+    return root, folder
+
+
+def retrofit_run(root, folder, out, *extra):
+    import train
+    train.main([f"--init_from={folder}", "--arch=ledger", "--dataset=text_tiny-llama", f"--data_root={root / 'data'}",
+                "--device=cpu", "--block_size=32", "--gate_rank=4", "--batch_size=4", "--warmup_iters=1",
+                "--learning_rate=1e-2", "--lr_decay_iters=6", "--eval_interval=3", "--eval_iters=1",
+                "--ckpt_interval=0", "--retrofit_gamma_iters=4", f"--out_dir={out}", *extra])
+
+
+@pytest.mark.slow
+def test_train_py_retrofits_a_pretrained_model_resumes_it_exactly_and_measure_py_measures_it(retrofit_data, tmp_path):
+    import measure
+    import train
+    from ledgerlab import rundir
+    root, folder = retrofit_data
+    retrofit_run(root, folder, tmp_path / "straight", "--max_iters=6")
+    retrofit_run(root, folder, tmp_path / "split", "--max_iters=3")
+    train.main([f"--data_root={root / 'data'}", "--device=cpu", "--eval_interval=3", "--eval_iters=1",
+                "--ckpt_interval=0", "--retrofit_gamma_iters=4", "--lr_decay_iters=6", "--learning_rate=1e-2",
+                "--warmup_iters=1", "--batch_size=4", "--max_iters=6", "--init_from=resume",
+                f"--out_dir={tmp_path / 'split'}"])
+    a, b = (rundir.load_checkpoint(str(tmp_path / run / "ckpt.pt")) for run in ("straight", "split"))
+    assert a["iter_num"] == b["iter_num"] == 6
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # the checkpoint holds the residual and gamma alone, and names the weights it was built on
+    assert all(".residual." in k or k == "decode_gamma" for k in a["model"]) and float(a["model"]["decode_gamma"]) == 0
+    assert a["retrofit"]["model"] == folder and a["retrofit"]["route"] == "corner" and len(a["retrofit"]["weights_sha256"]) == 64
+    (m,) = measure.main([str(tmp_path / "straight"), "--num_windows=2", "--batch_size=2", "--seq_len=16",
+                         "--quantization=False", "--figures=False", f"--out_dir={tmp_path / 'm'}"])
+    assert m["decoded_stream"] == "C" and m["sublayer_names"][:2] == ["0.attn", "0.mlp"]
+
+
+def test_a_retrofit_refuses_a_dataset_in_other_tokens_and_a_checkpoint_of_other_weights(retrofit_data, char_data,
+                                                                                          tmp_path):
+    import train
+    root, folder = retrofit_data
+    data_root, dataset = char_data
+    with pytest.raises(ConfigError, match="is not in .* own tokens .* prepare it with python prepare_data.py --tokenizer="):
+        train.main([f"--init_from={folder}", f"--dataset={dataset}", f"--data_root={data_root}", "--device=cpu",
+                    f"--out_dir={tmp_path / 'r'}"])
+    assert not (tmp_path / "r").exists()
+    retrofit_run(root, folder, tmp_path / "r", "--max_iters=1")
+    other = transformers.AutoModelForCausalLM.from_pretrained(folder)   # the same model, one weight moved
+    with torch.no_grad():
+        other.model.norm.weight[0] += 1e-3
+    other.save_pretrained(tmp_path / "other")
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "other")
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    ckpt["retrofit"]["model"] = str(tmp_path / "other")
+    from ledgerlab.retrofit import load_retrofit_checkpoint
+    with pytest.raises(ConfigError, match="is not the model this checkpoint was built on"):
+        load_retrofit_checkpoint(ckpt)
