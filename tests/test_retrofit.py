@@ -260,6 +260,10 @@ def test_a_retrofit_refuses_a_dataset_in_other_tokens_and_a_checkpoint_of_other_
                     f"--out_dir={tmp_path / 'r'}"])
     assert not (tmp_path / "r").exists()
     retrofit_run(root, folder, tmp_path / "r", "--max_iters=1")
+    before = (tmp_path / "r" / "ckpt.pt").read_bytes()
+    with pytest.raises(ConfigError, match="ckpt.pt exists; continue it with --init_from=resume"):
+        retrofit_run(root, folder, tmp_path / "r", "--max_iters=1")   # a second start never overwrites the first
+    assert (tmp_path / "r" / "ckpt.pt").read_bytes() == before
     other = transformers.AutoModelForCausalLM.from_pretrained(folder)   # the same model, one weight moved
     with torch.no_grad():
         other.model.norm.weight[0] += 1e-3
