@@ -252,7 +252,7 @@ def results_header(script, argv, trained=None):
     it and where it ran, and for measured runs where each was trained. docs/results/ holds copies of
     such files, so a number in the docs always names its command, machine and code."""
     p = provenance()
-    lines = [f"> Written by `python {shlex.join([script, *argv])}` on {p['date']}, at commit {p['commit']},",
+    lines = [f"> Written by `python {shlex.join([*script.split(), *argv])}` on {p['date']}, at commit {p['commit']},",
              f"> on {p['device']}, torch threads {p['threads']}, torch {p['torch']}."]
     for run, starts in (trained or {}).items():
         where = "; then ".join(f"trained at commit {s['commit']} on {s['device']}, torch threads {s['threads']}, "
