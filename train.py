@@ -256,9 +256,6 @@ def retrofit_for(cfg: TrainConfig, meta, ckpt, model_overrides, device) -> Retro
         raise ConfigError(f"the pretrained model fixes {', '.join(fixed)}; drop {', '.join('--' + k for k in fixed)}")
     if ckpt:
         model = load_retrofit_checkpoint(ckpt, device)
-    elif os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
-        raise ConfigError(f"{cfg.out_dir}/ckpt.pt exists; continue it with --init_from=resume or choose another "
-                          f"--out_dir")
     else:
         settings = {k: v for k, v in model_overrides.items() if k != "arch"}
         torch.manual_seed(cfg.seed)   # the residual's own initial weights, as train() seeds a new model's
@@ -285,9 +282,6 @@ def model_config_for(cfg: TrainConfig, meta, ckpt, model_overrides) -> GPTConfig
             raise ConfigError(f"checkpoint vocab {model_config.vocab_size} < vocab {meta['vocab_size']} of "
                               f"{data_dir}; it was trained on --dataset={ckpt['train_config'].get('dataset')}")
     else:
-        if os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
-            raise ConfigError(f"{cfg.out_dir}/ckpt.pt exists; continue it with --init_from=resume "
-                              f"or choose another --out_dir")
         if "vocab_size" in model_overrides:
             raise ConfigError("vocab_size comes from the dataset's meta.json; drop --vocab_size")
         try:
@@ -403,6 +397,9 @@ def main(argv=None):
     try:
         # every check first: a run that cannot start writes nothing
         ckpt = resume_checkpoint(cfg, "dataset" in train_overrides) if cfg.init_from == "resume" else None
+        if ckpt is None and os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):   # a new run, scratch or retrofit
+            raise ConfigError(f"{cfg.out_dir}/ckpt.pt exists; continue it with --init_from=resume "
+                              f"or choose another --out_dir")
         data_dir = os.path.join(cfg.data_root, cfg.dataset)
         meta = load_meta(data_dir)
         if cfg.align_windows is None:  # datasets made of sequences record their <bos>

@@ -271,10 +271,10 @@ def loading(spec, what):
                           f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
 
 
-def load_tokenizer(spec):
+def load_tokenizer(spec, located=None):
     """A pretrained model's own tokenizer (prepare_data.py --tokenizer=MODEL tokenizes a corpus with it)."""
     from transformers import AutoTokenizer
-    spec, where, extra = locate(spec)
+    spec, where, extra = located or locate(spec)
     with loading(spec, "a tokenizer"):
         return AutoTokenizer.from_pretrained(where, **extra)
 
@@ -283,8 +283,8 @@ def load_transformers(spec, dtype="float32"):
     """(transformers causal LM, its tokenizer) for a hub id, a local folder or a .gguf file, weights in
     `dtype`, eager attention (which returns its weights)."""
     from transformers import AutoModelForCausalLM
-    tokenizer = load_tokenizer(spec)
-    spec, where, extra = locate(spec)
+    spec, where, extra = located = locate(spec)
+    tokenizer = load_tokenizer(spec, located)
     print(f"{spec}: loading through transformers ({dtype}) ...", flush=True)
     with loading(spec, "a causal LM"):
         hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
