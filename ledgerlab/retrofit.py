@@ -173,11 +173,19 @@ FROM_THE_MODEL = ("arch", "vocab_size", "n_layer", "n_head", "n_embd")
 def load_retrofit_checkpoint(ckpt, device="cpu"):
     """The retrofit a checkpoint holds: its pretrained model loaded again, checked against the
     checkpoint's fingerprint, with the trained residual operators and gamma filled in."""
-    named = ckpt["retrofit"]
+    hf_model, _ = load_transformers(ckpt["retrofit"]["model"], "float32")
+    model = retrofit_of_checkpoint(ckpt, hf_model)
+    if model.weights_sha256() != ckpt["retrofit"]["weights_sha256"]:
+        raise ConfigError(f"{ckpt['retrofit']['model']} is not the model this checkpoint was built on (its weights "
+                          f"differ from the fingerprint the checkpoint names)")
+    return model.to(device)
+
+
+def retrofit_of_checkpoint(ckpt, hf_model):
+    """A checkpoint's retrofit around pretrained modules already loaded (several checkpoints of one
+    model share them); the caller checks the fingerprint."""
     settings = {k: v for k, v in ckpt["model_config"].items() if k not in FROM_THE_MODEL}
-    model, _ = load_retrofit(named["model"], ckpt["model_config"]["arch"], "released", device=device, **settings)
-    if model.weights_sha256() != named["weights_sha256"]:
-        raise ConfigError(f"{named['model']} is not the model this checkpoint was built on (its weights differ "
-                          f"from the fingerprint the checkpoint names)")
+    model = RetrofitLM(hf_model, retrofit_config(hf_model.config, ckpt["model_config"]["arch"], **settings),
+                       ckpt["retrofit"]["model"])
     model.load_trainable_state(ckpt["model"])
     return model

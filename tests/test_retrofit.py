@@ -274,3 +274,79 @@ def test_a_retrofit_refuses_a_dataset_in_other_tokens_and_a_checkpoint_of_other_
     from ledgerlab.retrofit import load_retrofit_checkpoint
     with pytest.raises(ConfigError, match="is not the model this checkpoint was built on"):
         load_retrofit_checkpoint(ckpt)
+
+
+# ----------------------------------------------------------------------------------------------
+# The answer (ledgerlab/retrofit_answer.py): the passes it makes over every snapshot
+
+def answer_batches():
+    x = tokens(4)
+    return [(x[:2], next_tokens(x[:2])), (x[2:], next_tokens(x[2:]))]
+
+
+def test_the_answers_pass_reads_the_models_own_hidden_states_and_attention_to_position_0():
+    from ledgerlab.retrofit_answer import measure_model
+    hf, model = retrofit("vanilla")
+    batches = answer_batches()
+    m, pos0 = measure_model(model, batches, None)
+    dim = int(pos0["h"].max(0).values.argmax())
+    m = measure_model(model, batches, dim)[0]
+    with torch.no_grad():
+        out = [hf(input_ids=x, output_hidden_states=True, output_attentions=True) for x, _ in batches]
+    for layer in range(2):   # block `layer` ends with its mlp: hidden_states[layer + 1] (the last is after the norm)
+        h = torch.cat([o.hidden_states[layer + 1] for o in out])
+        assert m["h"]["pos0"][2 * layer + 1] == pytest.approx(h[:, 0, dim].abs().mean().item(), rel=1e-5)
+        assert m["h"]["rest"][2 * layer + 1] == pytest.approx(h[:, 1:, dim].abs().mean().item(), rel=1e-5)
+    for layer in range(3):
+        sink = torch.cat([o.attentions[layer] for o in out])[:, :, 1:, 0].mean().item()
+        assert m["sink_per_layer"][layer] == pytest.approx(sink, rel=1e-5)
+    losses = [F.cross_entropy(o.logits.flatten(0, 1), y.flatten()).item() for o, (_, y) in zip(out, batches)]
+    assert m["val_loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+
+def test_at_the_corner_zeroing_the_dimension_in_D_costs_what_it_costs_in_h_and_in_C_nothing():
+    from ledgerlab.retrofit_answer import measure_model
+    batches, dim = answer_batches(), 5
+    vanilla = measure_model(retrofit("vanilla")[1], batches, dim)[0]
+    _, corner = retrofit("ledger", corner=True)
+    at_corner = measure_model(corner, batches, dim)[0]
+    assert vanilla["zeroed_loss_change"]["h"] != 0
+    assert at_corner["zeroed_loss_change"]["D"] == pytest.approx(vanilla["zeroed_loss_change"]["h"], abs=1e-6)
+    assert at_corner["zeroed_loss_change"]["D+C"] == pytest.approx(vanilla["zeroed_loss_change"]["h"], abs=1e-6)
+    assert at_corner["zeroed_loss_change"]["C"] == 0.0   # the closed gate commits nothing: C is 0
+    assert at_corner["commit_gate_pos0"] == at_corner["commit_gate_rest"] == [0.0] * 6
+    _, released = retrofit("ledger")   # the paper's gates: every token commits sigmoid(its bias)
+    gates = measure_model(released, batches, dim)[0]["commit_gate_pos0"]
+    assert gates[0] == pytest.approx(torch.sigmoid(torch.tensor(-4.0)).item(), rel=1e-5) and gates == sorted(gates)
+
+
+@pytest.mark.slow
+def test_the_answer_measures_every_snapshot_of_both_routes_and_states_each_claim(retrofit_data, tmp_path):
+    import json
+
+    from ledgerlab import retrofit_answer
+    root, folder = retrofit_data
+    for name, route, arch in (("corner", "corner", "ledger"), ("corner-hs", "corner", "ledger-hs"),
+                              ("released", "released", "ledger")):
+        retrofit_run(root, folder, tmp_path / name, "--max_iters=4", "--ckpt_interval=2", f"--retrofit_route={route}",
+                     f"--arch={arch}")
+    assert sorted(p.name for p in (tmp_path / "corner").glob("ckpt_*.pt")) == [
+        "ckpt_000000.pt", "ckpt_000002.pt", "ckpt_000004.pt"]   # a retrofit keeps its start too
+    out = tmp_path / "answer"
+    result = retrofit_answer.main([str(tmp_path / n) for n in ("corner", "corner-hs", "released")] + ["--num_windows=4",
+                                   "--batch_size=2", f"--out_dir={out}"])
+    assert json.loads((out / "answer.json").read_text())["dim"] == result["dim"]
+    corner, released = result["runs"]["corner"], result["runs"]["released"]
+    assert [s["iter"] for s in corner["snapshots"]] == [0, 2, 4] and corner["route"] == "corner"
+    start = corner["snapshots"][0]   # the soft corner: D is the model's h, C nearly empty
+    assert start["D"]["pos0"] == pytest.approx(result["pretrained"]["h"]["pos0"], rel=1e-2)
+    assert max(start["C"]["pos0"]) < 1e-2 * max(start["D"]["pos0"])
+    assert released["snapshots"][0]["val_loss"] > corner["snapshots"][0]["val_loss"]
+    text = (out / "answer.md").read_text()
+    assert text.startswith("> Written by `python -m ledgerlab.retrofit_answer")
+    for claim in ("1. C rebuilds the start-token outlier", "2. smaller but more concentrated",
+                  "3. stronger with more commit sparsity"):
+        assert claim in text
+    assert "one seed, a fine-tune" in text.lower() and "(route corner)" in text and "(route released)" not in text
+    assert all((out / f).stat().st_size > 0 for f in ("dim_in_streams.png", "commit_gates.png", "sink.png",
+                                                      "trajectory.png"))
