@@ -192,7 +192,9 @@ RESULTS = $(LAB_OUT)/measure-s$(SEED)/summary.md:lab-s$(SEED).md \
   $(PRETRAINED_OUT)/summary.md:smollm2-135m.md $(PRETRAINED_OUT)-bos/summary.md:smollm2-135m-bos.md \
   $(PRETRAINED_OUT)/h_dims.png:smollm2-135m-h_dims.png $(PRETRAINED_OUT)/h_sun_layerwise.png:smollm2-135m-h_sun_layerwise.png \
   $(PRETRAINED_OUT)/h_position0_dims.png:smollm2-135m-h_position0_dims.png \
-  $(PRETRAINED_OUT)/extreme_tokens.png:smollm2-135m-extreme_tokens.png $(LAB_OUT)/answer-s$(SEED).md:answer-s$(SEED).md
+  $(PRETRAINED_OUT)/extreme_tokens.png:smollm2-135m-extreme_tokens.png $(LAB_OUT)/answer-s$(SEED).md:answer-s$(SEED).md \
+  $(foreach f,answer.md dim_in_streams.png commit_gates.png sink.png trajectory.png,\
+    $(RETROFIT_OUT)/answer-s$(SEED)/$(f):retrofit-s$(SEED)-$(f))
 results:
 	@mkdir -p docs/results; for pair in $(RESULTS); do src=$${pair%%:*}; dst=docs/results/$${pair##*:}; \
 	  if [ -f $$src ]; then cp $$src $$dst && echo "$$src -> $$dst"; else echo "skipped $$src (not written yet)"; fi; \

@@ -282,7 +282,7 @@ def plot_retrofit(r, out_dir):
         s = run["snapshots"][-1]
         ax.plot(x, s["commit_gate_pos0"], color="tab:red", label="position 0")
         ax.plot(x, s["commit_gate_rest"], color="tab:green", label="other positions")
-        ax.set(title=f"{name}, step {s['iter']}", xlabel="sublayer", ylim=(-0.02, 1.02))
+        ax.set(title=f"{name}, step {s['iter']}", xlabel="sublayer", yscale="log", ylim=(1e-5, 1.5))   # closed gates are ~1e-4
         ax.set_xticks(ticks, [names[i] for i in ticks], rotation=45, fontsize=7)
     axes[0][0].set_ylabel("commit gate")
     axes[0][-1].legend(fontsize=7)

@@ -229,6 +229,14 @@ def num(v):
     return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
 
 
+def gate(v):
+    return f"{v:.3f}" if v >= 0.01 else f"{v:.1e}"
+
+
+def ratio(stream, i):
+    return f"{stream['pos0'][i] / max(stream['median'][i], 1e-30):,.0f}x"
+
+
 def sun_massive(value, median):
     return value > SUN_ABS and value >= SUN_REL * median
 
@@ -258,19 +266,21 @@ def report(r):
     lines += ["## The answer in one table, at the end of training", "",
               f"Dimension {dim} at position 0: its largest mean |x| in the carrying stream (h, or Ledger's scratch "
               f"D), and after the last sublayer in the stream the head reads (h, or C). Massive: Sun et al.'s "
-              f"rule there. Δloss: the dimension zeroed at position 0 after every sublayer in that stream.", "",
-              "| model | route | val loss | largest in h or D (where) | in h or C, last | massive, last | "
-              "Δloss, zeroed in h or C | commit gate, position 0 / others |", "|---|---|---|---|---|---|---|---|",
+              f"rule there. C's scale is the gates' choice (the final RMSNorm divides it out), so its size beside "
+              f"h's says little; its size beside its own median is scale-free. Δloss: the dimension zeroed at "
+              f"position 0 after every sublayer in that stream.", "",
+              "| model | route | val loss | largest in h or D (where) | in h or C, last | / its median | massive, last "
+              "| Δloss, zeroed in h or C | commit gate, position 0 / others |", "|---|---|---|---|---|---|---|---|---|",
               f"| pretrained (vanilla) | | {pre['val_loss']:.4f} | {largest(h)} | {num(h['pos0'][last])} | "
-              f"{'yes' if sun_massive(h['pos0'][last], h['median'][last]) else 'no'} | "
+              f"{ratio(h, last)} | {'yes' if sun_massive(h['pos0'][last], h['median'][last]) else 'no'} | "
               f"{pre['zeroed_loss_change']['h']:+.3f} | |"]
     for name, run in r["runs"].items():
         s = run["snapshots"][-1]
         c = s["C"]
         lines.append(f"| {name} | {run['route']} | {s['val_loss']:.4f} | {largest(s['D'])} | {num(c['pos0'][last])} | "
-                     f"{'yes' if sun_massive(c['pos0'][last], c['median'][last]) else 'no'} | "
+                     f"{ratio(c, last)} | {'yes' if sun_massive(c['pos0'][last], c['median'][last]) else 'no'} | "
                      f"{s['zeroed_loss_change']['C']:+.3f} | "
-                     f"{np.mean(s['commit_gate_pos0']):.3f} / {np.mean(s['commit_gate_rest']):.3f} |")
+                     f"{gate(np.mean(s['commit_gate_pos0']))} / {gate(np.mean(s['commit_gate_rest']))} |")
     lines += ["", "## Loss", "", "| run | route | commit sparsity | step-0 val loss | final val loss (step) | "
               "pretrained's |", "|---|---|---|---|---|---|"]
     for name, run in r["runs"].items():
@@ -289,8 +299,7 @@ def report(r):
         for s in (run["snapshots"][0], run["snapshots"][-1]):
             D, C = s["D"], s["C"]
             cells = " | ".join(f"{num(D['pos0'][i])} | {num(C['pos0'][i])}" for i in at)
-            ratio = C["pos0"][last] / max(C["median"][last], 1e-30)
-            lines.append(f"| {name} | {s['iter']} | {cells} | {ratio:,.0f}x | "
+            lines.append(f"| {name} | {s['iter']} | {cells} | {ratio(C, last)} | "
                          f"{'yes' if sun_massive(C['pos0'][last], C['median'][last]) else 'no'} | "
                          f"{C['top_dim_pos0_final']} |")
 
@@ -303,8 +312,8 @@ def report(r):
         s = run["snapshots"][-1]
         g0, g1 = s["commit_gate_pos0"], s["commit_gate_rest"]
         open0 = [names[i] for i, g in enumerate(g0) if g > 0.5]
-        lines.append(f"| {name} | {np.mean(g0):.3f} | {np.mean(g1):.3f} | "
-                     + " | ".join(f"{g0[i]:.3f} / {g1[i]:.3f}" for i in at)
+        lines.append(f"| {name} | {gate(np.mean(g0))} | {gate(np.mean(g1))} | "
+                     + " | ".join(f"{gate(g0[i])} / {gate(g1[i])}" for i in at)
                      + f" | {len(open0)}: {', '.join(open0[:6])}{' ...' if len(open0) > 6 else ''} |")
 
     lines += ["", f"## What zeroing dimension {dim} at position 0 costs (nats, after every sublayer), at the end", "",
@@ -332,10 +341,26 @@ def sink_row(label, sink):
             + " | ".join(f"{sink[i]:.3f}" for i in range(0, len(sink), 5)) + " |")
 
 
+# One run per arm and route: two numbers within this fraction of each other are called equal, not one
+# larger, so that no line reads a verdict into a difference of one seed's size
+EQUAL_WITHIN = 0.10
+
+
+def versus(a, b):
+    """'larger', 'smaller' or 'about equal' (within EQUAL_WITHIN): a against b."""
+    if abs(a - b) <= EQUAL_WITHIN * max(abs(a), abs(b)):
+        return "about equal"
+    return "larger" if a > b else "smaller"
+
+
+CONCENTRATION = {"larger": "more concentrated", "smaller": "less concentrated"}
+
+
 def claims(r, last):
-    """One line per claim and route, each with the numbers it rests on."""
+    """One line per claim and run (claim 3: per route), each with the numbers it rests on."""
     dim, pre, out = r["dim"], r["pretrained"]["h"], []
     peak = int(np.argmax(pre["pos0"]))
+    conc_h = pre["pos0"][peak] / max(pre["rest"][peak], 1e-30)
     by_route = {}
     for name, run in r["runs"].items():
         by_route.setdefault(run["route"], []).append((name, run))
@@ -346,30 +371,32 @@ def claims(r, last):
             out.append(f"- **1. C rebuilds the start-token outlier** ({name}): "
                        f"{'yes' if massive else 'no'}: C's dimension {dim} at position 0 after the last sublayer went "
                        f"from {num(s0['pos0'][last])} to {num(s1['pos0'][last])} "
-                       f"({s1['pos0'][last] / max(s1['median'][last], 1e-30):,.0f}x C's median; Sun's rule "
-                       f"{'met' if massive else 'not met'}); zeroing it in C costs "
+                       f"({ratio(s1, last)} C's median, Sun's rule {'met' if massive else 'not met'}; C's largest "
+                       f"dimension at position 0: {s1['top_dim_pos0_final']}); zeroing it in C costs "
                        f"{run['snapshots'][-1]['zeroed_loss_change']['C']:+.3f} nats.")
         for name, run in runs:
             c = run["snapshots"][-1]["C"]
             conc_c = c["pos0"][last] / max(c["rest"][last], 1e-30)
-            conc_h = pre["pos0"][peak] / max(pre["rest"][peak], 1e-30)
-            smaller, sharper = c["pos0"][last] < pre["pos0"][peak], conc_c > conc_h
+            size, sharpness = versus(c["pos0"][last], pre["pos0"][peak]), versus(conc_c, conc_h)
             out.append(f"- **2. smaller but more concentrated on token 0 than vanilla's** ({name}): "
-                       f"{'yes' if smaller and sharper else 'no'}: C's {num(c['pos0'][last])} against the pretrained "
-                       f"peak {num(pre['pos0'][peak])} ({'smaller' if smaller else 'not smaller'}); position 0 over "
-                       f"the others {conc_c:,.0f}x against {conc_h:,.0f}x ({'more' if sharper else 'not more'} "
-                       f"concentrated).")
+                       f"{'yes' if (size, sharpness) == ('smaller', 'larger') else 'no'}: C's {num(c['pos0'][last])} "
+                       f"against the pretrained peak {num(pre['pos0'][peak])} ({size}); position 0 over the others "
+                       f"{conc_c:,.0f}x against {conc_h:,.0f}x ({CONCENTRATION.get(sharpness, sharpness)}).")
         lam = sorted(runs, key=lambda nr: nr[1]["commit_sparsity"])
         if len(lam) >= 2:
-            lo, hi = lam[0], lam[-1]
-            v_lo, v_hi = (x[1]["snapshots"][-1]["C"]["pos0"][last] for x in (lo, hi))
+            (lo_name, lo), (hi_name, hi) = lam[0], lam[-1]
+            c_lo, c_hi = lo["snapshots"][-1]["C"], hi["snapshots"][-1]["C"]
+            scale_free = versus(c_hi["pos0"][last] / max(c_hi["median"][last], 1e-30),
+                                c_lo["pos0"][last] / max(c_lo["median"][last], 1e-30))
             out.append(f"- **3. stronger with more commit sparsity** (route {route}): "
-                       f"{'yes' if v_hi > v_lo else 'no'}: C's dimension {dim} at position 0 is {num(v_hi)} at "
-                       f"lambda {hi[1]['commit_sparsity']:g} ({hi[0]}) against {num(v_lo)} at "
-                       f"{lo[1]['commit_sparsity']:g} ({lo[0]}).")
-    out += ["", "One seed of a fine-tune of a few hundred steps with frozen weights: it shows where this "
-            "model's routing puts the dimension when it may choose, not what pretraining with Ledger would "
-            "grow. Each line is one run; none is a verdict over seeds."]
+                       f"{'yes' if scale_free == 'larger' else 'no'}: C's dimension {dim} at position 0 over C's median "
+                       f"is {ratio(c_hi, last)} at lambda {hi['commit_sparsity']:g} ({hi_name}) against "
+                       f"{ratio(c_lo, last)} at {lo['commit_sparsity']:g} ({lo_name}): {scale_free} "
+                       f"({num(c_hi['pos0'][last])} against {num(c_lo['pos0'][last])} in C's own scale).")
+    out += ["", f"One seed of a fine-tune of a few hundred steps with frozen weights: it shows where this model's "
+            f"routing puts the dimension when it may choose, not what pretraining with Ledger would grow. Each line "
+            f"is one run, and two numbers within {EQUAL_WITHIN:.0%} of each other are called about equal; none is a "
+            f"verdict over seeds."]
     return out
 
 

@@ -350,3 +350,24 @@ def test_the_answer_measures_every_snapshot_of_both_routes_and_states_each_claim
     assert "one seed, a fine-tune" in text.lower() and "(route corner)" in text and "(route released)" not in text
     assert all((out / f).stat().st_size > 0 for f in ("dim_in_streams.png", "commit_gates.png", "sink.png",
                                                       "trajectory.png"))
+
+
+def test_a_dry_run_checks_a_retrofit_against_the_models_config_without_reading_its_weights(retrofit_data, tmp_path,
+                                                                                            capsys, monkeypatch):
+    import json
+
+    import train
+    root, folder = retrofit_data
+    monkeypatch.setattr(train, "load_retrofit", lambda *a, **k: pytest.fail("a dry run loaded the weights"))
+    retrofit_run(root, folder, tmp_path / "r", "--arch=ledger-hs", "--dry_run")
+    settings = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert settings["model"]["arch"] == "ledger-hs" and settings["model"]["n_layer"] == 2
+    assert settings["model"]["block_size"] == 32 and not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="exceeds the pretrained model's context"):
+        retrofit_run(root, folder, tmp_path / "r", "--block_size=4096", "--dry_run")
+
+
+def test_one_runs_numbers_within_a_tenth_of_each_other_are_called_equal_not_ordered():
+    from ledgerlab.retrofit_answer import versus
+    assert versus(750, 676) == "about equal" and versus(676, 750) == "about equal"
+    assert versus(1000, 800) == "larger" and versus(800, 1000) == "smaller" and versus(0.0, 0.0) == "about equal"
