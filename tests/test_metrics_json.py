@@ -111,11 +111,14 @@ def test_each_attention_kind_writes_its_own_documented_keys(attention, tmp_path)
 # ----------------------------------------------------------------------------------------------
 # The numbers: those the code before the restructure gave the golden checkpoints
 
-# How closely each golden checkpoint must measure as before. Vanilla computes what it computed, so its
-# numbers are the same to the last digit. Ledger's model reads u with four matmuls where it had one
-# fused matmul, which rounds differently in float32: its numbers agree to float32 rounding, a loss
-# (about 3) to one float32 step of 2.4e-7, and so does a loss difference.
-TOLERANCE = {"vanilla": dict(rtol=1e-9, atol=0.0), "ledger": dict(rtol=1e-5, atol=2.5e-7)}
+# How closely each golden checkpoint must measure as before. Vanilla computes what it computed: on the
+# CPU kind that wrote the golden numbers (Intel Xeon) they are the same to the last digit, and on
+# another (AMD EPYC: other float32 kernels) they differ by ~6e-8 relative, so they must agree to 1e-6,
+# and a loss difference (two losses) to two float32 steps of a loss, 4.8e-7.
+# Ledger's model reads u with four matmuls where it had one fused matmul, which rounds differently in
+# float32: its numbers agree to float32 rounding, a loss (about 3) to one float32 step of 2.4e-7, and a
+# loss difference to two.
+TOLERANCE = {"vanilla": dict(rtol=1e-6, atol=5e-7), "ledger": dict(rtol=1e-5, atol=5e-7)}
 
 
 def test_the_golden_checkpoints_measure_to_the_numbers_the_old_code_gave(measured):
