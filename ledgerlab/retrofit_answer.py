@@ -165,6 +165,8 @@ def describe(ckpt):
 def answer(run_dirs, cfg, command=()):
     if not run_dirs:
         raise cli.ConfigError("name the retrofit run folders to measure, e.g. out/retrofit/ledger-corner-s1337")
+    if os.path.isfile(cfg.out_dir):
+        raise cli.ConfigError(f"--out_dir={cfg.out_dir} is a file; give a folder (it is made if it does not exist)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     plan = {}

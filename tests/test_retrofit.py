@@ -371,3 +371,13 @@ def test_one_runs_numbers_within_a_tenth_of_each_other_are_called_equal_not_orde
     from ledgerlab.retrofit_answer import versus
     assert versus(750, 676) == "about equal" and versus(676, 750) == "about equal"
     assert versus(1000, 800) == "larger" and versus(800, 1000) == "smaller" and versus(0.0, 0.0) == "about equal"
+
+
+@pytest.mark.parametrize("argv, message", [([], "name the retrofit run folders"),
+                                           (["no/such/run"], "no/such/run is not a run folder")])
+def test_the_answer_refuses_bad_input_in_one_line(argv, message, capsys):
+    from ledgerlab import retrofit_answer
+    with pytest.raises(SystemExit):
+        retrofit_answer.main(argv)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
