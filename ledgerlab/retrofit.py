@@ -175,10 +175,15 @@ def load_retrofit_checkpoint(ckpt, device="cpu"):
     checkpoint's fingerprint, with the trained residual operators and gamma filled in."""
     hf_model, _ = load_transformers(ckpt["retrofit"]["model"], "float32")
     model = retrofit_of_checkpoint(ckpt, hf_model)
-    if model.weights_sha256() != ckpt["retrofit"]["weights_sha256"]:
-        raise ConfigError(f"{ckpt['retrofit']['model']} is not the model this checkpoint was built on (its weights "
-                          f"differ from the fingerprint the checkpoint names)")
+    check_weights(model, ckpt["retrofit"])
     return model.to(device)
+
+
+def check_weights(model, named):
+    """Refuse a retrofit whose pretrained weights are not those a checkpoint's `retrofit` entry names."""
+    if model.weights_sha256() != named["weights_sha256"]:
+        raise ConfigError(f"{named['model']} is not the model this checkpoint was built on (its weights differ "
+                          f"from the fingerprint the checkpoint names)")
 
 
 def retrofit_of_checkpoint(ckpt, hf_model):

@@ -32,9 +32,9 @@ import torch
 from ledgerlab import cli, figures
 from ledgerlab.data import load_meta, open_split, random_offsets
 from ledgerlab.device import resolve_device
-from ledgerlab.metrics import SUN_ABS, SUN_REL, lower_median, where_written
+from ledgerlab.metrics import SUN_ABS, SUN_REL, lower_median, mean_loss, where_written
 from ledgerlab.pretrained import load_transformers
-from ledgerlab.retrofit import RetrofitLM, retrofit_config, retrofit_of_checkpoint
+from ledgerlab.retrofit import RetrofitLM, check_weights, retrofit_config, retrofit_of_checkpoint
 from ledgerlab.rundir import load_checkpoint
 
 
@@ -54,21 +54,21 @@ class AnswerConfig:
 # One model measured: the passes every snapshot and the pretrained model go through
 
 @torch.no_grad()
-def measure_model(model: RetrofitLM, batches, dim):
-    """The numbers above for one model on `batches` (a list of (x, y)); dim None: only the streams'
-    statistics, from which the caller picks the dimension (see pretrained_dimension)."""
+def measure_model(model: RetrofitLM, batches, dim=None):
+    """The numbers above for one model on `batches` (a list of (x, y)), for dimension `dim`; None: the
+    model's own largest at position 0 (the pretrained model's, which every snapshot is then asked about)."""
     n_sub, streams = len(model.sublayers), model.config.stream_names
     pos0 = {s: torch.zeros(n_sub, model.config.n_embd, dtype=torch.float64) for s in streams}
-    rest, median = ({s: torch.zeros(n_sub, dtype=torch.float64) for s in streams} for _ in range(2))
+    rest = {s: torch.zeros(n_sub, model.config.n_embd, dtype=torch.float64) for s in streams}
+    median = {s: torch.zeros(n_sub, dtype=torch.float64) for s in streams}
     gate_pos0, gate_rest = torch.zeros(n_sub, dtype=torch.float64), torch.zeros(n_sub, dtype=torch.float64)
     sink = torch.zeros(model.config.n_layer, dtype=torch.float64)
 
     def stream_hook(i, kind, state):
         for s in streams:
             a = state[s].abs()
-            pos0[s][i] += a[:, 0].sum(0).double().cpu()   # every dimension: the largest is found later
-            if dim is not None:
-                rest[s][i] += a[:, 1:, dim].mean(1).sum().item()
+            pos0[s][i] += a[:, 0].sum(0).double().cpu()   # every dimension: the largest may be found after
+            rest[s][i] += a[:, 1:].mean(1).sum(0).double().cpu()
             median[s][i] += lower_median(a.flatten(1)).sum().item()   # per window, over tokens and dimensions
 
     def gate_hook(i):
@@ -90,11 +90,11 @@ def measure_model(model: RetrofitLM, batches, dim):
         for h in handles:
             h.remove()
     n = sum(len(x) for x, _ in batches)
-    out = {"val_loss": loss, "sink_per_layer": (sink / n).tolist()}
     if dim is None:
-        return out, {s: pos0[s] / n for s in streams}
+        dim = largest_at_position0(pos0[streams[0]])
+    out = {"dim": dim, "val_loss": loss, "sink_per_layer": (sink / n).tolist()}
     for s in streams:
-        out[s] = {"pos0": (pos0[s][:, dim] / n).tolist(), "rest": (rest[s] / n).tolist(),
+        out[s] = {"pos0": (pos0[s][:, dim] / n).tolist(), "rest": (rest[s][:, dim] / n).tolist(),
                   "median": (median[s] / n).tolist(),
                   "top_dim_pos0_final": int((pos0[s][-1]).argmax())}
     if model.config.residual == "ledger":
@@ -102,12 +102,7 @@ def measure_model(model: RetrofitLM, batches, dim):
     # Does the model need the dimension, and in which stream? Zeroed at position 0 after every sublayer.
     out["zeroed_loss_change"] = {"+".join(names): mean_loss(model, batches, zero_at_position0(names, dim)) - loss
                                  for names in ([[s] for s in streams] + ([list(streams)] if len(streams) > 1 else []))}
-    return out, None
-
-
-def mean_loss(model, batches, stream_hook=None):
-    total = sum(model(x, y, stream_hook=stream_hook)[1].item() * len(x) for x, y in batches)
-    return total / sum(len(x) for x, _ in batches)
+    return out
 
 
 def zero_at_position0(names, dim):
@@ -121,7 +116,7 @@ def zero_at_position0(names, dim):
     return hook
 
 
-def pretrained_dimension(pos0_h):
+def largest_at_position0(pos0_h):
     """The dimension with the largest mean |x| at position 0 after any sublayer."""
     return int(pos0_h.max(dim=0).values.argmax())
 
@@ -186,14 +181,12 @@ def answer(run_dirs, cfg, command=()):
     t0 = time.time()
     hf_model = load_transformers(spec, "float32")[0].to(device)
     pretrained = RetrofitLM(hf_model, retrofit_config(hf_model.config, "vanilla", block_size=seq_len), spec).eval()
-    if pretrained.weights_sha256() != fingerprint:
-        raise cli.ConfigError(f"{spec} is not the model {run_dirs[0]} was built on (its weights differ from the "
-                              f"fingerprint the checkpoint names)")
-    _, pos0_h = measure_model(pretrained, batches, None)
-    dim = pretrained_dimension(pos0_h["h"])
+    check_weights(pretrained, first["retrofit"])
+    measured = measure_model(pretrained, batches)
+    dim = measured["dim"]
     result = {"model": spec, "weights_sha256": fingerprint, "dim": dim, "data_dir": data_dir,
               "windows": {"count": cfg.num_windows, "seq_len": seq_len, "seed": cfg.seed, "split": "val"},
-              "sublayer_names": pretrained.sublayer_names, "pretrained": measure_model(pretrained, batches, dim)[0],
+              "sublayer_names": pretrained.sublayer_names, "pretrained": measured,
               "runs": {}}
     total = sum(len(s) for s in plan.values())
     done = 0
@@ -207,7 +200,7 @@ def answer(run_dirs, cfg, command=()):
                 raise cli.ConfigError(f"{path} was not built on {spec}; measure each model's runs apart")
             run = run or {**describe(ckpt), "snapshots": []}
             model = retrofit_of_checkpoint(ckpt, hf_model).to(device).eval()
-            run["snapshots"].append({"iter": it, **measure_model(model, batches, dim)[0]})
+            run["snapshots"].append({"iter": it, **measure_model(model, batches, dim)})
             done += 1
             left = (time.time() - t0) / done * (total - done)
             print(f"  {name} iter {it}: val loss {run['snapshots'][-1]['val_loss']:.4f}  "

@@ -288,9 +288,13 @@ def test_the_answers_pass_reads_the_models_own_hidden_states_and_attention_to_po
     from ledgerlab.retrofit_answer import measure_model
     hf, model = retrofit("vanilla")
     batches = answer_batches()
-    m, pos0 = measure_model(model, batches, None)
-    dim = int(pos0["h"].max(0).values.argmax())
-    m = measure_model(model, batches, dim)[0]
+    m = measure_model(model, batches)   # the model's own largest dimension at position 0
+    dim, at_position0 = m["dim"], []
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x, stream_hook=lambda i, kind, s: at_position0.append(s["h"][:, 0].abs().mean(0)))
+    per_sublayer = torch.stack(at_position0).view(len(batches), 6, -1).mean(0)   # (sublayer, dim), over the batches
+    assert dim == int(per_sublayer.max(0).values.argmax())
     with torch.no_grad():
         out = [hf(input_ids=x, output_hidden_states=True, output_attentions=True) for x, _ in batches]
     for layer in range(2):   # block `layer` ends with its mlp: hidden_states[layer + 1] (the last is after the norm)
@@ -307,16 +311,16 @@ def test_the_answers_pass_reads_the_models_own_hidden_states_and_attention_to_po
 def test_at_the_corner_zeroing_the_dimension_in_D_costs_what_it_costs_in_h_and_in_C_nothing():
     from ledgerlab.retrofit_answer import measure_model
     batches, dim = answer_batches(), 5
-    vanilla = measure_model(retrofit("vanilla")[1], batches, dim)[0]
+    vanilla = measure_model(retrofit("vanilla")[1], batches, dim)
     _, corner = retrofit("ledger", corner=True)
-    at_corner = measure_model(corner, batches, dim)[0]
+    at_corner = measure_model(corner, batches, dim)
     assert vanilla["zeroed_loss_change"]["h"] != 0
     assert at_corner["zeroed_loss_change"]["D"] == pytest.approx(vanilla["zeroed_loss_change"]["h"], abs=1e-6)
     assert at_corner["zeroed_loss_change"]["D+C"] == pytest.approx(vanilla["zeroed_loss_change"]["h"], abs=1e-6)
     assert at_corner["zeroed_loss_change"]["C"] == 0.0   # the closed gate commits nothing: C is 0
     assert at_corner["commit_gate_pos0"] == at_corner["commit_gate_rest"] == [0.0] * 6
     _, released = retrofit("ledger")   # the paper's gates: every token commits sigmoid(its bias)
-    gates = measure_model(released, batches, dim)[0]["commit_gate_pos0"]
+    gates = measure_model(released, batches, dim)["commit_gate_pos0"]
     assert gates[0] == pytest.approx(torch.sigmoid(torch.tensor(-4.0)).item(), rel=1e-5) and gates == sorted(gates)
 
 
